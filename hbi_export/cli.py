@@ -1,0 +1,193 @@
+"""The ``hbi-export`` command line. Commands are thin: one library call inside ``guarded``.
+
+Exit codes (hbi_runtime.errors): 0 ok, 1 internal error, 2 usage, 3 bad input (e.g. not a checkpoint).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from hbi_runtime.cli_support import emit_json, guarded
+
+app = typer.Typer(
+    name="hbi-export",
+    help="Load, inspect and export HBI video-text retrieval models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,  # errors go through guarded(); tracebacks only with --debug
+)
+
+
+class OutputFormat(str, enum.Enum):
+    text = "text"
+    json = "json"
+
+
+FormatOption = Annotated[OutputFormat, typer.Option("--format", help="Output as text or JSON.")]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+TemporalLayersOption = Annotated[int, typer.Option(
+    "--temporal-layers", min=0, help="seqTransf depth for CLIP checkpoints (official default 4).")]
+
+
+@app.callback()
+def _main() -> None:
+    """Load, inspect and export HBI video-text retrieval models."""
+
+
+INSPECT_HELP = (
+    "Show a checkpoint's format, architecture, parameters per part and key report.\n\n"
+    "Reads official HBI checkpoints (pytorch_model.bin.N, best.pth), OpenAI CLIP weights (ViT-B-32.pt), "
+    "Hugging Face CLIP directories and hbi-toolkit directories. The load is strict: missing, unexpected or "
+    "mis-shaped keys are an error (exit code 3).\n\n"
+    "Example:  hbi-export inspect ckpts/pytorch_model.bin.4 --format json"
+)
+
+
+@app.command(help=INSPECT_HELP)
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file or directory.", show_default=False)],
+    output: FormatOption = OutputFormat.text,
+    temporal_layers: TemporalLayersOption = 4,
+    debug: DebugOption = False,
+) -> None:
+    """Describe a checkpoint (``describe_checkpoint``) as text or JSON (schema ``hbi.inspect/1``)."""
+    json_mode = output is OutputFormat.json
+    with guarded(json_mode=json_mode, debug=debug):
+        from hbi_export.checkpoints.inspect import describe_checkpoint  # torch import only when needed
+
+        summary = describe_checkpoint(checkpoint, temporal_layers=temporal_layers)
+        if json_mode:
+            emit_json(summary)
+        else:
+            typer.echo(render_text(summary))
+
+
+CONVERT_HELP = (
+    "Convert a checkpoint to the hbi-toolkit format (model.safetensors + config.json).\n\n"
+    "Reads everything `inspect` reads, strictly. CLIP weights (OpenAI or Hugging Face) initialise the HBI parts "
+    "the way the official training script does. Merge ratios and level weights are stored with the model.\n\n"
+    "Examples:\n\n"
+    "  hbi-export convert ckpts/pytorch_model.bin.4 models/msrvtt\n\n"
+    "  hbi-export convert ViT-B-32.pt models/clip-init --temporal-layers 4"
+)
+
+
+@app.command(help=CONVERT_HELP)
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint file or directory.", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Output directory.", show_default=False)],
+    text_ratios: Annotated[Optional[tuple[float, float]], typer.Option(
+        help="Text merge ratios (action, event). Default: the checkpoint's own, else 0.25 0.5.")] = None,
+    video_ratios: Annotated[Optional[tuple[float, float]], typer.Option(
+        help="Video merge ratios (action, event). Default: the checkpoint's own, else 0.25 0.5.")] = None,
+    level_weights: Annotated[Optional[tuple[float, float, float]], typer.Option(
+        help="Entity, action, event score weights. Default: the checkpoint's own, else 1 0 0 "
+             "(the official retrieval evaluation).")] = None,
+    temporal_layers: TemporalLayersOption = 4,
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in OUT.")] = False,
+    output: FormatOption = OutputFormat.text,
+    debug: DebugOption = False,
+) -> None:
+    """Strict load + save in our format (``convert_checkpoint``)."""
+    json_mode = output is OutputFormat.json
+    with guarded(json_mode=json_mode, debug=debug):
+        from hbi_export.checkpoints.convert import convert_checkpoint
+
+        result = convert_checkpoint(checkpoint, out, overwrite=overwrite, text_ratios=text_ratios,
+                                    video_ratios=video_ratios, level_weights=level_weights,
+                                    temporal_layers=temporal_layers)
+        if json_mode:
+            emit_json({"schema": "hbi.convert/1", **result})
+        else:
+            typer.echo(f"wrote {result['output']} ({result['format']} checkpoint {result['source']})")
+
+
+INIT_HELP = (
+    "Write a randomly initialised model of a preset architecture, in the hbi-toolkit format.\n\n"
+    "For pipeline tests and benchmarks: random weights retrieve nothing meaningful. To start training from CLIP, "
+    "use `hbi-export convert ViT-B-32.pt OUT` instead.\n\n"
+    "Example:  hbi-export init models/random-b32 --preset vit-b-32"
+)
+
+
+@app.command(help=INIT_HELP)
+def init(
+    out: Annotated[Path, typer.Argument(help="Output directory.", show_default=False)],
+    preset: Annotated[str, typer.Option(help="vit-b-32, vit-b-16 or tiny.")] = "vit-b-32",
+    seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a model already in OUT.")] = False,
+    output: FormatOption = OutputFormat.text,
+    debug: DebugOption = False,
+) -> None:
+    """Random model of a preset (``init_random``)."""
+    json_mode = output is OutputFormat.json
+    with guarded(json_mode=json_mode, debug=debug):
+        from hbi_export.checkpoints.convert import init_random
+
+        result = init_random(out, preset, seed=seed, overwrite=overwrite)
+        if json_mode:
+            emit_json({"schema": "hbi.init/1", **result})
+        else:
+            typer.echo(f"wrote {result['output']}: random {preset}, seed {seed}, {result['parameters']:,} parameters")
+
+
+# ------------------------------------------------------------------------------------------ text output
+def _rows(rows: list[tuple[str, str]], indent: str = "  ") -> list[str]:
+    width = max((len(k) for k, _ in rows), default=0)
+    return [f"{indent}{k.ljust(width)}  {v}" for k, v in rows]
+
+
+def _architecture_rows(arch: dict[str, Any]) -> list[tuple[str, str]]:
+    v, t, tm, mg = arch["vision"], arch["text"], arch["temporal"], arch["merge"]
+    return [
+        ("vision tower", f"ViT width {v['width']}, {v['layers']} layers, {v['heads']} heads, "
+                         f"patch {v['patch_size']}, image {v['image_size']}"),
+        ("text tower", f"width {t['width']}, {t['layers']} layers, {t['heads']} heads, "
+                       f"context {t['context_length']}, vocabulary {t['vocab_size']}"),
+        ("embed dim", str(arch["embed_dim"])),
+        ("temporal", f"{tm['layers']} layers, {tm['heads']} heads, {tm['frame_positions']} frame positions"),
+        ("token merge", f"{mg['heads']} heads, text ratios {mg['text_ratios']}, video ratios {mg['video_ratios']}"),
+        ("level weights", str(arch["level_weights"])),
+    ]
+
+
+def _key_rows(keys: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [("loaded", f"{keys['loaded']} tensors")]
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for item in keys["ignored"]:
+        by_reason[item["reason"]].append(item["key"])
+    for reason, names in by_reason.items():
+        more = f", ... (+{len(names) - 3})" if len(names) > 3 else ""
+        rows.append(("ignored", f"{len(names)} keys, {reason}: {', '.join(names[:3])}{more}"))
+    by_dtype: dict[str, int] = defaultdict(int)
+    for item in keys["upcast"]:
+        by_dtype[item["from_dtype"]] += 1
+    rows += [("upcast", f"{n} tensors {dtype} -> float32") for dtype, n in by_dtype.items()]
+    rows += [("initialised", f"{p['part']}: {p['method']}") for p in keys["initialised"]]
+    return rows
+
+
+def render_text(summary: dict[str, Any]) -> str:
+    """The human-readable form of :func:`describe_checkpoint`'s result."""
+    params = summary["parameters"]
+    lines = [f"checkpoint  {summary['source']}", f"format      {summary['format']}", "architecture"]
+    lines += _rows(_architecture_rows(summary["architecture"]))
+    lines.append("parameters")
+    lines += _rows([(name, f"{count:>13,}") for name, count in params.items()])
+    lines.append("keys")
+    lines += _rows(_key_rows(summary["keys"]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Console-script entry point (``hbi-export``)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

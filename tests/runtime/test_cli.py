@@ -1,0 +1,97 @@
+"""hbi-run, in process: doctor's report in both formats, the global --debug, and error mapping."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+import hbi_runtime
+from hbi_runtime import cli, doctor
+from hbi_runtime.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BadInputError
+
+BACKENDS = {"onnxruntime", "tensorrt", "torch", "decord", "av"}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli.app, list(args), prog_name="hbi-run")
+
+
+def test_doctor_json_report():
+    result = invoke("doctor", "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["schema"] == "hbi.doctor/1"
+    assert report["toolkit"]["version"] == hbi_runtime.__version__
+    assert report["python"]["version"] == "{}.{}.{}".format(*sys.version_info[:3])
+    assert report["numpy"]["version"]
+    assert set(report["backends"]) == BACKENDS
+    for name, rep in report["backends"].items():
+        assert set(rep) >= {"found", "version", "imported", "error"}, name
+    assert report["backends"]["torch"]["imported"] is None  # torch is looked up, never imported
+
+
+def test_doctor_reports_onnxruntime_providers():
+    pytest.importorskip("onnxruntime", reason="onnxruntime comes with the [export] extra")
+    rep = json.loads(invoke("doctor", "-f", "json").stdout)["backends"]["onnxruntime"]
+    assert rep["imported"] is True and "CPUExecutionProvider" in rep["details"]["providers"]
+
+
+def test_doctor_text_report():
+    result = invoke("doctor")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["hbi-toolkit", hbi_runtime.__version__]
+    assert {line.split()[0] for line in lines if line.startswith("  ")} == BACKENDS
+
+
+def test_missing_backend_is_reported_not_raised():
+    rep = doctor.probe_backend(doctor.BackendProbe("hbi_no_such_module", ("hbi-no-such-dist",)))
+    assert (rep.found, rep.version, rep.imported, rep.error) == (False, None, None, None)
+
+
+def test_broken_backend_import_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "hbi_broken_backend.py").write_text("raise OSError('libfoo.so: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rep = doctor.probe_backend(doctor.BackendProbe("hbi_broken_backend", ("hbi-broken-backend",)))
+    assert rep.found and rep.imported is False and rep.error == "OSError: libfoo.so: cannot open shared object file"
+
+
+def test_user_error_maps_to_exit_code_and_json_error(monkeypatch):
+    def fail():
+        raise BadInputError("cannot read /nowhere", hint="check the path")
+
+    monkeypatch.setattr(doctor, "collect", fail)
+    result = invoke("doctor", "--format", "json")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert json.loads(result.stdout) == {"error": {"type": "BadInputError", "message": "cannot read /nowhere",
+                                                   "hint": "check the path"}}
+
+
+def test_internal_error_traceback_only_with_debug(monkeypatch):
+    def crash():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(doctor, "collect", crash)
+    plain = invoke("doctor")
+    assert plain.exit_code == EXIT_INTERNAL
+    assert "internal error: RuntimeError: boom" in plain.stderr and "Traceback" not in plain.stderr
+    debug = invoke("--debug", "doctor")
+    assert debug.exit_code == EXIT_INTERNAL and "Traceback" in debug.stderr
+
+
+def test_help_lists_doctor_and_examples():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "doctor" in result.stdout and "Examples:" in result.stdout and "--debug" in result.stdout
+
+
+def test_version_option():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout == f"hbi-run {hbi_runtime.__version__}\n"
+
+
+def test_bad_format_is_a_usage_error():
+    assert invoke("doctor", "--format", "xml").exit_code == 2
