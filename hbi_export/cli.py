@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 from collections import defaultdict
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -56,15 +56,25 @@ def inspect(
     debug: DebugOption = False,
 ) -> None:
     """Describe a checkpoint (``describe_checkpoint``) as text or JSON (schema ``hbi.inspect/1``)."""
-    json_mode = output is OutputFormat.json
-    with guarded(json_mode=json_mode, debug=debug):
+
+    def compute() -> dict[str, Any]:
         from hbi_export.checkpoints.inspect import describe_checkpoint  # torch import only when needed
 
-        summary = describe_checkpoint(checkpoint, temporal_layers=temporal_layers)
+        return describe_checkpoint(checkpoint, temporal_layers=temporal_layers)
+
+    _run(output, debug, compute, render_text)
+
+
+def _run(output: OutputFormat, debug: bool, compute: Callable[[], dict[str, Any]],
+         render: Callable[[dict[str, Any]], str]) -> None:
+    """Run a command body under ``guarded`` and print its result as JSON or as ``render``'s text."""
+    json_mode = output is OutputFormat.json
+    with guarded(json_mode=json_mode, debug=debug):
+        result = compute()
         if json_mode:
-            emit_json(summary)
+            emit_json(result)
         else:
-            typer.echo(render_text(summary))
+            typer.echo(render(result))
 
 
 CONVERT_HELP = (
@@ -94,17 +104,15 @@ def convert(
     debug: DebugOption = False,
 ) -> None:
     """Strict load + save in our format (``convert_checkpoint``)."""
-    json_mode = output is OutputFormat.json
-    with guarded(json_mode=json_mode, debug=debug):
+
+    def compute() -> dict[str, Any]:
         from hbi_export.checkpoints.convert import convert_checkpoint
 
-        result = convert_checkpoint(checkpoint, out, overwrite=overwrite, text_ratios=text_ratios,
-                                    video_ratios=video_ratios, level_weights=level_weights,
-                                    temporal_layers=temporal_layers)
-        if json_mode:
-            emit_json({"schema": "hbi.convert/1", **result})
-        else:
-            typer.echo(f"wrote {result['output']} ({result['format']} checkpoint {result['source']})")
+        return {"schema": "hbi.convert/1", **convert_checkpoint(
+            checkpoint, out, overwrite=overwrite, text_ratios=text_ratios, video_ratios=video_ratios,
+            level_weights=level_weights, temporal_layers=temporal_layers)}
+
+    _run(output, debug, compute, lambda r: f"wrote {r['output']} ({r['format']} checkpoint {r['source']})")
 
 
 INIT_HELP = (
@@ -125,15 +133,14 @@ def init(
     debug: DebugOption = False,
 ) -> None:
     """Random model of a preset (``init_random``)."""
-    json_mode = output is OutputFormat.json
-    with guarded(json_mode=json_mode, debug=debug):
+
+    def compute() -> dict[str, Any]:
         from hbi_export.checkpoints.convert import init_random
 
-        result = init_random(out, preset, seed=seed, overwrite=overwrite)
-        if json_mode:
-            emit_json({"schema": "hbi.init/1", **result})
-        else:
-            typer.echo(f"wrote {result['output']}: random {preset}, seed {seed}, {result['parameters']:,} parameters")
+        return {"schema": "hbi.init/1", **init_random(out, preset, seed=seed, overwrite=overwrite)}
+
+    _run(output, debug, compute,
+         lambda r: f"wrote {r['output']}: random {preset}, seed {seed}, {r['parameters']:,} parameters")
 
 
 # ------------------------------------------------------------------------------------------ text output

@@ -67,19 +67,6 @@ def model_inputs(config: HBIConfig, seed: int = 1) -> dict[str, torch.Tensor]:
     return {"ids": ids, "text_mask": text_mask, "frames": frames, "frame_mask": frame_mask}
 
 
-@torch.no_grad()
-def outputs(model: HBIModel, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tower features and the full score of a model on fixed inputs."""
-    text = model.encode_text(inputs["ids"], inputs["text_mask"])
-    video = model.encode_video(inputs["frames"], inputs["frame_mask"])
-    return {
-        "text_features": model.text_features(inputs["ids"], inputs["text_mask"]),
-        "frame_features": model.frame_features(inputs["frames"]),
-        "video_features": model.video_features(inputs["frames"], inputs["frame_mask"]),
-        "score_levels": model.score_levels(text, video),
-    }
-
-
 def official_state_dict(model: HBIModel) -> dict[str, torch.Tensor]:
     """What the official script would save: our keys, the Banzhaf modules, some CLIP tensors in fp16."""
     sd = {k: v.clone() for k, v in model.state_dict().items()}
