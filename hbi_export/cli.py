@@ -13,6 +13,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from hbi_runtime.cli_support import emit_json, guarded
+from hbi_runtime.errors import EXIT_GATE_FAILED
 
 app = typer.Typer(
     name="hbi-export",
@@ -141,6 +142,161 @@ def init(
 
     _run(output, debug, compute,
          lambda r: f"wrote {r['output']}: random {preset}, seed {seed}, {r['parameters']:,} parameters")
+
+
+# ------------------------------------------------------------------------------------------ ONNX packages
+def _say(message: str) -> None:
+    """Progress goes to stderr, so stdout stays the result (table or JSON)."""
+    typer.echo(message, err=True)
+
+
+def _parse_levels(levels: str) -> tuple[float, float, float]:
+    from hbi_runtime.errors import UsageError
+
+    try:
+        values = tuple(float(v) for v in levels.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise UsageError(f"--levels must be three comma-separated numbers (entity,action,event), got {levels!r}",
+                         hint="e.g. --levels 1,0,0 (the official retrieval evaluation) or --levels 0.4,0.4,0.2")
+    return values
+
+
+def _parity_payload(schema: str, pkg: Path, result) -> dict[str, Any]:
+    from hbi_runtime.package import load_package
+
+    package = load_package(pkg, allow_unverified=True)
+    return {"schema": schema, "package": str(pkg), "package_sha256": package.manifest_sha256,
+            "status": package.manifest.status, "parity": result.to_dict() if result is not None else None}
+
+
+def _parity_text(result) -> str:
+    from hbi_runtime.compare import render_table
+
+    return render_table(result) if result is not None else "parity skipped (--skip-parity): package unverified"
+
+
+ONNX_HELP = (
+    "Export a checkpoint to a model package: three ONNX graphs (text encoder, video encoder, interaction) with "
+    "the hbi custom ops, the tokenizer, and manifest.json; then check parity against PyTorch.\n\n"
+    "Parity fails loudly: exit code 5 and the package is marked failed (the runtime refuses it). Progress goes to "
+    "stderr, the parity table (or --format json) to stdout.\n\n"
+    "Examples:\n\n"
+    "  hbi-export onnx --checkpoint ckpts/pytorch_model.bin.4 --out pkg/msrvtt\n\n"
+    "  hbi-export onnx --checkpoint models/random-b32 --out pkg/b32-fp16 --precision fp16 --max-words 24"
+)
+
+
+@app.command("onnx", help=ONNX_HELP)
+def onnx_command(
+    out: Annotated[Path, typer.Option("--out", help="Package folder to write.", show_default=False)],
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", help="Checkpoint (any format `inspect` reads).", show_default=False)] = None,
+    clip: Annotated[Optional[Path], typer.Option(
+        "--clip", help="Export a CLIP-initialised HBI model from CLIP weights instead of --checkpoint.",
+        show_default=False)] = None,
+    levels: Annotated[Optional[str], typer.Option(
+        help="Default level weights entity,action,event (the runtime may override per query). "
+             "Default: the checkpoint's own, else 1,0,0.", show_default=False)] = None,
+    max_words: Annotated[int, typer.Option(help="Text length L (fixed in the graphs).")] = 32,
+    max_frames: Annotated[int, typer.Option(help="Frames per video T (fixed in the graphs).")] = 12,
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
+    precision: Annotated[str, typer.Option(help="fp32 or fp16 (LayerNorm, softmax, reductions stay fp32).")] = "fp32",
+    skip_parity: Annotated[bool, typer.Option(help="Do not run parity (the package stays unverified).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing package at --out.")] = False,
+    output: FormatOption = OutputFormat.text,
+    debug: DebugOption = False,
+) -> None:
+    """Checkpoint -> model package -> parity (``export_package``)."""
+    holder: dict[str, Any] = {}
+
+    def compute() -> dict[str, Any]:
+        from hbi_export.onnx.package import export_package
+        from hbi_runtime.errors import UsageError
+
+        if (checkpoint is None) == (clip is None):
+            raise UsageError("give exactly one of --checkpoint and --clip",
+                             hint="--checkpoint for an HBI (or any supported) checkpoint, --clip for CLIP weights")
+        _, result = export_package(checkpoint or clip, out, level_weights=_parse_levels(levels) if levels else None,
+                                   max_words=max_words, max_frames=max_frames, opset=opset, precision=precision,
+                                   overwrite=overwrite, parity=not skip_parity, progress=_say)
+        holder["failed"] = result is not None and not result.ok
+        holder["result"] = result
+        return _parity_payload("hbi.onnx/1", out, result)
+
+    _run(output, debug, compute, lambda _: _parity_text(holder["result"]))
+    if holder.get("failed"):
+        _say(f"parity failed: {out} is marked failed; fix the cause or re-check with "
+             f"`hbi-export parity {out} --checkpoint CKPT`")
+        raise SystemExit(EXIT_GATE_FAILED)
+
+
+PARITY_HELP = (
+    "Check a model package against the PyTorch model of its checkpoint and record the verdict in its manifest.\n\n"
+    "Reports per output max abs / rel error and cosine, and for score matrices top-1 / top-5 agreement and Spearman "
+    "rank correlation, against the tolerance of the package's precision. Exit code 5 when a check fails.\n\n"
+    "Example:  hbi-export parity pkg/msrvtt --checkpoint ckpts/pytorch_model.bin.4 --format json"
+)
+
+
+@app.command(help=PARITY_HELP)
+def parity(
+    package: Annotated[Path, typer.Argument(help="Model package folder.", show_default=False)],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="The checkpoint it was exported from.",
+                                             show_default=False)],
+    output: FormatOption = OutputFormat.text,
+    debug: DebugOption = False,
+) -> None:
+    """Re-run parity (``check_package``)."""
+    holder: dict[str, Any] = {}
+
+    def compute() -> dict[str, Any]:
+        from hbi_export.checkpoints import build_model
+        from hbi_export.onnx.parity import check_package
+
+        model, _ = build_model(checkpoint)
+        holder["result"] = check_package(package, model, progress=_say)
+        return _parity_payload("hbi.parity/1", package, holder["result"])
+
+    _run(output, debug, compute, lambda _: _parity_text(holder["result"]))
+    if not holder["result"].ok:
+        raise SystemExit(EXIT_GATE_FAILED)
+
+
+CHECK_HELP = (
+    "Check a model package's graphs against TensorRT's ONNX operator support (no TensorRT needed): every op, "
+    "attribute and dtype, the hbi custom ops' plugin attributes and function bodies, and constants that overflow "
+    "FP16. Exit code 5 when any finding is an error.\n\n"
+    "Example:  hbi-export check pkg/msrvtt --trt 10.3"
+)
+
+
+@app.command(help=CHECK_HELP)
+def check(
+    package: Annotated[Path, typer.Argument(help="Model package folder.", show_default=False)],
+    trt: Annotated[Optional[list[str]], typer.Option(
+        "--trt", help="TensorRT target: 10.3 (Jetson, JetPack 6) or current; repeatable. Default: both.")] = None,
+    output: FormatOption = OutputFormat.text,
+    debug: DebugOption = False,
+) -> None:
+    """TensorRT readiness lint (``lint_package``)."""
+    holder: dict[str, Any] = {}
+
+    def compute() -> dict[str, Any]:
+        from hbi_export.trt_lint import DEFAULT_TRT_VERSIONS, lint_package
+
+        holder["report"] = lint_package(package, trt_versions=tuple(trt or DEFAULT_TRT_VERSIONS))
+        return holder["report"].to_dict()
+
+    def render(_: dict[str, Any]) -> str:
+        from hbi_export.trt_lint import render_text
+
+        return render_text(holder["report"])
+
+    _run(output, debug, compute, render)
+    if not holder["report"].ok:
+        raise SystemExit(EXIT_GATE_FAILED)
 
 
 # ------------------------------------------------------------------------------------------ text output

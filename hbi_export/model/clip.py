@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hbi_export.model.config import HBIConfig
-from hbi_export.model.layers import MASK_NEG, Transformer
+from hbi_export.model.layers import MASK_NEG, LayerNorm, Transformer
 
 
 class VisionTower(nn.Module):
@@ -22,9 +22,9 @@ class VisionTower(nn.Module):
         self.conv1 = nn.Conv2d(3, v.width, kernel_size=v.patch_size, stride=v.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(v.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(v.grid * v.grid + 1, v.width))
-        self.ln_pre = nn.LayerNorm(v.width)
+        self.ln_pre = LayerNorm(v.width)
         self.transformer = Transformer(v.width, v.layers, v.heads)
-        self.ln_post = nn.LayerNorm(v.width)
+        self.ln_post = LayerNorm(v.width)
         self.proj = nn.Parameter(scale * torch.randn(v.width, config.embed_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ class ClipTowers(nn.Module):
         self.transformer = Transformer(t.width, t.layers, t.heads)
         self.token_embedding = nn.Embedding(t.vocab_size, t.width)
         self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
-        self.ln_final = nn.LayerNorm(t.width)
+        self.ln_final = LayerNorm(t.width)
         self.text_projection = nn.Parameter(torch.empty(t.width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(4.6052))  # log(100); used by training only
         nn.init.normal_(self.token_embedding.weight, std=0.02)

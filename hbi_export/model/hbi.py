@@ -106,23 +106,24 @@ def _make_levels(feats, mask, heads, merges) -> tuple[SideLevel, SideLevel, Side
     An input with no valid position gets zero tokens, zero weights and a zero mask at every level, so each of
     its scores is exactly 0 (the official code yields NaN there).
     """
-    nonempty = (mask.sum(dim=-1) > 0).to(feats.dtype)  # (B,)
+    nonempty = mask.sum(dim=-1) > 0  # (B,)
     logits = heads[0](feats).squeeze(-1)  # (B, N) from un-normalised features
-    weights = torch.where(mask > 0, logits, torch.full_like(logits, MASK_NEG)).softmax(dim=-1)
+    weights = torch.where(mask > 0, logits, torch.full_like(logits, MASK_NEG)).float().softmax(dim=-1)
     levels = [_level(feats, weights, mask, nonempty)]
     x, level_mask = feats, mask
     for head, (ctm, block) in zip(heads[1:], merges):
         merged, tokens, token_score = ctm(x, level_mask)
         x, level_mask = block(merged, tokens, token_score), None
         ones = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
-        levels.append(_level(x, head(x).squeeze(-1).softmax(dim=-1), ones, nonempty))
+        levels.append(_level(x, head(x).squeeze(-1).float().softmax(dim=-1), ones, nonempty))
     return tuple(levels)
 
 
 def _level(x: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, nonempty: torch.Tensor) -> SideLevel:
-    keep = nonempty[:, None]
-    tokens = nn.functional.normalize(x, dim=-1, eps=1e-12) * keep[:, :, None]
-    return SideLevel(tokens, weights * keep, mask * keep)
+    """A side level, always in fp32 (normalisation and weights computed in fp32 also for an fp16 model)."""
+    keep = nonempty.float()[:, None]
+    tokens = nn.functional.normalize(x.float(), dim=-1, eps=1e-6) * keep[:, :, None]  # eps finite in fp16
+    return SideLevel(tokens, weights.float() * keep, mask.float() * keep)
 
 
 def _check_lengths(kind: str, n: int, limit: int, what: str) -> None:

@@ -20,6 +20,19 @@ from torch import nn
 MASK_NEG = -1.0e4
 
 
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the activation dtype (fp16 export keeps its reductions in fp32; the
+    TF-style eps 1e-12 of the temporal transformer underflows in fp16). A no-op cast in fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def softmax32(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Softmax computed in fp32, returned in the input dtype (a no-op cast in fp32)."""
+    return x.float().softmax(dim=dim).to(x.dtype)
+
+
 class QuickGELU(nn.Module):
     """CLIP's activation: x * sigmoid(1.702 x)."""
 
@@ -46,8 +59,8 @@ class Attention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         logits = (q * (w // self.heads) ** -0.5) @ k.transpose(-2, -1)  # (B, h, N, N)
         if bias is not None:
-            logits = logits + bias
-        out = logits.softmax(dim=-1) @ v  # (B, h, N, dh)
+            logits = logits + bias.to(logits.dtype)
+        out = softmax32(logits) @ v  # (B, h, N, dh)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
 
 
@@ -57,12 +70,12 @@ class ResidualBlock(nn.Module):
     def __init__(self, width: int, heads: int, ln_eps: float = 1e-5) -> None:
         super().__init__()
         self.attn = Attention(width, heads)
-        self.ln_1 = nn.LayerNorm(width, eps=ln_eps)
+        self.ln_1 = LayerNorm(width, eps=ln_eps)
         self.mlp = nn.Sequential(
             OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()),
                          ("c_proj", nn.Linear(4 * width, width))])
         )
-        self.ln_2 = nn.LayerNorm(width, eps=ln_eps)
+        self.ln_2 = LayerNorm(width, eps=ln_eps)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), bias)

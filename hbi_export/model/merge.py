@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from hbi_export.model.layers import MASK_NEG
+from hbi_export.model.layers import MASK_NEG, LayerNorm, softmax32
 
 
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +56,15 @@ def dpc_knn(x: torch.Tensor, clusters: int, k: int, mask: torch.Tensor | None) -
         return assign.scatter(1, centres, own)
 
 
+def token_merge(x: torch.Tensor, score: torch.Tensor, mask: torch.Tensor | None, clusters: int,
+                k: int) -> torch.Tensor:
+    """DPC-kNN clustering + weighted merge (the ``hbi.TokenMerge`` op, docs/custom_ops.md): (B, clusters, C).
+
+    ``score`` is the CTM score (``MASK_NEG`` at padded positions); the merge weights are ``exp(score)``.
+    """
+    return merge_tokens(x, dpc_knn(x, clusters, k, mask), score.exp(), clusters)
+
+
 def merge_tokens(x: torch.Tensor, assign: torch.Tensor, weight: torch.Tensor, clusters: int) -> torch.Tensor:
     """Weighted mean per cluster: (B, N, C), (B, N), (B, N) -> (B, clusters, C).
 
@@ -86,8 +95,11 @@ class CTM(nn.Module):
         super().__init__()
         self.ratio = ratio
         self.k = k
+        # The merge implementation: export swaps in the torch custom op ``torch.ops.hbi.token_merge`` (same
+        # eager code) so that the graph gets one ``hbi.TokenMerge`` node (hbi_export/onnx/torch_ops.py).
+        self.merge_fn = token_merge
         self.conv = TokenConv(dim)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = LayerNorm(dim)
         self.score = nn.Linear(dim, 1)
 
     def clusters(self, n_tokens: int) -> int:
@@ -104,8 +116,7 @@ class CTM(nn.Module):
         score = self.score(x).squeeze(-1)  # (B, N)
         if mask is not None:
             score = torch.where(mask > 0, score, torch.full_like(score, MASK_NEG))
-        assign = dpc_knn(x, self.clusters(x.shape[1]), self.k, mask)
-        merged = merge_tokens(x, assign, score.exp(), self.clusters(x.shape[1]))
+        merged = self.merge_fn(x, score, mask, self.clusters(x.shape[1]), self.k)
         return merged, x, score
 
 
@@ -125,7 +136,7 @@ class TCAttention(nn.Module):
         q = self.q(q_in).view(b, nq, self.heads, dh).transpose(1, 2)  # (B, h, Nq, dh)
         kv = self.kv(kv_in).view(b, -1, 2, self.heads, dh).permute(2, 0, 3, 1, 4)  # (2, B, h, Nk, dh)
         logits = (q * dh**-0.5) @ kv[0].transpose(-2, -1) + key_bias[:, None, None, :]  # (B, h, Nq, Nk)
-        out = logits.softmax(dim=-1) @ kv[1]  # (B, h, Nq, dh)
+        out = softmax32(logits) @ kv[1]  # (B, h, Nq, dh)
         return self.proj(out.transpose(1, 2).reshape(b, nq, c))
 
 
@@ -134,7 +145,7 @@ class TCBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn = TCAttention(dim, heads)
 
     def forward(self, merged: torch.Tensor, tokens: torch.Tensor, score: torch.Tensor) -> torch.Tensor:

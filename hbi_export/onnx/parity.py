@@ -1,0 +1,117 @@
+"""PyTorch vs ONNX Runtime parity of a model package (``hbi-export parity``, and the end of ``hbi-export onnx``).
+
+Deterministic inputs with padding, short videos (1 and 2 valid frames) and texts down to start + end tokens; the
+encoders run in ONNX Runtime at several batch sizes (1, 2, the rest) and the rows are compared with the PyTorch
+reference encoded in one batch. Scores are compared end to end (ONNX sides into the ONNX interaction graph) per
+level and combined: max abs / rel error and cosine, plus top-1 / top-5 agreement and Spearman rank correlation.
+Tolerances come from ``hbi_runtime.compare.TOLERANCES`` (the table in docs/architecture.md). A failure marks the
+package ``failed`` in its manifest; the runtime then refuses it unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from hbi_export.model import HBIModel
+from hbi_runtime.compare import ParityResult, compare_scores, compare_tensors, evaluate
+from hbi_runtime.errors import MismatchError
+from hbi_runtime.package import Package, load_package, update_status
+
+BATCH_SPLITS = (1, 2)  # encoder batches 1, 2, then the rest: several batch sizes in one comparison
+LEVEL_NAMES = ("entity", "action", "event")
+
+
+def parity_inputs(model: HBIModel, max_words: int, max_frames: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Texts of lengths L .. 2 (start + end only) and videos of T .. 1 valid frames, padded as the loaders do."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.text.vocab_size
+    sot, eot = min(49406, vocab - 2), min(49407, vocab - 1)
+    lengths = sorted({max_words, max(max_words - 1, 2), max(max_words // 2, 2), min(5, max_words), 3, 2},
+                     reverse=True)
+    ids = torch.zeros(len(lengths), max_words, dtype=torch.int64)
+    text_mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, sot, (n,), generator=g)
+        ids[i, 0], ids[i, n - 1] = sot, eot
+        text_mask[i, :n] = 1
+    counts = sorted({max_frames, max(max_frames - 3, 1), max(max_frames // 2, 1), min(2, max_frames), 1},
+                    reverse=True)
+    size = model.config.vision.image_size
+    frames = torch.randn(len(counts), max_frames, 3, size, size, generator=g)
+    frame_mask = torch.zeros(len(counts), max_frames, dtype=torch.int64)
+    for i, n in enumerate(counts):
+        frame_mask[i, :n] = 1
+        frames[i, n:] = 0
+    return {"input_ids": ids, "attention_mask": text_mask, "frames": frames, "frame_mask": frame_mask}
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run_split(session, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run an encoder on row slices of sizes 1, 2, rest and concatenate the outputs."""
+    n = len(next(iter(feeds.values())))
+    edges = [0]
+    for size in BATCH_SPLITS:
+        edges.append(min(edges[-1] + size, n))
+    edges.append(n)
+    parts = [session.run(None, {k: v[a:b] for k, v in feeds.items()}) for a, b in zip(edges, edges[1:]) if b > a]
+    return [np.concatenate(outs) for outs in zip(*parts)]
+
+
+def _check_same_model(pkg: Package, model: HBIModel) -> None:
+    stored = dict(pkg.manifest.model_config)
+    ours = model.config.to_dict()
+    stored.pop("level_weights", None), ours.pop("level_weights", None)
+    if stored != ours:
+        diff = sorted(k for k in set(stored) | set(ours) if stored.get(k) != ours.get(k))
+        raise MismatchError(f"{pkg.dir} was exported from a different model (config differs in: {', '.join(diff)})",
+                            hint="pass the checkpoint the package was exported from")
+
+
+def compare_package(pkg: Package, model: HBIModel, seed: int = 0) -> ParityResult:
+    """Run the comparisons (no manifest change). Tolerance: the encoders' precision."""
+    _check_same_model(pkg, model)
+    m = pkg.manifest
+    x = parity_inputs(model, m.max_words, m.max_frames, seed)
+    with torch.no_grad():
+        t_ref, v_ref = model.encode_text(x["input_ids"], x["attention_mask"]), model.encode_video(
+            x["frames"], x["frame_mask"])
+        levels_ref = model.score_levels(t_ref, v_ref).numpy()
+    text = _run_split(_session(pkg.graph_path("text_encoder")),
+                      {"input_ids": x["input_ids"].numpy(), "attention_mask": x["attention_mask"].numpy()})
+    video = _run_split(_session(pkg.graph_path("video_encoder")),
+                       {"frames": x["frames"].numpy(), "frame_mask": x["frame_mask"].numpy()})
+    interaction = _session(pkg.graph_path("interaction"))
+    names = [i.name for i in interaction.get_inputs()]
+    weights = np.asarray(m.level_weights, np.float32)
+    scores, levels = interaction.run(None, dict(zip(names, [*text, *video, weights])))
+    comparisons = []
+    for kind, ref_side, got in (("text", t_ref, text), ("video", v_ref, video)):
+        ref = [t.numpy() for lv in ref_side.levels for t in (lv.tokens, lv.weights, lv.mask)]
+        outputs = pkg.graph(f"{kind}_encoder").outputs
+        comparisons += [compare_tensors(o.name, r, g) for o, r, g in zip(outputs, ref, got)]
+    comparisons += [compare_scores(f"score_{name}", levels_ref[i], levels[i]) for i, name in enumerate(LEVEL_NAMES)]
+    combined_ref = np.tensordot(weights, levels_ref, axes=1)
+    comparisons.append(compare_scores("scores", combined_ref, scores))
+    return evaluate(comparisons, pkg.graph("text_encoder").precision)
+
+
+def check_package(pkg_dir: str | Path, model: HBIModel, *, seed: int = 0,
+                  progress: Callable[[str], None] = lambda _: None) -> ParityResult:
+    """Compare, then record the verdict in the manifest (``verified`` / ``failed``) with the full report."""
+    pkg = load_package(pkg_dir, allow_unverified=True)
+    result = compare_package(pkg, model, seed)
+    update_status(pkg_dir, "verified" if result.ok else "failed", result.to_dict())
+    progress(f"parity {'passed' if result.ok else 'FAILED'} ({len(result.comparisons)} outputs)")
+    return result

@@ -1,0 +1,131 @@
+"""``hbi-export onnx / parity / check``: a verified package from a checkpoint, refusals, loud parity failure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from hbi_export.checkpoints.convert import init_random
+from hbi_export.cli import app
+from hbi_export.trt_lint import lint_model
+from hbi_runtime.errors import GateFailedError, MismatchError
+from hbi_runtime.package import load_package
+
+runner = CliRunner()
+L, T = 12, 8
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    init_random(root / "model", "tiny", seed=0)
+    init_random(root / "other", "tiny", seed=1)  # same architecture, different weights
+    return root
+
+
+@pytest.fixture(scope="module")
+def packages(ckpt, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pkgs")
+    out = {}
+    for precision in ("fp32", "fp16"):
+        result = runner.invoke(app, ["onnx", "--checkpoint", str(ckpt / "model"), "--out", str(root / precision),
+                                     "--max-words", str(L), "--max-frames", str(T), "--precision", precision,
+                                     "--levels", "0.5,0.3,0.2", "--format", "json"])
+        assert result.exit_code == 0, result.output
+        out[precision] = (root / precision, json.loads(result.stdout))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_export_writes_a_verified_package(packages, precision):
+    path, doc = packages[precision]
+    assert doc["schema"] == "hbi.onnx/1" and doc["status"] == "verified" and doc["parity"]["ok"]
+    pkg = load_package(path)
+    m = pkg.manifest
+    assert (m.max_words, m.max_frames, m.level_weights) == (L, T, (0.5, 0.3, 0.2))
+    assert m.tokens_per_level == {"text": (12, 3, 2), "video": (8, 2, 1)}
+    assert m.graphs["text_encoder"].precision == precision and m.graphs["interaction"].precision == "fp32"
+    assert m.graphs["interaction"].custom_ops == ("hbi.WeightedTokenInteraction",)
+    assert doc["package_sha256"] == pkg.manifest_sha256
+    names = {c["name"] for c in doc["parity"]["outputs"]}
+    assert {"scores", "score_entity", "score_action", "score_event", "video_tokens_l1"} <= names
+    for name in ("text_encoder", "video_encoder", "interaction"):
+        model = onnx.load(str(pkg.graph_path(name)))
+        onnx.checker.check_model(model, full_check=True)
+        errors = [f for f in lint_model(model, "10.3", graph=name, precision=precision) if f.severity == "error"]
+        assert errors == [], errors
+
+
+def test_check_command_passes_our_package(packages):
+    result = runner.invoke(app, ["check", str(packages["fp16"][0]), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["schema"] == "hbi.check/1"
+
+
+def test_parity_against_other_weights_fails_loudly_and_marks_the_package(packages, ckpt, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(packages["fp32"][0], pkg)
+    result = runner.invoke(app, ["parity", str(pkg), "--checkpoint", str(ckpt / "other")])
+    assert result.exit_code == 5, result.output
+    assert "FAIL" in result.stdout and "overall: FAIL" in result.stdout
+    with pytest.raises(GateFailedError, match="failed"):
+        load_package(pkg)
+    assert load_package(pkg, allow_unverified=True).manifest.status == "failed"
+    # re-checking against the right checkpoint restores it
+    assert runner.invoke(app, ["parity", str(pkg), "--checkpoint", str(ckpt / "model")]).exit_code == 0
+    assert load_package(pkg).manifest.status == "verified"
+
+
+def test_edited_graph_or_manifest_is_refused(packages, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(packages["fp32"][0], pkg)
+    with open(pkg / "interaction.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(MismatchError, match="interaction.onnx was modified"):
+        load_package(pkg)
+    shutil.rmtree(pkg)
+    shutil.copytree(packages["fp32"][0], pkg)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    manifest["max_frames"] = 9
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MismatchError, match="manifest.json was edited"):
+        load_package(pkg)
+
+
+def test_parity_with_a_different_architecture_is_a_mismatch(packages, tmp_path):
+    init_random(tmp_path / "b16ish", "tiny", seed=0)
+    cfg = json.loads((tmp_path / "b16ish" / "config.json").read_text())
+    cfg["config"]["text_ratios"] = [0.25, 0.125]
+    (tmp_path / "b16ish" / "config.json").write_text(json.dumps(cfg))
+    result = runner.invoke(app, ["parity", str(packages["fp32"][0]), "--checkpoint", str(tmp_path / "b16ish")])
+    assert result.exit_code == 4 and "different model" in result.stderr and "text_ratios" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--levels", "1,0"], "--levels must be three"),
+    (["--opset", "16"], "opset 16 is too old"),
+    (["--max-words", "40"], "--max-words 40 is outside"),
+    (["--precision", "int4"], "--precision must be one of"),
+])
+def test_bad_options_exit_2(ckpt, tmp_path, args, message):
+    result = runner.invoke(app, ["onnx", "--checkpoint", str(ckpt / "model"), "--out", str(tmp_path / "p"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_checkpoint_and_clip_together_or_neither(ckpt, tmp_path):
+    both = runner.invoke(app, ["onnx", "--checkpoint", str(ckpt / "model"), "--clip", str(ckpt / "model"),
+                               "--out", str(tmp_path / "p")])
+    neither = runner.invoke(app, ["onnx", "--out", str(tmp_path / "p")])
+    assert both.exit_code == neither.exit_code == 2 and "exactly one of --checkpoint and --clip" in both.stderr
+
+
+def test_existing_package_needs_overwrite(packages, ckpt):
+    result = runner.invoke(app, ["onnx", "--checkpoint", str(ckpt / "model"), "--out", str(packages["fp32"][0])])
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    load_package(packages["fp32"][0])  # untouched
