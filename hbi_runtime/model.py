@@ -34,7 +34,7 @@ import numpy as np
 from hbi_runtime.backends import Backend, create_backend
 from hbi_runtime.errors import BadInputError, MismatchError, UsageError
 from hbi_runtime.package import GRAPH_NAMES, LEVELS, Package, load_package
-from hbi_runtime.sides import DEFAULT_CHUNK_BYTES, Side, SideLevel
+from hbi_runtime.sides import DEFAULT_CHUNK_BYTES, Side, SideLevel, check_level_weights
 from hbi_runtime.tokenizer import EOT_ID, SOT_ID, ClipTokenizer
 
 if TYPE_CHECKING:
@@ -313,14 +313,7 @@ class Model:
     def _level_weights(self, level_weights: Sequence[float] | None) -> np.ndarray:
         if level_weights is None:
             return np.asarray(self.manifest.level_weights, dtype=np.float32)
-        try:
-            weights = np.asarray(level_weights, dtype=np.float64)
-        except (TypeError, ValueError):
-            weights = np.full(1, np.nan)  # reported below, with the value received
-        if weights.shape != (len(LEVELS),) or not np.isfinite(weights).all() or not weights.any():
-            raise UsageError(f"level_weights must be {len(LEVELS)} finite numbers ({', '.join(LEVELS)}), not all "
-                             f"zero; got {level_weights!r}")
-        return weights.astype(np.float32)
+        return check_level_weights(level_weights).astype(np.float32)
 
     def _interact(self, text: Side, video: Side, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores [Bt, Bv], level_scores [3, Bt, Bv]), in (text, video) chunks that bound the graph's memory."""

@@ -181,7 +181,8 @@ def score_level(text: SideLevel, video: SideLevel, *, chunk_size: int | None = N
     return out
 
 
-def _level_weights(level_weights: Sequence[float]) -> np.ndarray:
+def check_level_weights(level_weights: Sequence[float]) -> np.ndarray:
+    """Three finite entity / action / event weights, not all zero, as float64; else UsageError."""
     try:
         weights = np.asarray(level_weights, dtype=np.float64)
     except (TypeError, ValueError):
@@ -210,7 +211,7 @@ def score(text_side: Side, video_side: Side, level_weights: Sequence[float] = (1
     if not (isinstance(text_side, Side) and isinstance(video_side, Side)
             and text_side.kind == "text" and video_side.kind == "video"):
         raise UsageError("score(text_side, video_side): arguments must be a text Side and a video Side, in order")
-    weights = _level_weights(level_weights)
+    weights = check_level_weights(level_weights)
     total = np.zeros((text_side.n, video_side.n), dtype=np.float32)
     for name, w, t, v in zip(LEVELS, weights, text_side.levels, video_side.levels):
         if w != 0.0:

@@ -8,7 +8,6 @@ without that they fail and say so.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -14,7 +14,7 @@ from hbi_export.model.clip import ClipTowers
 from hbi_export.model.config import HBIConfig
 from hbi_export.model.layers import MASK_NEG, Transformer, key_padding_bias
 from hbi_export.model.merge import CTM, TCBlock
-from hbi_export.model.sides import Side, SideLevel, TextSide, VideoSide, score, score_levels
+from hbi_export.model.sides import SideLevel, TextSide, VideoSide, score, score_levels
 from hbi_runtime.errors import BadInputError
 
 
