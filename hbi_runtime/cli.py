@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -76,6 +77,326 @@ def doctor(ctx: typer.Context, output_format: FormatOption = OutputFormat.text) 
             emit_json(report)
         else:
             sys.stdout.write(doctor_lib.render_text(report))
+
+
+# ------------------------------------------------------------------------------------------ model, index, search
+DEMO_PACKAGE = Path(__file__).resolve().parent / "data" / "demo" / "package"
+ModelOption = Annotated[Optional[Path], typer.Option(
+    "--model", "-m", help="Model package folder (hbi-export onnx). Default: the demo model, when installed.",
+    show_default=False)]
+UnverifiedOption = Annotated[bool, typer.Option(
+    "--allow-unverified", help="Use a package whose parity check failed or never ran.")]
+WorkersOption = Annotated[int, typer.Option(min=1, help="Decoding worker processes.")]
+
+
+def _load_model(model: Optional[Path], allow_unverified: bool):
+    from hbi_runtime.errors import UsageError
+    from hbi_runtime.model import load
+
+    if model is None:
+        if not (DEMO_PACKAGE / "manifest.json").exists():
+            raise UsageError("no model package given",
+                             hint="pass --model PKG; make one with `hbi-export onnx --checkpoint CKPT --out PKG`")
+        model = DEMO_PACKAGE
+    return load(model, allow_unverified=allow_unverified)
+
+
+class _Progress:
+    """A progress bar on stderr (rate and ETA) fed by ``update_index``'s callback."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar = None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[path]}"),
+                                 console=Console(stderr=True), transient=False)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("index", total=None, rate="", path="")
+        return self
+
+    def __call__(self, done: int, total: int, path: Optional[str], rate: float) -> None:
+        if self._bar is not None:
+            name = (path or "")[-40:]
+            self._bar.update(self._task, completed=done, total=total, rate=f"{rate:.1f} files/s", path=name)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def _index_folder(model, videos: Path, index_dir: Optional[Path], *, workers: int, batch_size: int,
+                  window: Optional[float], stride: Optional[float], rebuild: bool = False, quiet: bool = False):
+    from hbi_runtime.index import default_index_dir, update_index
+
+    target = index_dir or default_index_dir(videos, model)
+    with _Progress(enabled=not quiet) as progress:
+        return update_index(model, videos, target, workers=workers, batch_size=batch_size, window=window,
+                            stride=stride, rebuild=rebuild, progress=progress)
+
+
+def _summary_dict(summary, model) -> dict:
+    return {"schema": "hbi.index/1", "model_sha256": model.package.manifest_sha256, "index": str(summary.index_dir),
+            "new": summary.new, "unchanged": summary.unchanged, "reindexed": summary.reindexed,
+            "removed": summary.removed, "rows": summary.rows, "seconds": round(summary.seconds, 2),
+            "failed": [{"path": p, "reason": r} for p, r in summary.failed],
+            "skipped": [{"path": p, "reason": r} for p, r in summary.skipped]}
+
+
+def _summary_text(d: dict) -> str:
+    lines = [f"index {d['index']}: {d['new']} new, {d['unchanged']} unchanged, {d['reindexed']} re-indexed, "
+             f"{d['removed']} removed, {len(d['failed'])} failed, {len(d['skipped'])} skipped "
+             f"({d['seconds']:.1f} s)"]
+    lines += [f"  failed: {f['path']}: {f['reason']}" for f in d["failed"]]
+    lines += [f"  skipped: {f['path']}: {f['reason']}" for f in d["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+@app.command(epilog="Examples:\n\n  hbi-run index ~/Videos --model pkg/b32\n\n"
+                    "  hbi-run index ~/Videos --model pkg/b32 --window 30 --index ~/Videos-index --format json")
+def index(
+    ctx: typer.Context,
+    videos: Annotated[Path, typer.Argument(help="Folder of videos (searched recursively, never written to).",
+                                           show_default=False)],
+    model: ModelOption = None,
+    index_dir: Annotated[Optional[Path], typer.Option(
+        "--index", help="Index folder. Default: a per-folder cache directory (see README).",
+        show_default=False)] = None,
+    workers: WorkersOption = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Videos per encoder call and per committed shard.")] = 16,
+    window: Annotated[Optional[float], typer.Option(help="Index long videos as windows of this many seconds.",
+                                                    show_default=False)] = None,
+    stride: Annotated[Optional[float], typer.Option(help="Seconds between window starts (default: --window).",
+                                                    show_default=False)] = None,
+    rebuild: Annotated[bool, typer.Option(help="Forget the index's content and index everything again.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit 3 when any file failed.")] = False,
+    allow_unverified: UnverifiedOption = False,
+    output_format: FormatOption = OutputFormat.text,
+) -> None:
+    """Index a folder of videos: incremental (only new or changed files are encoded), crash-safe, resumable.
+
+    Each video's side is stored once; deleted files are dropped. Bad files are reported with their reason and
+    never stop the run.
+    """
+    json_mode = output_format is OutputFormat.json
+    failed = False
+    with guarded(json_mode=json_mode, debug=ctx.obj.debug):
+        with _load_model(model, allow_unverified) as m:
+            summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=batch_size, window=window,
+                                    stride=stride, rebuild=rebuild, quiet=json_mode)
+            result = _summary_dict(summary, m)
+        failed = bool(summary.failed)
+        if json_mode:
+            emit_json(result)
+        else:
+            sys.stdout.write(_summary_text(result))
+    if strict and failed:
+        raise SystemExit(3)
+
+
+class RetrieveFormat(str, enum.Enum):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    from hbi_runtime.errors import BadInputError
+
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read {what} file {path}: {exc}") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise BadInputError(f"{what} file {path} is empty")
+    return lines
+
+
+def _parse_levels(levels: Optional[str]):
+    if levels is None:
+        return None
+    from hbi_runtime.errors import UsageError
+
+    try:
+        values = tuple(float(v) for v in levels.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise UsageError(f"--levels must be three comma-separated numbers (entity,action,event), got {levels!r}")
+    return values
+
+
+def _fmt_time(seconds) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(float(seconds), 60)
+    return f"{int(m)}:{s:04.1f}"
+
+
+def _render_hits(results: list, fmt: RetrieveFormat, header: dict) -> str:
+    import csv
+    import io
+    import json
+
+    if fmt is RetrieveFormat.json:
+        return json.dumps({**header, "queries": [r.to_dict() for r in results]}, indent=2, ensure_ascii=False) + "\n"
+    if fmt is RetrieveFormat.jsonl:
+        return "".join(json.dumps({**header, "query": r.query, **h}, ensure_ascii=False) + "\n"
+                       for r in results for h in r.to_dict()["hits"])
+    if fmt is RetrieveFormat.csv:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["query", "rank", "score", "path", "start_s", "end_s", "best_frame_s", "words"])
+        for r in results:
+            for h in r.hits:
+                words = " ".join(f"{w.word}@{w.time_s}" for w in h.words)
+                writer.writerow([r.query, h.rank, h.score, h.path, h.start_s, h.end_s, h.best_frame_s, words])
+        return buf.getvalue()
+    lines = []
+    for r in results:
+        lines.append(f'query: "{r.query}"' + ("  (truncated)" if r.truncated else ""))
+        for h in r.hits:
+            span = f" [{_fmt_time(h.start_s)}-{_fmt_time(h.end_s)}]" if h.start_s > 0 or (
+                h.duration_s and h.end_s < h.duration_s - 1e-6) else ""
+            lines.append(f"  {h.rank:>3}  {h.score:8.4f}  {h.path}{span}  best frame {_fmt_time(h.best_frame_s)}")
+            if h.words:
+                lines.append("       " + "  ".join(f"{w.word}@{_fmt_time(w.time_s)}" for w in h.words))
+    return "\n".join(lines) + "\n"
+
+
+def _warn_truncated(results) -> None:
+    for r in results:
+        if r.truncated:
+            sys.stderr.write(f'warning: query "{r.query[:60]}" is longer than the model\'s text length and was '
+                             f"truncated\n")
+
+
+@app.command(epilog="Examples:\n\n  hbi-run retrieve \"a dog catches a frisbee\" --videos ~/Videos --model pkg/b32\n\n"
+                    "  hbi-run retrieve --queries queries.txt --index ~/Videos-index -m pkg/b32 --format jsonl\n\n"
+                    "  hbi-run retrieve --video clip.mp4 --captions captions.txt -m pkg/b32")
+def retrieve(
+    ctx: typer.Context,
+    queries: Annotated[Optional[list[str]], typer.Argument(help="Text queries.", show_default=False)] = None,
+    queries_file: Annotated[Optional[Path], typer.Option("--queries", help="A file of queries, one per line.",
+                                                         show_default=False)] = None,
+    videos: Annotated[Optional[Path], typer.Option(help="Folder of videos: indexes what is missing first.",
+                                                   show_default=False)] = None,
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="An index built by `hbi-run index`.",
+                                                      show_default=False)] = None,
+    video: Annotated[Optional[Path], typer.Option(help="Rank the --captions for this one video instead.",
+                                                  show_default=False)] = None,
+    captions: Annotated[Optional[Path], typer.Option(help="Captions file (one per line) for --video.",
+                                                     show_default=False)] = None,
+    model: ModelOption = None,
+    top_k: Annotated[int, typer.Option(help="Results per query.")] = 10,
+    levels: Annotated[Optional[str], typer.Option(
+        help="Level weights entity,action,event for this search (default: the package's).",
+        show_default=False)] = None,
+    workers: WorkersOption = 2,
+    window: Annotated[Optional[float], typer.Option(help="With --videos: index as windows of N seconds.",
+                                                    show_default=False)] = None,
+    allow_unverified: UnverifiedOption = False,
+    output_format: Annotated[RetrieveFormat, typer.Option("--format", "-f", case_sensitive=False,
+                                                          help="table, json, jsonl or csv.")] = RetrieveFormat.table,
+) -> None:
+    """Search videos with text (exact HBI score), or rank captions for one video (--video --captions).
+
+    Each hit says why: the timestamp of its best-matching frame, and for every query word its best frame.
+    """
+    json_mode = output_format in (RetrieveFormat.json, RetrieveFormat.jsonl)
+    with guarded(json_mode=json_mode, debug=ctx.obj.debug):
+        from hbi_runtime.errors import UsageError
+        from hbi_runtime.index import Index
+        from hbi_runtime.search import check_queries, rank_captions, search
+
+        weights = _parse_levels(levels)
+        if top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, got {top_k}")
+        if video is not None or captions is not None:
+            if video is None or captions is None or queries or queries_file or videos or index_dir:
+                raise UsageError("--video and --captions go together, without queries, --videos or --index")
+            with _load_model(model, allow_unverified) as m:
+                ranked = rank_captions(m, str(video), _read_lines(captions, "captions"), top_k=top_k,
+                                       level_weights=weights)
+                header = {"schema": "hbi.retrieve-captions/1", "model_sha256": m.package.manifest_sha256,
+                          "video": str(video)}
+            if json_mode:
+                emit_json({**header, "captions": ranked})
+            else:
+                sys.stdout.write("".join(f"  {r['rank']:>3}  {r['score']:8.4f}  {r['caption']}\n" for r in ranked))
+            return
+        texts = check_queries(list(queries or []) + (_read_lines(queries_file, "queries") if queries_file else []))
+        if (videos is None) == (index_dir is None):
+            raise UsageError("give exactly one of --videos DIR and --index DIR",
+                             hint="--videos indexes what is missing first; --index uses an existing index")
+        with _load_model(model, allow_unverified) as m:
+            if videos is not None:
+                summary = _index_folder(m, videos, None, workers=workers, batch_size=16, window=window,
+                                        stride=None, quiet=json_mode)
+                if summary.failed:
+                    sys.stderr.write(f"note: {len(summary.failed)} file(s) could not be indexed "
+                                     f"(hbi-run index {videos} lists them)\n")
+                target = summary.index_dir
+            else:
+                target = index_dir
+            idx = Index.open(target, m.package.manifest_sha256)
+            if top_k > len(idx.rows):
+                sys.stderr.write(f"note: --top-k {top_k} is more than the {len(idx.rows)} indexed videos; "
+                                 f"showing all\n")
+            results = search(m, idx, texts, top_k=top_k, level_weights=weights)
+            header = {"schema": "hbi.retrieve/1", "model_sha256": m.package.manifest_sha256, "index": str(target)}
+        _warn_truncated(results)
+        sys.stdout.write(_render_hits(results, output_format, header))
+
+
+@app.command("eval", epilog="Examples:\n\n  hbi-run eval --captions MSRVTT_JSFUSION_test.csv --videos MSRVTT/videos "
+                            "--model pkg/msrvtt")
+def eval_command(
+    ctx: typer.Context,
+    captions: Annotated[Path, typer.Option(help="CSV: key,vid_key,video_id,sentence (MSR-VTT JSFusion) or "
+                                                "video,caption.", show_default=False)],
+    videos: Annotated[Path, typer.Option(help="Folder holding the videos (file stem = video id).",
+                                         show_default=False)],
+    model: ModelOption = None,
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="Index folder (default: per-folder cache).",
+                                                      show_default=False)] = None,
+    levels: Annotated[Optional[str], typer.Option(help="Level weights entity,action,event.",
+                                                  show_default=False)] = None,
+    workers: WorkersOption = 2,
+    allow_unverified: UnverifiedOption = False,
+    output_format: FormatOption = OutputFormat.text,
+) -> None:
+    """Retrieval metrics: R@1/5/10/50, MdR and MnR, text->video and video->text."""
+    json_mode = output_format is OutputFormat.json
+    with guarded(json_mode=json_mode, debug=ctx.obj.debug):
+        from hbi_runtime.index import Index
+        from hbi_runtime.search import evaluate, read_captions
+
+        pairs = read_captions(captions)
+        with _load_model(model, allow_unverified) as m:
+            summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=16, window=None,
+                                    stride=None, quiet=json_mode)
+            idx = Index.open(summary.index_dir, m.package.manifest_sha256)
+            metrics = evaluate(m, idx, pairs, level_weights=_parse_levels(levels))
+            result = {"schema": "hbi.eval/1", "model_sha256": m.package.manifest_sha256, **metrics}
+        if json_mode:
+            emit_json(result)
+        else:
+            for direction in ("t2v", "v2t"):
+                r = result[direction]
+                sys.stdout.write(f"{direction}: R@1 {r['R@1']:.1f}  R@5 {r['R@5']:.1f}  R@10 {r['R@10']:.1f}  "
+                                 f"R@50 {r['R@50']:.1f}  MdR {r['MdR']:.1f}  MnR {r['MnR']:.1f}\n")
+            sys.stdout.write(f"({result['captions']} captions, {result['videos']} videos, gallery "
+                             f"{result['gallery']})\n")
 
 
 def main(argv: list[str] | None = None) -> None:

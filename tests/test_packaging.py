@@ -93,7 +93,8 @@ def test_doctor_never_imports_torch_even_when_installed(tmp_path, dist):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize(("script", "module"), [("hbi-run", "hbi_runtime.cli"), ("hbi-export", "hbi_export.cli")])
+@pytest.mark.parametrize(("script", "module"), [("hbi-run", "hbi_runtime.cli"), ("hbi-export", "hbi_export.cli"),
+                                                ("hbi-train", "hbi_training.cli")])
 def test_console_scripts_and_python_m_show_help(tmp_path, dist, script, module):
     for command in (console_script(script, module), [sys.executable, "-m", module]):
         result = run([*command, "--help"], tmp_path)
@@ -114,7 +115,8 @@ def test_metadata(dist):
 
     assert dist.version == hbi_runtime.__version__ == "0.1.0"
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
-    assert scripts == {"hbi-export": "hbi_export.cli:main", "hbi-run": "hbi_runtime.cli:main"}
+    assert scripts == {"hbi-export": "hbi_export.cli:main", "hbi-run": "hbi_runtime.cli:main",
+                       "hbi-train": "hbi_training.cli:main"}
     base = [r for r in dist.requires or [] if "extra ==" not in r]
     assert not [r for r in base if r.startswith("torch")], f"torch must not be a base dependency: {base}"
 

@@ -36,6 +36,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def _worker_main(conn, preprocessing, threads: int, memory_limit_mb: float | None) -> None:
     """Worker loop: receive (task_id, path, decoder, timeout), send back ("ok" | "error" | "bug", task_id, x)."""
+    _silence_native_logs()
     conn.send(("ready", os.getpid(), None))
     while True:
         try:
@@ -57,6 +58,17 @@ def _worker_main(conn, preprocessing, threads: int, memory_limit_mb: float | Non
         except Exception:  # a bug: reported with its traceback and re-raised in the parent, never hidden
             reply = ("bug", task_id, traceback.format_exc())
         conn.send(reply)
+
+
+def _silence_native_logs() -> None:
+    """decord and FFmpeg print their own messages on file descriptor 2 for every bad file; each failure already
+    reaches the caller as a typed error with its reason, so the worker's native stderr goes to /dev/null (set
+    HBI_VIDEO_WORKER_STDERR=1 to keep it when debugging a decoder)."""
+    if os.environ.get("HBI_VIDEO_WORKER_STDERR") == "1":
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def _rss_bytes(pid: int) -> int | None:

@@ -1,0 +1,230 @@
+"""Long videos as windows: each window of ``window`` seconds (every ``stride`` seconds) is sampled as its own video.
+
+The sampling rule inside a window is the official one (:func:`hbi_runtime.video.sample_indices`: every
+round(fps / frame_rate)-th frame from the window's first frame, then uniform down to T), applied to the frames
+whose time ``i / fps`` lies in ``[start, end)``. A video no longer than one window is one window ``[0, n / fps)``
+sampled exactly as :func:`hbi_runtime.video.decode_video` samples the whole file, so its side is the same.
+
+Window plan (:func:`plan_windows`): starts at ``0, stride, 2 * stride, ...``; the last window is the first one
+that reaches the end of the video (it may be shorter than ``window``), so no window lies wholly inside the one
+before it.
+
+Decoding runs in the worker processes of :class:`hbi_runtime.video.VideoDecoder` (timeouts, crash and memory
+isolation): :class:`WindowDecoder` is that pool with a worker that understands :class:`WindowTask` (probe a file:
+its frame count, fps and window plan; or decode a group of its windows). This reuses private helpers of
+``hbi_runtime.video`` (``decode._read_crops``, ``decode._pad``, ``pool._Worker``); a public windowed entry point
+there (``decode_video(..., window=(start_s, end_s))`` and window tasks in ``decode_many``) would replace them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass
+
+import numpy as np
+
+from hbi_runtime.errors import HbiError, UsageError
+from hbi_runtime.video import pool as video_pool
+from hbi_runtime.video.decode import (DecodedVideo, _check_file, _pad, _read_crops, check_preprocessing,
+                                      decoder_chain)
+from hbi_runtime.video.errors import VideoDecodeError, VideoTooLargeError
+from hbi_runtime.video.preprocess import normalize
+from hbi_runtime.video.readers import ReaderError, open_reader
+from hbi_runtime.video.sampling import resolve_fps, sample_indices
+
+WINDOWS_PER_TASK = 8  # windows decoded per worker task: each task reopens the file (decord and PyAV index it)
+_EPS = 1e-6  # frame times are compared after rounding to this many seconds x fps (30 s x 30 fps is 900, not 900.0001)
+
+
+@dataclass(frozen=True)
+class Window:
+    """One window of a video: seconds ``[start_s, end_s)`` and frames ``[first, stop)``."""
+
+    start_s: float
+    end_s: float
+    first: int
+    stop: int
+
+
+def plan_windows(n_frames: int, fps: float, window: float, stride: float | None = None) -> list[Window]:
+    """The windows of a video of ``n_frames`` frames at ``fps`` (see the module docstring).
+
+    Raises:
+        UsageError: ``window`` or ``stride`` is not a positive finite number.
+    """
+    stride = window if stride is None else stride
+    check_window(window, stride)
+    duration = n_frames / fps
+    out: list[Window] = []
+    k = 0
+    while True:
+        start = k * stride
+        first = math.ceil(round(start * fps, 6) - _EPS)
+        if first >= n_frames:
+            break
+        stop = min(n_frames, math.ceil(round((start + window) * fps, 6) - _EPS))
+        out.append(Window(float(start), float(min(start + window, duration)), first, stop))
+        if start + window >= duration - _EPS:
+            break
+        k += 1
+    return out
+
+
+def check_window(window: float | None, stride: float | None) -> None:
+    """Refuse a window / stride that is not a positive finite number of seconds (stride without window too)."""
+    if window is None:
+        if stride is not None:
+            raise UsageError("stride needs a window (give window= in seconds too)")
+        return
+    for name, value in (("window", window), ("stride", stride)):
+        if value is None and name == "stride":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def window_indices(win: Window, fps: float, preprocessing) -> np.ndarray:
+    """The frame numbers sampled from one window: the official rule on the window's frames, shifted to it."""
+    local = sample_indices(win.stop - win.first, fps, preprocessing.max_frames, preprocessing.frame_rate)
+    return local + win.first
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# worker side
+
+
+@dataclass(frozen=True)
+class WindowTask:
+    """A file and what to do with it in a worker; a PathLike, so every pool error names the file.
+
+    ``op``: ``"probe"`` (returns a :class:`Probe`) or ``"decode"`` (returns ``list[DecodedWindow]`` for the
+    windows ``plan[first:first + count]``).
+    """
+
+    path: bytes
+    window: float
+    stride: float
+    op: str = "probe"
+    first: int = 0
+    count: int = 0
+
+    def __fspath__(self) -> bytes:
+        return self.path
+
+
+@dataclass(frozen=True)
+class Probe:
+    n_frames: int
+    fps: float
+    duration: float | None
+    windows: tuple[Window, ...]
+
+
+@dataclass(frozen=True)
+class DecodedWindow:
+    window: Window
+    video: DecodedVideo  # indices are frame numbers of the whole file; fps / n_frames / duration of the file
+
+
+def run_task(task: WindowTask, preprocessing, *, decoder: str = "auto", threads: int = 1,
+             timeout: float | None = None, memory_limit_mb: float | None = None) -> Probe | list[DecodedWindow]:
+    """Do ``task`` in this process, trying the decoders of ``decoder`` in turn (as :func:`decode_video` does).
+
+    Raises:
+        VideoDecodeError: no decoder can do it; the message names the file and each decoder's reason.
+    """
+    check_preprocessing(preprocessing)
+    path = task.path
+    _check_file(path)
+    deadline = time.monotonic() + timeout if timeout else None
+    failures = []
+    for name in decoder_chain(decoder):
+        try:
+            with open_reader(name, path, threads=threads, deadline=deadline) as reader:
+                return _run_with(reader, task, preprocessing, memory_limit_mb, deadline)
+        except ReaderError as exc:  # (ShortReadError included) this decoder cannot; the next one may
+            failures.append(f"{name}: {exc.reason}")
+    raise VideoDecodeError(path, "cannot decode it (" + "; ".join(failures) + ")")
+
+
+def _run_with(reader, task: WindowTask, preprocessing, memory_limit_mb, deadline) -> Probe | list[DecodedWindow]:
+    info = reader.info
+    if info.n_frames < 1:
+        raise ReaderError("the video stream has no frames")
+    fps, _ = resolve_fps(info.avg_fps, info.n_frames, info.duration)
+    plan = plan_windows(info.n_frames, fps, task.window, task.stride)
+    if task.op == "probe":
+        return Probe(info.n_frames, fps, info.duration, tuple(plan))
+    out = []
+    for win in plan[task.first:task.first + task.count]:
+        indices = window_indices(win, fps, preprocessing)
+        crops = _read_crops(reader, indices, preprocessing, task.path, memory_limit_mb, deadline)
+        frames, mask = _pad(normalize(np.stack(crops), preprocessing.mean, preprocessing.std),
+                            preprocessing.max_frames)
+        video = DecodedVideo(frames=frames, mask=mask, indices=indices, fps=fps, n_frames=info.n_frames,
+                             duration=info.duration, decoder_used=reader.name, warnings=tuple(reader.warnings))
+        out.append(DecodedWindow(win, video))
+    return out
+
+
+def _window_worker_main(conn, preprocessing, threads: int, memory_limit_mb: float | None) -> None:
+    """The pool's worker protocol (see ``hbi_runtime.video.pool._worker_main``) running :func:`run_task`."""
+    conn.send(("ready", os.getpid(), None))
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        task_id, item, decoder, timeout = task
+        try:
+            reply = ("ok", task_id, run_task(item, preprocessing, decoder=decoder, threads=threads,
+                                             timeout=timeout, memory_limit_mb=memory_limit_mb))
+        except VideoDecodeError as exc:
+            reply = ("error", task_id, exc)
+        except HbiError as exc:
+            reply = ("fatal", task_id, (type(exc).__name__, exc.message, exc.hint))
+        except MemoryError:
+            reply = ("error", task_id, VideoTooLargeError(item.path, "the decoder ran out of memory"))
+        except Exception:  # a bug: re-raised in the parent with its traceback
+            reply = ("bug", task_id, traceback.format_exc())
+        conn.send(reply)
+
+
+class _WindowWorker(video_pool._Worker):
+    def __init__(self, ctx, args: tuple) -> None:  # as _Worker.__init__, with the window worker as target
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_window_worker_main, args=(child, *args), daemon=True,
+                                name="hbi-window-decoder")
+        self.proc.start()
+        child.close()
+        self.started = time.monotonic()
+        self.ready = False
+        self.baseline_rss = 0
+        self.task = None
+
+
+class WindowDecoder(video_pool.VideoDecoder):
+    """A :class:`~hbi_runtime.video.VideoDecoder` whose ``decode_many`` takes :class:`WindowTask` items and yields
+    ``(task, Probe | list[DecodedWindow] | VideoDecodeError)`` in order. Same arguments; ``timeout_s`` is per
+    task (a probe, or up to :data:`WINDOWS_PER_TASK` windows)."""
+
+    def _start(self) -> None:
+        while len(self._workers) < self._n_workers:
+            self._workers.append(_WindowWorker(self._ctx, self._args))
+
+    def _replace(self, w, done, error) -> None:
+        if error is not None:
+            done[w.task.task_id] = (w.task.path, error)
+        w.task = None
+        w.kill()
+        self.restarts += 1
+        self._workers[self._workers.index(w)] = _WindowWorker(self._ctx, self._args)
+
+
+__all__ = ["DecodedWindow", "Probe", "WINDOWS_PER_TASK", "Window", "WindowDecoder", "WindowTask", "check_window",
+           "plan_windows", "run_task", "window_indices"]

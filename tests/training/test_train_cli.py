@@ -1,0 +1,73 @@
+"""The ``hbi-train`` command line: help, usage errors, and estimator -> fit -> resume on a tiny synthetic set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hbi_training.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    pytest.importorskip("imageio_ffmpeg")
+    pytest.importorskip("PIL")
+    from hbi_training.data import generate
+
+    return generate(tmp_path_factory.mktemp("synthetic") / "set", 12, 4, 0, size=32).root
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_names_commands_and_examples():
+    top = _invoke("--help")
+    assert top.exit_code == 0 and "fit" in top.output and "estimator" in top.output
+    for command in ("fit", "estimator"):
+        result = _invoke(command, "--help")
+        assert result.exit_code == 0 and "Examples" in result.output and "hbi-train" in result.output
+
+
+def test_fit_without_an_estimator_is_a_usage_error(tmp_path):
+    result = _invoke("fit", tmp_path, "--out", tmp_path / "run", "--steps", 1)
+    assert result.exit_code == 2
+    assert "needs a trained estimator" in result.output and "--no-banzhaf" in result.output
+
+
+def test_not_a_data_folder_and_steps_with_epochs_are_usage_errors(tmp_path, data_dir):
+    result = _invoke("fit", tmp_path, "--out", tmp_path / "run", "--steps", 1, "--no-banzhaf")
+    assert result.exit_code == 2 and "no manifest.json" in result.output
+    result = _invoke("fit", data_dir, "--out", tmp_path / "run", "--steps", 1, "--epochs", 1, "--no-banzhaf",
+                     "--batch-size", 4, "--no-progress")
+    assert result.exit_code == 2 and "exactly one of --steps and --epochs" in result.output
+
+
+@pytest.mark.slow
+def test_estimator_then_fit_then_resume(tmp_path, data_dir):
+    from hbi_export.checkpoints import build_model
+
+    common = ("--batch-size", 4, "--no-progress", "--device", "cpu", "--json")
+    est = _invoke("estimator", data_dir, "--out", tmp_path / "est", "--steps", 2, "--samples", 4, *common)
+    assert est.exit_code == 0, est.output
+    assert json.loads(est.output)["schema"] == "hbi.train-estimator/1"
+    assert (tmp_path / "est" / "final" / "estimator.safetensors").is_file()
+
+    fit = _invoke("fit", data_dir, "--out", tmp_path / "hbi", "--estimator", tmp_path / "est", "--steps", 2,
+                  *common)
+    assert fit.exit_code == 0, fit.output
+    summary = json.loads(fit.output)
+    assert summary["schema"] == "hbi.train-fit/1" and summary["recipe"] == "scratch"
+    assert 0.0 <= summary["validation"]["t2v_r1"] <= 100.0 and summary["validation"]["texts"] == 4
+    build_model(tmp_path / "hbi" / "final")
+
+    more = _invoke("fit", data_dir, "--out", tmp_path / "hbi", "--estimator", tmp_path / "est", "--steps", 3,
+                   "--resume", tmp_path / "hbi", *common)
+    assert more.exit_code == 0, more.output
+    steps = [json.loads(line)["step"] for line in (tmp_path / "hbi" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [2, 3]  # log_every 10: the last step of each run is logged
