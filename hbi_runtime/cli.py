@@ -102,30 +102,35 @@ def _load_model(model: Optional[Path], allow_unverified: bool):
 
 
 class _Progress:
-    """A progress bar on stderr (rate and ETA) fed by ``update_index``'s callback."""
+    """A progress bar on stderr (rate and ETA) fed by ``update_index``'s callback; it appears with the first file,
+    so an error before any work prints no empty bar."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._bar = None
 
     def __enter__(self) -> "_Progress":
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self._bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[path]}"),
-                                 console=Console(stderr=True), transient=False)
-            self._bar.__enter__()
-            self._task = self._bar.add_task("index", total=None, rate="", path="")
         return self
 
+    def _start(self) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self._bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                             TimeRemainingColumn(), TextColumn("{task.fields[path]}"),
+                             console=Console(stderr=True), transient=False)
+        self._bar.__enter__()
+        self._task = self._bar.add_task("index", total=None, rate="", path="")
+
     def __call__(self, done: int, total: int, path: Optional[str], rate: float) -> None:
-        if self._bar is not None:
-            name = (path or "")[-40:]
-            self._bar.update(self._task, completed=done, total=total, rate=f"{rate:.1f} files/s", path=name)
+        if not self.enabled or total == 0:
+            return
+        if self._bar is None:
+            self._start()
+        self._bar.update(self._task, completed=done, total=total, rate=f"{rate:.1f} files/s",
+                         path=(path or "")[-40:])
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
@@ -136,10 +141,17 @@ def _index_folder(model, videos: Path, index_dir: Optional[Path], *, workers: in
                   window: Optional[float], stride: Optional[float], rebuild: bool = False, quiet: bool = False):
     from hbi_runtime.index import default_index_dir, update_index
 
+    from hbi_runtime.errors import BadInputError
+    from hbi_runtime.index import DEFAULT_EXTENSIONS
+
     target = index_dir or default_index_dir(videos, model)
     with _Progress(enabled=not quiet) as progress:
-        return update_index(model, videos, target, workers=workers, batch_size=batch_size, window=window,
-                            stride=stride, rebuild=rebuild, progress=progress)
+        summary = update_index(model, videos, target, workers=workers, batch_size=batch_size, window=window,
+                               stride=stride, rebuild=rebuild, progress=progress)
+    if not (summary.new or summary.unchanged or summary.reindexed or summary.removed or summary.failed):
+        raise BadInputError(f"no video files in {videos}",
+                            hint=f"video files end in {', '.join(sorted(DEFAULT_EXTENSIONS))}")
+    return summary
 
 
 def _summary_dict(summary, model) -> dict:
@@ -304,6 +316,8 @@ def retrieve(
     workers: WorkersOption = 2,
     window: Annotated[Optional[float], typer.Option(help="With --videos: index as windows of N seconds.",
                                                     show_default=False)] = None,
+    memory_limit_mb: Annotated[float, typer.Option(
+        "--memory-limit-mb", min=16, help="Working memory of the scoring engine per chunk of videos.")] = 256,
     allow_unverified: UnverifiedOption = False,
     output_format: Annotated[RetrieveFormat, typer.Option("--format", "-f", case_sensitive=False,
                                                           help="table, json, jsonl or csv.")] = RetrieveFormat.table,
@@ -349,10 +363,10 @@ def retrieve(
             else:
                 target = index_dir
             idx = Index.open(target, m.package.manifest_sha256)
-            if top_k > len(idx.rows):
+            if 0 < len(idx.rows) < top_k:
                 sys.stderr.write(f"note: --top-k {top_k} is more than the {len(idx.rows)} indexed videos; "
                                  f"showing all\n")
-            results = search(m, idx, texts, top_k=top_k, level_weights=weights)
+            results = search(m, idx, texts, top_k=top_k, level_weights=weights, memory_limit_mb=memory_limit_mb)
             header = {"schema": "hbi.retrieve/1", "model_sha256": m.package.manifest_sha256, "index": str(target)}
         _warn_truncated(results)
         sys.stdout.write(_render_hits(results, output_format, header))

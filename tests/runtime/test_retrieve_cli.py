@@ -41,6 +41,8 @@ def setup(tmp_path_factory):
     init_random(root / "m2", "tiny", seed=1)
     export_package(root / "m2", root / "pkg2", max_words=12, max_frames=8)
     _make_videos(root / "videos")
+    (root / "empty").mkdir()
+    (root / "empty" / "notes.txt").write_text("no videos here")
     return root
 
 
@@ -113,10 +115,11 @@ def test_retrieve_scores_equal_the_model_score(setup, cache_env):
     (["x"], 2, "exactly one of --videos DIR and --index DIR"),
     (["x", "--videos", "NOWHERE"], 3, "NOWHERE"),
     (["x", "--videos", "VIDEOS", "--levels", "1,0"], 2, "--levels must be three"),
+    (["x", "--videos", "EMPTY"], 3, "no video files in"),
 ])
 def test_retrieve_bad_input(setup, cache_env, args, code, message):
-    args = [str(setup / "videos") if a == "VIDEOS" else str(setup / "nowhere") if a == "NOWHERE" else a
-            for a in args]
+    names = {"VIDEOS": "videos", "NOWHERE": "nowhere", "EMPTY": "empty"}
+    args = [str(setup / names[a]) if a in names else a for a in args]
     result = _run("retrieve", *args, "-m", str(setup / "pkg"), env=cache_env)
     assert result.exit_code == code, result.output
     assert message.replace("NOWHERE", "nowhere") in result.stderr and "Traceback" not in result.output
