@@ -17,7 +17,7 @@ from hbi_runtime.errors import BadInputError, UsageError
 from hbi_runtime.scoring.engine import (BACKENDS, OrtLevelKernel, Queries, chunk_videos, default_threads,
                                         numpy_level, ort_available)
 from hbi_runtime.scoring.store import StoreLevel, VideoStore
-from hbi_runtime.sides import LEVELS, Side, SideLevel
+from hbi_runtime.sides import LEVELS, Side, SideLevel, check_level_weights
 
 DEFAULT_MEMORY_LIMIT_MB = 256
 
@@ -84,17 +84,6 @@ def score_levels(text_side: Side, store: VideoStore, *, levels: Sequence[str] = 
             for i, name in enumerate(LEVELS) if name in levels}
 
 
-def _level_weights(level_weights: Sequence[float]) -> np.ndarray:
-    try:
-        weights = np.asarray(level_weights, dtype=np.float64)
-    except (TypeError, ValueError):
-        weights = np.full(1, np.nan)  # reported below, with the value received
-    if weights.shape != (len(LEVELS),) or not np.isfinite(weights).all() or not weights.any():
-        raise UsageError(f"level_weights must be {len(LEVELS)} finite numbers ({', '.join(LEVELS)}), "
-                         f"not all zero; got {level_weights!r}")
-    return weights
-
-
 def score(text_side: Side, store: VideoStore, *, level_weights: Sequence[float] = (1.0, 0.0, 0.0),
           threads: int | None = None, memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB,
           backend: str = "auto") -> np.ndarray:
@@ -105,7 +94,7 @@ def score(text_side: Side, store: VideoStore, *, level_weights: Sequence[float] 
         BadInputError: text and stored tokens of different widths, non-finite text tokens.
         MissingDependencyError: ``backend="ort"`` without onnx / onnxruntime.
     """
-    weights = _level_weights(level_weights)
+    weights = check_level_weights(level_weights)
     names = [name for name, w in zip(LEVELS, weights) if w != 0.0]
     per_level = score_levels(text_side, store, levels=names, threads=threads, memory_limit_mb=memory_limit_mb,
                              backend=backend)
