@@ -413,6 +413,59 @@ def eval_command(
                              f"{result['gallery']})\n")
 
 
+@app.command(epilog="Examples:\n\n  hbi-run demo\n\n  hbi-run demo \"a green cross moves up, then a red circle appears\"")
+def demo(
+    ctx: typer.Context,
+    queries: Annotated[Optional[list[str]], typer.Argument(
+        help="Your own queries (default: the demo's example queries).", show_default=False)] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Results shown per query.")] = 3,
+    output_format: FormatOption = OutputFormat.text,
+) -> None:
+    """Search the bundled sample videos with the bundled demo model (no download, no torch).
+
+    The demo model is a small HBI trained on synthetic videos of coloured shapes (see hbi_runtime/data/demo/
+    README.txt); it understands captions like "a red square moves left, then a blue circle appears".
+    """
+    json_mode = output_format is OutputFormat.json
+    with guarded(json_mode=json_mode, debug=ctx.obj.debug):
+        import json as _json
+
+        from hbi_runtime.errors import UsageError
+        from hbi_runtime.index import Index
+        from hbi_runtime.search import search
+
+        root = DEMO_PACKAGE.parent
+        if not (DEMO_PACKAGE / "manifest.json").exists():
+            raise UsageError("the demo model is not installed with this copy of hbi-toolkit",
+                             hint="reinstall hbi-toolkit, or regenerate it: python -m hbi_training.demo")
+        examples = _json.loads((root / "queries.json").read_text())["queries"]
+        asked = [{"query": q, "expected": None} for q in queries] if queries else examples
+        with _load_model(None, False) as m:
+            summary = _index_folder(m, root / "samples", None, workers=1, batch_size=8, window=None, stride=None,
+                                    quiet=True)
+            idx = Index.open(summary.index_dir, m.package.manifest_sha256)
+            results = search(m, idx, [q["query"] for q in asked], top_k=top_k)
+        report = []
+        for q, r in zip(asked, results):
+            first = r.hits[0].path if r.hits else None
+            report.append({"query": q["query"], "expected": q["expected"],
+                           "correct": None if q["expected"] is None else first == q["expected"],
+                           "hits": [{"rank": h.rank, "score": h.score, "path": h.path} for h in r.hits]})
+        if json_mode:
+            emit_json({"schema": "hbi.demo/1", "model_sha256": m.package.manifest_sha256, "results": report})
+            return
+        for item in report:
+            mark = "" if item["correct"] is None else ("  [ok]" if item["correct"] else "  [expected "
+                                                                                         f"{item['expected']}]")
+            sys.stdout.write(f'query: "{item["query"]}"{mark}\n')
+            for h in item["hits"]:
+                sys.stdout.write(f"  {h['rank']:>3}  {h['score']:8.4f}  {h['path']}\n")
+        checked = [i for i in report if i["correct"] is not None]
+        if checked:
+            sys.stdout.write(f"{sum(i['correct'] for i in checked)} of {len(checked)} example queries ranked their "
+                             f"video first (samples: {root / 'samples'})\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``hbi-run``); ``argv`` defaults to ``sys.argv[1:]``."""
     app(args=argv, prog_name="hbi-run")

@@ -1,0 +1,370 @@
+"""The synthetic-data demo: train a small HBI model from scratch on CPU and write the artifacts the runtime ships.
+
+::
+
+    python -m hbi_training.demo --out /tmp/hbi-demo --seed 0
+
+1. renders the synthetic video-caption set (``hbi_training.data.synthetic``: 2400 train videos, 120 held-out test
+   videos whose captions contain (colour, shape, action) combinations that never occur in train) and decodes it
+   once into the frame caches;
+2. pre-trains the Banzhaf estimator on the frozen *initial* model (as the official recipe trains it on the
+   frozen CLIP it then fine-tunes from), then trains the ``demo`` model preset (``hbi_training.runs``) with the
+   full HBI objective: InfoNCE at the entity, action and event levels, Banzhaf KL, self-distillation;
+3. exports the model package (``hbi_export.onnx.package.export_package``: max_words 32, max_frames 8, parity
+   checked) and measures text-to-video R@1 of the *package* through the runtime (``hbi_runtime.load``) over
+   the whole test gallery;
+4. writes ``hbi_runtime/data/demo/`` (or ``--artifacts``): ``package/``, ``checkpoint/`` (the trained model,
+   ``model.safetensors`` + ``config.json``), ``samples/`` (a few test videos), ``queries.json`` (example queries,
+   each with the sample it should retrieve first; checked here through index + search) and ``README.txt``.
+
+Everything follows from ``--seed``: data, initialisation, data order, Monte-Carlo labels. Training runs on one
+thread by default (``--threads``): on a busy 2-core machine two threads fight other processes for the cores and
+a step can become ten times slower; one thread is nearly as fast when idle and keeps results reproducible.
+
+``--ablation`` additionally trains the plain-WTI baseline (entity level only, no Banzhaf KL, no
+self-distillation) on the same data, model and number of steps, and reports its R@1 beside the full model's.
+
+The checkpoint and the package are fp32 (``DemoRecipe.precision``). The ``demo`` preset's text tower is 32 wide
+because CLIP's token-embedding table (49408 rows) dominates the size: at width 64 (3.6 M parameters) fp32 copies
+of both exceed the 20 MB the demo may take, and an fp16 package of the HBI-trained model fails parity (its
+action / event text tokens come from DPC-kNN clustering, whose discrete assignments flip under fp16 rounding:
+cosine 0.988 < 0.999). R@1 is measured on exactly what is shipped (the package, through the runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import hbi_runtime
+from hbi_runtime.errors import HbiError, UsageError
+
+DEMO_DIR = Path(hbi_runtime.__file__).resolve().parent / "data" / "demo"
+COMMAND = "python -m hbi_training.demo --out DIR --seed {seed}"
+MAX_WORDS, MAX_FRAMES = 32, 8
+SIZE_LIMIT = 20 * 2**20  # bytes the artifacts may take
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Everything the demo's result depends on, besides the seed."""
+
+    n_train: int = 2400  # train videos (8 captions each: canonical + paraphrases)
+    n_test: int = 120  # held-out gallery; every test video has an unseen (colour, shape, action) combination
+    model_preset: str = "demo"  # hbi_training.runs.preset_config
+    steps: int = 1300
+    batch_size: int = 64  # InfoNCE negatives: 63 per pair
+    recipe: str = "scratch"  # optimiser preset: every part at the full rate, weight decay 0.05, 10 % warmup
+    lr: float = 1e-3
+    banzhaf: bool = True
+    hierarchy: bool = True
+    estimator_steps: int = 20
+    estimator_batch: int = 32
+    estimator_samples: int = 20  # Monte-Carlo samples per cell of the estimator's labels
+    precision: str = "fp32"  # of the shipped checkpoint and package encoders ("fp16" halves both)
+    n_samples: int = 8  # sample videos shipped with the demo
+    threads: int = 1
+
+
+def _log(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data and training
+
+
+def make_data(root: Path, recipe: DemoRecipe, seed: int) -> Path:
+    """Render the set (reused when an identical one is there) and build both frame caches."""
+    from hbi_training.data import frame_cache, generate
+    from hbi_training.runs import preset_config
+
+    started = time.monotonic()
+    paths = generate(root, recipe.n_train, recipe.n_test, seed)
+    size = preset_config(recipe.model_preset).vision.image_size
+    for split in ("train", "test"):
+        frame_cache(paths.root, split, max_frames=MAX_FRAMES, image_size=size)
+    _log(f"data: {recipe.n_train} + {recipe.n_test} videos in {paths.root} "
+         f"({'reused' if paths.reused else 'rendered'}, {time.monotonic() - started:.0f} s)")
+    return paths.root
+
+
+def train(data: Path, run_dir: Path, recipe: DemoRecipe, seed: int, progress: bool = False) -> dict[str, Any]:
+    """Estimator (when the recipe uses the Banzhaf KL) + fit. Returns the fit summary plus ``train_seconds``."""
+    from hbi_training.estimator import EstimatorConfig
+    from hbi_training.losses import LossConfig
+    from hbi_training.runs import EstimatorSettings, FitSettings, run_estimator, run_fit
+
+    common = dict(data_dir=data, model_preset=recipe.model_preset, seed=seed, device="cpu",
+                  max_frames=MAX_FRAMES, max_words=MAX_WORDS, progress=progress)
+    started = time.monotonic()
+    estimator = None
+    if recipe.banzhaf:
+        estimator = run_dir / "estimator"
+        run_estimator(EstimatorSettings(
+            out_dir=estimator, steps=recipe.estimator_steps, batch_size=recipe.estimator_batch,
+            estimator=EstimatorConfig(samples=recipe.estimator_samples, seed=seed), **common))
+        _log(f"estimator: {recipe.estimator_steps} steps in {time.monotonic() - started:.0f} s")
+    summary = run_fit(FitSettings(
+        out_dir=run_dir / "fit", steps=recipe.steps, batch_size=recipe.batch_size, recipe=recipe.recipe,
+        lr=recipe.lr, loss=LossConfig(banzhaf=recipe.banzhaf, hierarchy=recipe.hierarchy), estimator=estimator,
+        **common))
+    summary["train_seconds"] = time.monotonic() - started
+    _log(f"fit: {recipe.steps} steps, {summary['train_seconds']:.0f} s in all, validation "
+         f"t2v R@1 {summary['validation']['t2v_r1']:.1f} %")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# artifacts
+
+
+def save_checkpoint(final: Path, out: Path, precision: str) -> Path:
+    """The trained model folder, its tensors cast to ``precision`` (the loaders cast back to fp32)."""
+    import torch
+
+    from hbi_export.checkpoints import load_checkpoint
+    from hbi_export.checkpoints.native import save_state_dict
+
+    state, config, _ = load_checkpoint(final)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return save_state_dict(state, config, out)
+
+
+def package_recall(package: Path, data: Path) -> dict[str, float]:
+    """Text-to-video R@1 (and R@5) of the package over the whole test gallery, through the runtime."""
+    from hbi_training.data import read_manifest
+
+    videos = [v for v in read_manifest(data)["videos"] if v["split"] == "test"]
+    with hbi_runtime.load(package) as model:
+        encoded = model.encode_videos([str(data / v["file"]) for v in videos], workers=1)
+        if encoded.errors:
+            raise encoded.errors[0]
+        scores = model.score(model.encode_text([v["captions"][0] for v in videos]), encoded.side)
+    truth = np.arange(len(videos))
+    rank = (scores > scores[truth, truth][:, None]).sum(axis=1)  # 0 = retrieved first
+    return {"t2v_r1": float((rank == 0).mean()), "t2v_r5": float((rank < 5).mean()), "videos": len(videos)}
+
+
+def pick_samples(data: Path, n: int, seed: int) -> list[dict]:
+    """``n`` test videos (seeded choice, test order) with distinct canonical captions."""
+    from hbi_training.data import read_manifest
+
+    videos = [v for v in read_manifest(data)["videos"] if v["split"] == "test"]
+    order = np.random.default_rng([seed, 7]).permutation(len(videos))
+    chosen, captions = [], set()
+    for i in order:
+        if videos[i]["captions"][0] not in captions:
+            chosen.append(int(i))
+            captions.add(videos[i]["captions"][0])
+        if len(chosen) == n:
+            break
+    return [videos[i] for i in sorted(chosen)]
+
+
+def make_queries(samples: list[dict], seed: int) -> list[dict]:
+    """Per sample: its canonical caption and one paraphrase (the grammar's), each expecting that sample first."""
+    from hbi_training.data.captions import random_caption
+    from hbi_training.data.scenes import Scene
+
+    rng = np.random.default_rng([seed, 11])
+    queries = []
+    for v in samples:
+        name = Path(v["file"]).name
+        canonical = v["captions"][0]
+        paraphrase = canonical
+        for _ in range(50):
+            paraphrase = random_caption(Scene.from_dict(v["scene"]), rng)
+            if paraphrase != canonical:
+                break
+        queries.append({"query": canonical, "expected": name, "kind": "canonical"})
+        if paraphrase != canonical:
+            queries.append({"query": paraphrase, "expected": name, "kind": "paraphrase"})
+    return queries
+
+
+def check_queries(package: Path, samples_dir: Path, queries: list[dict]) -> list[dict]:
+    """Index the samples, search every query; per query the expected sample's rank and the top hit."""
+    from hbi_runtime.index import Index, update_index
+    from hbi_runtime.search import search
+
+    with tempfile.TemporaryDirectory() as tmp, hbi_runtime.load(package) as model:
+        update_index(model, samples_dir, Path(tmp) / "index", workers=1)
+        index = Index.open(Path(tmp) / "index", model_sha256=model.package.manifest_sha256)
+        results = search(model, index, [q["query"] for q in queries], top_k=len(index.rows))
+    out = []
+    for q, result in zip(queries, results):
+        names = [Path(h.path).name for h in result.hits]
+        out.append({**q, "rank": names.index(q["expected"]) + 1 if q["expected"] in names else None,
+                    "top": names[0]})
+    return out
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def write_artifacts(dest: Path, *, data: Path, final: Path, recipe: DemoRecipe, seed: int,
+                    summary: dict[str, Any], ablation: dict[str, Any] | None) -> dict[str, Any]:
+    """Build the artifact folder next to ``dest`` and swap it in; returns the report (also in README.txt)."""
+    from hbi_export.onnx.package import export_package
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_checkpoint(final, tmp / "checkpoint", recipe.precision)
+        cwd = os.getcwd()
+        os.chdir(tmp)  # the manifest records the checkpoint path as given: "checkpoint", the folder beside it
+        try:
+            _, parity = export_package(Path("checkpoint"), Path("package"), max_words=MAX_WORDS,
+                                       max_frames=MAX_FRAMES, precision=recipe.precision,
+                                       progress=lambda m: _log(f"export: {m}"))
+        finally:
+            os.chdir(cwd)
+        if not parity.ok:
+            raise HbiError("the exported package failed its parity check", hint="see package/manifest.json")
+        recall = package_recall(tmp / "package", data)
+        _log(f"package ({recipe.precision}): t2v R@1 {100 * recall['t2v_r1']:.1f} % over {recall['videos']} videos")
+        samples = pick_samples(data, recipe.n_samples, seed)
+        (tmp / "samples").mkdir()
+        for v in samples:
+            shutil.copyfile(data / v["file"], tmp / "samples" / Path(v["file"]).name)
+        checked = check_queries(tmp / "package", tmp / "samples", make_queries(samples, seed))
+        queries = [{"query": q["query"], "expected": q["expected"], "kind": q["kind"]} for q in checked]
+        (tmp / "queries.json").write_text(json.dumps({"queries": queries}, indent=1) + "\n")
+        report = {
+            "command": COMMAND.format(seed=seed), "seed": seed, "recipe": asdict(recipe),
+            "package_t2v_r1": recall["t2v_r1"], "package_t2v_r5": recall["t2v_r5"], "gallery": recall["videos"],
+            "validation_t2v_r1": summary["validation"]["t2v_r1"] / 100,
+            "train_seconds": summary["train_seconds"],
+            "queries_first": sum(q["rank"] == 1 for q in checked), "queries": len(checked),
+            "ablation": ablation,
+        }
+        (tmp / "README.txt").write_text(readme(report, samples))
+        size = folder_size(tmp)
+        report["bytes"] = size
+        if size > SIZE_LIMIT:
+            raise HbiError(f"the demo artifacts take {size / 2**20:.1f} MiB, more than {SIZE_LIMIT / 2**20:.0f}")
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    bad = [q for q in checked if q["rank"] != 1]
+    for q in bad:
+        _log(f"query {q['query']!r}: {q['expected']} ranked {q['rank']}, first {q['top']}")
+    return report
+
+
+def readme(report: dict[str, Any], samples: list[dict]) -> str:
+    r = report["recipe"]
+    lines = [
+        "hbi_runtime/data/demo: a small HBI model trained from scratch on the synthetic video-caption set.",
+        "",
+        "Regenerate (writes this folder; the data set and the runs go to DIR):",
+        f"    {report['command']}",
+        "",
+        f"Seed: {report['seed']}. Recipe (hbi_training.demo.DemoRecipe): {json.dumps(r)}",
+        "",
+        f"Data: {r['n_train']} train videos x 8 captions; {r['n_test']} test videos, each with at least one "
+        "(colour, shape, action) combination that never occurs in train.",
+        f"Model: preset '{r['model_preset']}' (hbi_training.runs.preset_config), random initialisation.",
+        "Objective: " + ("entity/action/event InfoNCE + self-distillation" if r["hierarchy"] else "entity InfoNCE")
+        + (" + Banzhaf KL (estimator pre-trained on the frozen initial model)" if r["banzhaf"] else "") + ".",
+        f"Training time: {report['train_seconds']:.0f} s on CPU ({r['threads']} thread(s); estimator + fit).",
+        "",
+        f"Text-to-video R@1 over the {report['gallery']} held-out test videos (canonical captions):",
+        f"    {100 * report['package_t2v_r1']:.1f} %  (this package, {r['precision']}, through hbi_runtime; "
+        f"R@5 {100 * report['package_t2v_r5']:.1f} %)",
+        f"    {100 * report['validation_t2v_r1']:.1f} %  (the fp32 model at the end of training)",
+    ]
+    if report.get("ablation"):
+        a = report["ablation"]
+        lines.append(f"    {100 * a['validation_t2v_r1']:.1f} %  (ablation: plain WTI, entity level only, no Banzhaf "
+                     f"KL, same data, model and steps; {a['train_seconds']:.0f} s)")
+    lines += [
+        "",
+        "Files:",
+        "    package/      the model package (hbi_runtime.load), parity-checked against the checkpoint",
+        f"    checkpoint/   the trained model (model.safetensors in {r['precision']} + config.json; "
+        "hbi_export.checkpoints.build_model)",
+        "    samples/      sample test videos (64x64, 8 s, 4 fps, H.264)",
+        f"    queries.json  example queries, each with the sample it should retrieve first "
+        f"({report['queries_first']} of {report['queries']} do, checked by the demo and tests/training/test_demo.py)",
+        "",
+        "Samples (canonical captions):",
+        *(f"    {Path(v['file']).name}: {v['captions'][0]}" for v in samples),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole demo
+
+
+def run_demo(out: Path, seed: int = 0, *, artifacts: Path = DEMO_DIR, recipe: DemoRecipe = DemoRecipe(),
+             ablation: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Data, training (and the ablation), artifacts. Returns the report written to README.txt."""
+    import torch
+
+    torch.set_num_threads(recipe.threads)
+    out = Path(out)
+    data = make_data(out / "data", recipe, seed)
+    summary = train(data, out / "hbi", recipe, seed, progress)
+    base = None
+    if ablation:
+        plain = replace(recipe, banzhaf=False, hierarchy=False)
+        s = train(data, out / "wti", plain, seed, progress)
+        base = {"validation_t2v_r1": s["validation"]["t2v_r1"] / 100, "train_seconds": s["train_seconds"],
+                "steps": plain.steps}
+    report = write_artifacts(artifacts, data=data, final=Path(summary["final"]), recipe=recipe, seed=seed,
+                             summary=summary, ablation=base)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hbi_training.demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="work folder: data set, runs, report.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--artifacts", type=Path, default=DEMO_DIR, help=f"where the artifacts go ({DEMO_DIR})")
+    parser.add_argument("--ablation", action="store_true", help="also train the plain-WTI baseline")
+    parser.add_argument("--steps", type=int, default=None, help="override the recipe's fit steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (recipe: 1)")
+    parser.add_argument("--progress", action="store_true", help="progress bars")
+    args = parser.parse_args(argv)
+    recipe = DemoRecipe()
+    if args.steps is not None:
+        recipe = replace(recipe, steps=args.steps)
+    if args.threads is not None:
+        recipe = replace(recipe, threads=args.threads)
+    try:
+        if recipe.steps < 1 or recipe.threads < 1:
+            raise UsageError("--steps and --threads must be >= 1")
+        report = run_demo(args.out, args.seed, artifacts=args.artifacts, recipe=recipe, ablation=args.ablation,
+                          progress=args.progress)
+    except HbiError as exc:
+        print(f"error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""), file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
