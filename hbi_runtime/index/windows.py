@@ -19,18 +19,16 @@ there (``decode_video(..., window=(start_s, end_s))`` and window tasks in ``deco
 from __future__ import annotations
 
 import math
-import os
 import time
-import traceback
 from dataclasses import dataclass
 
 import numpy as np
 
-from hbi_runtime.errors import HbiError, UsageError
+from hbi_runtime.errors import UsageError
 from hbi_runtime.video import pool as video_pool
 from hbi_runtime.video.decode import (DecodedVideo, _check_file, _pad, _read_crops, check_preprocessing,
                                       decoder_chain)
-from hbi_runtime.video.errors import VideoDecodeError, VideoTooLargeError
+from hbi_runtime.video.errors import VideoDecodeError
 from hbi_runtime.video.preprocess import normalize
 from hbi_runtime.video.readers import ReaderError, open_reader
 from hbi_runtime.video.sampling import resolve_fps, sample_indices
@@ -170,42 +168,11 @@ def _run_with(reader, task: WindowTask, preprocessing, memory_limit_mb, deadline
     return out
 
 
-def _window_worker_main(conn, preprocessing, threads: int, memory_limit_mb: float | None) -> None:
-    """The pool's worker protocol (see ``hbi_runtime.video.pool._worker_main``) running :func:`run_task`."""
-    conn.send(("ready", os.getpid(), None))
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
-        task_id, item, decoder, timeout = task
-        try:
-            reply = ("ok", task_id, run_task(item, preprocessing, decoder=decoder, threads=threads,
-                                             timeout=timeout, memory_limit_mb=memory_limit_mb))
-        except VideoDecodeError as exc:
-            reply = ("error", task_id, exc)
-        except HbiError as exc:
-            reply = ("fatal", task_id, (type(exc).__name__, exc.message, exc.hint))
-        except MemoryError:
-            reply = ("error", task_id, VideoTooLargeError(item.path, "the decoder ran out of memory"))
-        except Exception:  # a bug: re-raised in the parent with its traceback
-            reply = ("bug", task_id, traceback.format_exc())
-        conn.send(reply)
-
-
 class _WindowWorker(video_pool._Worker):
-    def __init__(self, ctx, args: tuple) -> None:  # as _Worker.__init__, with the window worker as target
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_window_worker_main, args=(child, *args), daemon=True,
-                                name="hbi-window-decoder")
-        self.proc.start()
-        child.close()
-        self.started = time.monotonic()
-        self.ready = False
-        self.baseline_rss = 0
-        self.task = None
+    """A pool worker (same protocol, stderr handling and limits) whose task is :func:`run_task`."""
+
+    def __init__(self, ctx, args: tuple) -> None:
+        super().__init__(ctx, args, run=run_task, name="hbi-window-decoder")
 
 
 class WindowDecoder(video_pool.VideoDecoder):

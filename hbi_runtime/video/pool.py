@@ -34,8 +34,11 @@ STARTUP_TIMEOUT_S = 120.0  # a worker that has not imported its decoders by then
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _worker_main(conn, preprocessing, threads: int, memory_limit_mb: float | None) -> None:
-    """Worker loop: receive (task_id, path, decoder, timeout), send back ("ok" | "error" | "bug", task_id, x)."""
+def _worker_main(conn, preprocessing, threads: int, memory_limit_mb: float | None, run=decode_video) -> None:
+    """Worker loop: receive (task_id, item, decoder, timeout), send back ("ok" | "error" | "bug", task_id, x).
+
+    ``run(item, preprocessing, decoder=, threads=, timeout=, memory_limit_mb=)`` does one task: a file for
+    :func:`decode_video`, a group of windows for the index (``hbi_runtime.index.windows.run_task``)."""
     _silence_native_logs()
     conn.send(("ready", os.getpid(), None))
     while True:
@@ -45,16 +48,17 @@ def _worker_main(conn, preprocessing, threads: int, memory_limit_mb: float | Non
             return
         if task is None:
             return
-        task_id, path, decoder, timeout = task
+        task_id, item, decoder, timeout = task
         try:
-            reply = ("ok", task_id, decode_video(path, preprocessing, decoder=decoder, threads=threads,
-                                                 timeout=timeout, memory_limit_mb=memory_limit_mb))
+            reply = ("ok", task_id, run(item, preprocessing, decoder=decoder, threads=threads, timeout=timeout,
+                                        memory_limit_mb=memory_limit_mb))
         except VideoDecodeError as exc:
             reply = ("error", task_id, exc)
         except HbiError as exc:  # not about this file (configuration, missing decoder): re-raised in the parent
             reply = ("fatal", task_id, (type(exc).__name__, exc.message, exc.hint))
         except MemoryError:
-            reply = ("error", task_id, VideoTooLargeError(path, "the decoder ran out of memory"))
+            reply = ("error", task_id, VideoTooLargeError(getattr(item, "path", item),
+                                                          "the decoder ran out of memory"))
         except Exception:  # a bug: reported with its traceback and re-raised in the parent, never hidden
             reply = ("bug", task_id, traceback.format_exc())
         conn.send(reply)
@@ -91,9 +95,9 @@ class _Task:
 class _Worker:
     """One worker process and the pipe to it."""
 
-    def __init__(self, ctx, args: tuple) -> None:
+    def __init__(self, ctx, args: tuple, run=decode_video, name: str = "hbi-video-decoder") -> None:
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, *args), daemon=True, name="hbi-video-decoder")
+        self.proc = ctx.Process(target=_worker_main, args=(child, *args, run), daemon=True, name=name)
         self.proc.start()
         child.close()
         self.started = time.monotonic()
