@@ -30,59 +30,22 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from hbi_runtime.bench.peak import best_seconds, memory_bandwidth, numpy_sgemm_peak, ort_matmul_peak
 from hbi_runtime.scoring import STORAGE_DTYPES, StoreLevel, quantize_int8, score_level, topk
 from hbi_runtime.scoring.engine import Queries, chunk_videos
+from hbi_runtime.scoring.score import resolve_backend
 from hbi_runtime.sides import SideLevel
 
 DEFAULT_OUT = Path("benchmarks/results/scoring.json")
 T, D, L_TEXT, VALID = 12, 512, 24, 12
-PEAK_SCRIPT = r"""
-import json, time
-import numpy as np
-try:
-    from threadpoolctl import threadpool_info
-    info = threadpool_info()
-except ImportError:
-    info = "threadpoolctl not installed"
-a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-b = a.T.copy()
-a @ b
-times = []
-for _ in range(10):
-    t0 = time.perf_counter()
-    a @ b
-    times.append(time.perf_counter() - t0)
-print(json.dumps({"gflops": 2 * 2048 ** 3 / min(times) / 1e9, "threadpool_info": info}))
-"""
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def numpy_peak() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def ort_session(nodes: list, inputs: list, inits: list, threads: int) -> ort.InferenceSession:
     graph = helper.make_graph(nodes, "peak", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
                               initializer=inits)
@@ -94,13 +57,10 @@ def ort_session(nodes: list, inputs: list, inits: list, threads: int) -> ort.Inf
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def ort_peaks(threads: int, n: int = 2048) -> dict:
+def ort_u8s8_peak(threads: int, n: int = 2048) -> float:
+    """ONNX Runtime ``MatMulIntegerToFloat`` u8 x s8 (n x n) in GOP/s: the int8 peak of the int8 bound."""
     rng = np.random.default_rng(0)
     vi = helper.make_tensor_value_info
-    f32 = ort_session([helper.make_node("MatMul", ["A", "B"], ["Y"])],
-                      [vi("A", TensorProto.FLOAT, [n, n]), vi("B", TensorProto.FLOAT, [n, n])], [], threads)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    t_f32 = best_time(lambda: f32.run(None, {"A": a, "B": a}), 10)
     i8 = ort_session([helper.make_node("MatMulIntegerToFloat", ["A", "B", "one", "one", "zp"], ["Y"],
                                        domain="com.microsoft")],
                      [vi("A", TensorProto.UINT8, [n, n]), vi("B", TensorProto.INT8, [n, n])],
@@ -108,16 +68,7 @@ def ort_peaks(threads: int, n: int = 2048) -> dict:
                       helper.make_tensor("zp", TensorProto.UINT8, [], [128])], threads)
     au = rng.integers(0, 256, (n, n), dtype=np.uint8)
     bs = rng.integers(-127, 128, (n, n), dtype=np.int8)
-    t_i8 = best_time(lambda: i8.run(None, {"A": au, "B": bs}), 10)
-    return {"ort_fp32_gflops": 2 * n ** 3 / t_f32 / 1e9, "ort_u8s8_gops": 2 * n ** 3 / t_i8 / 1e9}
-
-
-def bandwidth(gb: float = 1.6) -> dict:
-    x = np.ones(int(gb * 1e9) // 4, dtype=np.float32)
-    t_sum = best_time(x.sum, 4)
-    y = np.empty_like(x)
-    t_copy = best_time(lambda: np.copyto(y, x), 3)
-    return {"array_gb": x.nbytes / 1e9, "read_gbps": x.nbytes / t_sum / 1e9, "copy_gbps": 2 * x.nbytes / t_copy / 1e9}
+    return 2 * n ** 3 / best_seconds(lambda: i8.run(None, {"A": au, "B": bs}), 10) / 1e9
 
 
 def make_levels(n: int, seed: int = 0, block: int = 10_000) -> dict[str, StoreLevel]:
@@ -172,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
 
     print("measuring matmul peak and memory bandwidth ...", flush=True)
-    peak_np = numpy_peak()
-    peaks = ort_peaks(args.threads)
-    bw = bandwidth()
+    peak_np = numpy_sgemm_peak()  # the machine's default BLAS threads, as numpy runs
+    peaks = {"ort_fp32_gflops": ort_matmul_peak(args.threads)["gflops"], "ort_u8s8_gops": ort_u8s8_peak(args.threads)}
+    bw = memory_bandwidth(1.6)
     fp32_peak = max(peak_np["gflops"], peaks["ort_fp32_gflops"])
     print(f"  numpy sgemm 2048^2 {peak_np['gflops']:.0f} GFLOP/s, ORT MatMul {peaks['ort_fp32_gflops']:.0f}, "
           f"ORT u8s8 {peaks['ort_u8s8_gops']:.0f} GOP/s; read bandwidth {bw['read_gbps']:.1f} GB/s, "
@@ -184,20 +135,24 @@ def main(argv: list[str] | None = None) -> int:
     levels = make_levels(args.videos)
     query = make_query()
     flops = 2.0 * VALID * args.videos * T * D
-    run = {dt: (lambda dt=dt: score_level(query, levels[dt], threads=args.threads,
-                                          memory_limit_mb=args.memory_limit_mb)) for dt in STORAGE_DTYPES}
-    results = {dt: run[dt]() for dt in STORAGE_DTYPES}  # warm-up, and the scores for the accuracy columns
-    times: dict[str, list[float]] = {dt: [] for dt in STORAGE_DTYPES}
+    # (name, storage dtype, scoring backend): "auto" is what retrieve uses (int8: the native VNNI kernel where it
+    # runs); int8 through ONNX Runtime is measured alongside for comparison.
+    variants = [(dt, dt, "auto") for dt in STORAGE_DTYPES] + [("int8/ort", "int8", "ort")]
+    run = {name: (lambda dt=dt, be=be: score_level(query, levels[dt], threads=args.threads, backend=be,
+                                                   memory_limit_mb=args.memory_limit_mb))
+           for name, dt, be in variants}
+    results = {name: run[name]() for name in run}  # warm-up, and the scores for the accuracy columns
+    times: dict[str, list[float]] = {name: [] for name in run}
     for _ in range(args.repeats):
-        for dt in STORAGE_DTYPES:
+        for name in run:  # the variants take turns, so that load from other processes hits them alike
             start = time.perf_counter()
-            run[dt]()
-            times[dt].append(time.perf_counter() - start)
+            run[name]()
+            times[name].append(time.perf_counter() - start)
 
     ref_top = set(topk(results["float32"], 10)[0][0].tolist())
     rows = []
-    for dt in STORAGE_DTYPES:
-        median = statistics.median(times[dt])
+    for name, dt, backend in variants:
+        median = statistics.median(times[name])
         per_video = streamed_bytes(levels[dt])
         intensity = flops / (per_video * args.videos)
         peak = peaks["ort_u8s8_gops"] if dt == "int8" else fp32_peak
@@ -205,15 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         achieved = flops / median / 1e9
         queries = Queries.from_level(query)
         rows.append({
-            "dtype": dt, "median_ms": 1e3 * median, "min_ms": 1e3 * min(times[dt]), "gflops": achieved,
+            "dtype": name, "storage": dt, "backend": resolve_backend(backend, dt), "median_ms": 1e3 * median,
+            "min_ms": 1e3 * min(times[name]), "gflops": achieved,
             "streamed_bytes_per_video": per_video,
             "index_bytes_per_video": sum(a[:1].nbytes for a in levels[dt].arrays().values()),
             "intensity_flop_per_byte": intensity, "peak_used_gflops": peak, "bound_gflops": bound,
             "bound_kind": "compute" if peak <= bw["read_gbps"] * intensity else "memory",
             "fraction_of_bound": achieved / bound, "videos_per_s": args.videos / median,
             "chunk_videos": chunk_videos(levels[dt], queries, args.memory_limit_mb),
-            "max_abs_diff_vs_fp32": float(np.abs(results[dt] - results["float32"]).max()),
-            "top10_overlap_vs_fp32": len(ref_top & set(topk(results[dt], 10)[0][0].tolist())) / 10,
+            "max_abs_diff_vs_fp32": float(np.abs(results[name] - results["float32"]).max()),
+            "top10_overlap_vs_fp32": len(ref_top & set(topk(results[name], 10)[0][0].tolist())) / 10,
         })
 
     sweep = []
@@ -223,17 +179,17 @@ def main(argv: list[str] | None = None) -> int:
                                                         memory_limit_mb=limit)
             sweep.append({"dtype": dt, "memory_limit_mb": limit,
                           "chunk_videos": chunk_videos(levels[dt], Queries.from_level(query), limit),
-                          "best_ms": 1e3 * best_time(fn, 3)})
-    numpy_fp32 = 1e3 * best_time(lambda: score_level(query, levels["float32"], backend="numpy",
+                          "best_ms": 1e3 * best_seconds(fn, 3)})
+    numpy_fp32 = 1e3 * best_seconds(lambda: score_level(query, levels["float32"], backend="numpy",
                                                      memory_limit_mb=args.memory_limit_mb), 2)
 
     print(f"\n1 query ({VALID} valid tokens) x {args.videos} videos x T={T} x D={D}, entity level, "
           f"{args.threads} ORT threads; bound = min(peak, {bw['read_gbps']:.1f} GB/s x intensity)")
-    header = (f"{'dtype':8} {'median ms':>9} {'GFLOP/s':>8} {'B/video':>8} {'FLOP/B':>7} {'bound':>7} {'kind':>7} "
+    header = (f"{'dtype':8} {'scorer':>6} {'median ms':>9} {'GFLOP/s':>8} {'B/video':>8} {'FLOP/B':>7} {'bound':>7} {'kind':>7} "
               f"{'of bound':>8} {'max|d| vs fp32':>14} {'top10':>6}")
     print(header)
     for r in rows:
-        print(f"{r['dtype']:8} {r['median_ms']:9.1f} {r['gflops']:8.1f} {r['index_bytes_per_video']:8d} "
+        print(f"{r['dtype']:8} {r['backend']:>6} {r['median_ms']:9.1f} {r['gflops']:8.1f} {r['index_bytes_per_video']:8d} "
               f"{r['intensity_flop_per_byte']:7.2f} {r['bound_gflops']:7.1f} {r['bound_kind']:>7} "
               f"{r['fraction_of_bound']:8.0%} {r['max_abs_diff_vs_fp32']:14.2e} {r['top10_overlap_vs_fp32']:6.0%}")
     print("\nchunk sweep (best of 3, ms): " + "; ".join(

@@ -12,6 +12,9 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from hbi_calibration.cli import register as _register_calibrate
+from hbi_export.tasks.qa_cli import register as _register_qa
+from hbi_export.trt.cli import register as _register_trt
 from hbi_runtime.cli_support import emit_json, guarded
 from hbi_runtime.errors import EXIT_GATE_FAILED
 
@@ -236,7 +239,13 @@ PARITY_HELP = (
     "Check a model package against the PyTorch model of its checkpoint and record the verdict in its manifest.\n\n"
     "Reports per output max abs / rel error and cosine, and for score matrices top-1 / top-5 agreement and Spearman "
     "rank correlation, against the tolerance of the package's precision. Exit code 5 when a check fails.\n\n"
-    "Example:  hbi-export parity pkg/msrvtt --checkpoint ckpts/pytorch_model.bin.4 --format json"
+    "With --engine PRECISION it checks the package's TensorRT engines instead (built by `hbi-export build-engine`; "
+    "needs the GPU and TensorRT they were built for): fp16 by feature cosine, top-5 agreement and Spearman rank "
+    "correlation, int8 by top-1 agreement; the package's status is not changed.\n\n"
+    "Examples:\n\n"
+    "  hbi-export parity pkg/msrvtt --checkpoint ckpts/pytorch_model.bin.4 --format json\n\n"
+    "  hbi-export parity pkg/msrvtt --checkpoint ckpts/pytorch_model.bin.4 --engine fp16 --plugins "
+    "build/libhbi_trt_plugins.so"
 )
 
 
@@ -245,17 +254,37 @@ def parity(
     package: Annotated[Path, typer.Argument(help="Model package folder.", show_default=False)],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="The checkpoint it was exported from.",
                                              show_default=False)],
+    engine: Annotated[Optional[str], typer.Option(
+        help="Check the TensorRT engines of this precision (fp32, fp16, int8) instead of the ONNX graphs.",
+        show_default=False)] = None,
+    plugins: Annotated[Optional[Path], typer.Option(
+        help="With --engine: the hbi plugin library the engines were built with (default $HBI_TRT_PLUGINS).",
+        show_default=False)] = None,
     output: FormatOption = OutputFormat.text,
     debug: DebugOption = False,
 ) -> None:
-    """Re-run parity (``check_package``)."""
+    """Re-run parity (``check_package``), or check engines (``compare_engines``)."""
     holder: dict[str, Any] = {}
 
     def compute() -> dict[str, Any]:
         from hbi_export.checkpoints import build_model
-        from hbi_export.onnx.parity import check_package
+        from hbi_export.onnx.parity import check_package, compare_engines
+        from hbi_runtime.errors import UsageError
 
+        if engine is None and plugins is not None:
+            raise UsageError("--plugins goes with --engine")
+        if engine is not None and engine not in ("fp32", "fp16", "int8"):
+            raise UsageError(f"--engine must be fp32, fp16 or int8, got {engine!r}")
+        if engine is not None:
+            from hbi_runtime.backends.tensorrt import import_tensorrt
+
+            import_tensorrt()  # before loading the model: fail fast where TensorRT is missing
         model, _ = build_model(checkpoint)
+        if engine is not None:
+            options = {"plugins": plugins} if plugins is not None else {}
+            holder["result"] = compare_engines(package, model, engine, **options)
+            _say(f"engine parity ({engine}) {'passed' if holder['result'].ok else 'FAILED'}")
+            return {**_parity_payload("hbi.parity/1", package, holder["result"]), "engine": engine}
         holder["result"] = check_package(package, model, progress=_say)
         return _parity_payload("hbi.parity/1", package, holder["result"])
 
@@ -345,6 +374,12 @@ def render_text(summary: dict[str, Any]) -> str:
     lines.append("keys")
     lines += _rows(_key_rows(summary["keys"]))
     return "\n".join(lines)
+
+
+# Commands that live with their subsystem register themselves here (one line each).
+_register_calibrate(app)
+_register_trt(app)
+_register_qa(app)
 
 
 def main() -> None:

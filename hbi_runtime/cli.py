@@ -15,7 +15,9 @@ from typing import Annotated, Optional
 import typer
 
 from hbi_runtime import __version__, doctor as doctor_lib
+from hbi_runtime.bench.cli import register as _register_bench
 from hbi_runtime.cli_support import emit_json, guarded
+from hbi_runtime.tasks.cli import register as _register_tasks
 
 
 class OutputFormat(str, enum.Enum):
@@ -63,16 +65,26 @@ def _root(
     ctx.obj = GlobalOptions(debug=debug)
 
 
-@app.command(epilog="Examples:\n\n  hbi-run doctor\n\n  hbi-run doctor --format json > doctor.json")
-def doctor(ctx: typer.Context, output_format: FormatOption = OutputFormat.text) -> None:
-    """Report the toolkit, Python, platform, numpy and each optional backend.
+@app.command(epilog="Examples:\n\n  hbi-run doctor\n\n  hbi-run doctor --model pkg/msrvtt --format json > doctor.json")
+def doctor(
+    ctx: typer.Context,
+    models: Annotated[Optional[list[Path]], typer.Option(
+        "--model", "-m", help="A model package to judge (repeatable). Default: the demo model, when installed.",
+        show_default=False)] = None,
+    output_format: FormatOption = OutputFormat.text,
+) -> None:
+    """Report the toolkit, Python, platform, numpy, each optional backend, the GPU, the TensorRT plugin library,
+    and which model packages and engines are usable here (with the next step for each that is not).
 
     Backends: onnxruntime (with its execution providers), tensorrt, torch (looked up, never imported),
-    decord and av (video decoding). Exit code 0 whatever is missing: this command only reports.
+    decord and av (video decoding). GPUs are listed through cuda-python. Exit code 0 whatever is missing: this
+    command only reports.
     """
     json_mode = output_format is OutputFormat.json
     with guarded(json_mode=json_mode, debug=ctx.obj.debug):
+        packages = models if models else ([DEMO_PACKAGE] if (DEMO_PACKAGE / "manifest.json").exists() else [])
         report = doctor_lib.collect()
+        report["packages"] = doctor_lib.judge_packages(report, packages)
         if json_mode:
             emit_json(report)
         else:
@@ -89,7 +101,26 @@ UnverifiedOption = Annotated[bool, typer.Option(
 WorkersOption = Annotated[int, typer.Option(min=1, help="Decoding worker processes.")]
 
 
-def _load_model(model: Optional[Path], allow_unverified: bool):
+class BackendName(str, enum.Enum):
+    onnxruntime = "onnxruntime"
+    trt = "trt"
+
+
+BackendOption = Annotated[BackendName, typer.Option(
+    "--backend", case_sensitive=False,
+    help="onnxruntime (CPU, the default) or trt (TensorRT engines from `hbi-export build-engine`).")]
+EnginePrecisionOption = Annotated[Optional[str], typer.Option(
+    "--engine-precision", help="With --backend trt: fp32, fp16 or int8 (default: the only one built).",
+    show_default=False)]
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: BackendName = BackendName.onnxruntime
+    engine_precision: Optional[str] = None
+
+
+def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendChoice = BackendChoice()):
     from hbi_runtime.errors import UsageError
     from hbi_runtime.model import load
 
@@ -98,6 +129,13 @@ def _load_model(model: Optional[Path], allow_unverified: bool):
             raise UsageError("no model package given",
                              hint="pass --model PKG; make one with `hbi-export onnx --checkpoint CKPT --out PKG`")
         model = DEMO_PACKAGE
+    if backend.name is BackendName.trt:
+        from hbi_runtime.backends.tensorrt import import_tensorrt
+
+        import_tensorrt()  # fail before any decoding starts, with the install hint
+        return load(model, backend="trt", allow_unverified=allow_unverified, precision=backend.engine_precision)
+    if backend.engine_precision is not None:
+        raise UsageError("--engine-precision goes with --backend trt")
     return load(model, allow_unverified=allow_unverified)
 
 
@@ -190,6 +228,8 @@ def index(
     rebuild: Annotated[bool, typer.Option(help="Forget the index's content and index everything again.")] = False,
     strict: Annotated[bool, typer.Option(help="Exit 3 when any file failed.")] = False,
     allow_unverified: UnverifiedOption = False,
+    backend: BackendOption = BackendName.onnxruntime,
+    engine_precision: EnginePrecisionOption = None,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Index a folder of videos: incremental (only new or changed files are encoded), crash-safe, resumable.
@@ -200,7 +240,7 @@ def index(
     json_mode = output_format is OutputFormat.json
     failed = False
     with guarded(json_mode=json_mode, debug=ctx.obj.debug):
-        with _load_model(model, allow_unverified) as m:
+        with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:
             summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=batch_size, window=window,
                                     stride=stride, rebuild=rebuild, quiet=json_mode)
             result = _summary_dict(summary, m)
@@ -319,6 +359,8 @@ def retrieve(
     memory_limit_mb: Annotated[float, typer.Option(
         "--memory-limit-mb", min=16, help="Working memory of the scoring engine per chunk of videos.")] = 256,
     allow_unverified: UnverifiedOption = False,
+    backend: BackendOption = BackendName.onnxruntime,
+    engine_precision: EnginePrecisionOption = None,
     output_format: Annotated[RetrieveFormat, typer.Option("--format", "-f", case_sensitive=False,
                                                           help="table, json, jsonl or csv.")] = RetrieveFormat.table,
 ) -> None:
@@ -338,7 +380,7 @@ def retrieve(
         if video is not None or captions is not None:
             if video is None or captions is None or queries or queries_file or videos or index_dir:
                 raise UsageError("--video and --captions go together, without queries, --videos or --index")
-            with _load_model(model, allow_unverified) as m:
+            with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:
                 ranked = rank_captions(m, str(video), _read_lines(captions, "captions"), top_k=top_k,
                                        level_weights=weights)
                 header = {"schema": "hbi.retrieve-captions/1", "model_sha256": m.package.manifest_sha256,
@@ -352,7 +394,7 @@ def retrieve(
         if (videos is None) == (index_dir is None):
             raise UsageError("give exactly one of --videos DIR and --index DIR",
                              hint="--videos indexes what is missing first; --index uses an existing index")
-        with _load_model(model, allow_unverified) as m:
+        with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:
             if videos is not None:
                 summary = _index_folder(m, videos, None, workers=workers, batch_size=16, window=window,
                                         stride=None, quiet=json_mode)
@@ -387,6 +429,8 @@ def eval_command(
                                                   show_default=False)] = None,
     workers: WorkersOption = 2,
     allow_unverified: UnverifiedOption = False,
+    backend: BackendOption = BackendName.onnxruntime,
+    engine_precision: EnginePrecisionOption = None,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Retrieval metrics: R@1/5/10/50, MdR and MnR, text->video and video->text."""
@@ -396,7 +440,7 @@ def eval_command(
         from hbi_runtime.search import evaluate, read_captions
 
         pairs = read_captions(captions)
-        with _load_model(model, allow_unverified) as m:
+        with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:
             summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=16, window=None,
                                     stride=None, quiet=json_mode)
             idx = Index.open(summary.index_dir, m.package.manifest_sha256)
@@ -419,6 +463,8 @@ def demo(
     queries: Annotated[Optional[list[str]], typer.Argument(
         help="Your own queries (default: the demo's example queries).", show_default=False)] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Results shown per query.")] = 3,
+    backend: BackendOption = BackendName.onnxruntime,
+    engine_precision: EnginePrecisionOption = None,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Search the bundled sample videos with the bundled demo model (no download, no torch).
@@ -440,7 +486,7 @@ def demo(
                              hint="reinstall hbi-toolkit, or regenerate it: python -m hbi_training.demo")
         examples = _json.loads((root / "queries.json").read_text())["queries"]
         asked = [{"query": q, "expected": None} for q in queries] if queries else examples
-        with _load_model(None, False) as m:
+        with _load_model(None, False, BackendChoice(backend, engine_precision)) as m:
             summary = _index_folder(m, root / "samples", None, workers=1, batch_size=8, window=None, stride=None,
                                     quiet=True)
             idx = Index.open(summary.index_dir, m.package.manifest_sha256)
@@ -464,6 +510,11 @@ def demo(
         if checked:
             sys.stdout.write(f"{sum(i['correct'] for i in checked)} of {len(checked)} example queries ranked their "
                              f"video first (samples: {root / 'samples'})\n")
+
+
+# Commands that live with their subsystem register themselves here (one line each).
+_register_bench(app)
+_register_tasks(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,13 +30,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Mapping
 
 from hbi_runtime import __version__
 from hbi_runtime.errors import BadInputError, GateFailedError, MismatchError, UsageError
+from hbi_runtime.fileio import write_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -44,7 +44,7 @@ HASH_FIELD = "manifest_sha256"
 GRAPH_NAMES = ("text_encoder", "video_encoder", "interaction")
 LEVELS = ("entity", "action", "event")
 STATUSES = ("verified", "failed", "unverified")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: explicit Q/DQ graphs written by ``hbi-export calibrate``
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -203,7 +203,7 @@ class GraphSpec:
     file: str
     sha256: str
     opset: int
-    precision: str  # "fp32" | "fp16"
+    precision: str  # "fp32" | "fp16" | "int8"
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     custom_ops: tuple[str, ...] = ()  # "hbi.TokenMerge", ...: what a runtime must provide (or inline)
@@ -306,6 +306,11 @@ class Manifest:
     ``tokens_per_level`` gives the token count per level: ``{"text": [L, n1, n2], "video": [T, m1, m2]}``.
     ``parity`` is the export parity report (:meth:`hbi_runtime.compare.ParityResult.to_dict`) or None; ``status``
     says whether that check passed (``verified``), failed, or never ran (``unverified``).
+
+    ``calibration`` is the report of ``hbi-export calibrate`` (an INT8 package, or the fp32 / fp16 fallback it
+    wrote when the accuracy gate failed), else None. It is optional within schema version 1: a manifest without it
+    has exactly the body (and ``manifest_sha256``) it had before the field existed. In a calibrated package
+    ``status`` is ``verified`` only when its source package was verified *and* the calibration gate passed.
     """
 
     schema_version: int = SCHEMA_VERSION
@@ -324,6 +329,7 @@ class Manifest:
     parity: dict | None = None
     status: str = "unverified"
     source: dict
+    calibration: dict | None = None
 
     def __post_init__(self) -> None:
         _freeze(self, levels=self.levels, level_weights=self.level_weights)
@@ -338,7 +344,8 @@ class Manifest:
                 "tokens_per_level": {k: list(v) for k, v in self.tokens_per_level.items()},
                 "preprocessing": self.preprocessing.to_dict(), "tokenizer": self.tokenizer.to_dict(),
                 "graphs": {k: g.to_dict() for k, g in self.graphs.items()}, "parity": self.parity,
-                "status": self.status, "source": self.source}
+                "status": self.status, "source": self.source,
+                **({"calibration": self.calibration} if self.calibration is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:
@@ -350,7 +357,7 @@ class Manifest:
         """
         names = ("schema_version", "toolkit_version", "created", "model_config", "levels", "level_weights",
                  "max_words", "max_frames", "embed_dim", "tokens_per_level", "preprocessing", "tokenizer",
-                 "graphs", "parity", "status", "source", HASH_FIELD)
+                 "graphs", "parity", "status", "source", "calibration", HASH_FIELD)
         f = _Fields(data, "", names)
         _check_schema(f.data.get("schema_version"), "schema_version")
         levels = f.get("levels", _list_of(_str))
@@ -365,7 +372,8 @@ class Manifest:
             preprocessing=f.get("preprocessing", Preprocessing.from_dict),
             tokenizer=f.get("tokenizer", TokenizerSpec.from_dict),
             graphs=f.get("graphs", _dict_of(GraphSpec.from_dict)), parity=f.get("parity", _optional(_object)),
-            status=f.get("status", _one_of(STATUSES)), source=f.get("source", _source))
+            status=f.get("status", _one_of(STATUSES)), source=f.get("source", _source),
+            calibration=f.get("calibration", _optional(_object), None))
         _check_consistency(manifest)
         return manifest
 
@@ -443,18 +451,7 @@ def write_manifest(pkg_dir: str | os.PathLike, manifest: Manifest) -> Path:
     body = Manifest.from_dict(manifest.to_dict()).to_dict()
     body[HASH_FIELD] = manifest_sha256(body)
     text = json.dumps(body, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
-    target = root / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return write_atomic(root / MANIFEST_NAME, text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,3 +609,61 @@ def update_status(pkg_dir: str | os.PathLike, status: str, parity_report: dict |
     manifest = replace(package.manifest, status=status, parity=parity_report)
     write_manifest(pkg_dir, manifest)
     return manifest
+
+
+def write_derived_package(source: Package, out: str | os.PathLike, *, graphs: Mapping[str, tuple[str | os.PathLike,
+                                                                                                 str]],
+                          status: str, calibration: dict | None = None, overwrite: bool = False) -> Package:
+    """Write a copy of ``source`` at ``out`` with some graphs replaced (how ``hbi-export calibrate`` writes INT8).
+
+    Every graph and tokenizer file the source lists is copied (nothing else: engines built for other graphs stay
+    behind); each graph named in ``graphs`` is replaced by the given ONNX file, with its new sha256 and precision.
+    The package is written to a temporary sibling folder and renamed into place, so ``out`` is never half-written.
+
+    Args:
+        source: the loaded source package.
+        out: the new package folder.
+        graphs: ``{graph name: (onnx file, precision)}``.
+        status: the new package's status (one of STATUSES).
+        calibration: the manifest's ``calibration`` report.
+        overwrite: replace an existing ``out``.
+    Returns:
+        The new package, loaded and hash-checked.
+    Raises:
+        UsageError: ``out`` exists (without ``overwrite``), is the source itself, or a graph name / precision /
+            status is unknown.
+    """
+    import shutil
+
+    out = Path(out)
+    if out.resolve() == source.dir.resolve():
+        raise UsageError(f"--out {out} is the source package itself", hint="write the new package to another folder")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    if status not in STATUSES:
+        raise UsageError(f"status {status!r} is not one of {list(STATUSES)}")
+    for name, (_, precision) in graphs.items():
+        source.graph(name)
+        if precision not in PRECISIONS:
+            raise UsageError(f"precision {precision!r} of graph {name!r} is not one of {list(PRECISIONS)}")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        specs = {}
+        for name, spec in source.manifest.graphs.items():
+            file, precision = graphs.get(name, (source.dir / spec.file, spec.precision))
+            (tmp / spec.file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, tmp / spec.file)
+            specs[name] = replace(spec, sha256=sha256_file(tmp / spec.file), precision=precision)
+        for rel in source.manifest.tokenizer.files:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.dir / rel, tmp / rel)
+        write_manifest(tmp, replace(source.manifest, graphs=specs, status=status, calibration=calibration,
+                                    created=_now_iso(), toolkit_version=__version__))
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_package(out, allow_unverified=True)

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from hbi_runtime.cli_support import emit_json, guarded
+from hbi_training import caption_cli, qa_cli
 
 app = typer.Typer(
     name="hbi-train",
@@ -206,6 +207,11 @@ def _report(summary: dict, json_output: bool) -> None:
         v = summary["validation"]
         typer.echo(f"validation: text-to-video R@1 {v['t2v_r1']:.1f}, video-to-text R@1 {v['v2t_r1']:.1f}")
     typer.echo(f"weights: {summary['final']}")
+
+
+# Task commands that live with their trainers register themselves here.
+qa_cli.register(app)
+caption_cli.register(app)
 
 
 def main() -> None:

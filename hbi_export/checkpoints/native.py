@@ -38,6 +38,16 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: HBIConfig, d
     Raises:
         UsageError: ``directory`` exists and is not a directory.
     """
+    meta = {"format": NATIVE, "format_version": FORMAT_VERSION, "config": config.to_dict()}
+    return write_folder(state_dict, meta, directory)
+
+
+def write_folder(state_dict: Mapping[str, torch.Tensor], meta: dict, directory: str | Path) -> Path:
+    """``model.safetensors`` + ``config.json`` (= ``meta``, whose ``format`` also tags the weights), each atomically.
+
+    Raises:
+        UsageError: ``directory`` exists and is not a directory.
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -45,8 +55,8 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: HBIConfig, d
         raise UsageError(f"{directory} exists and is not a directory", hint="choose a new output directory")
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    meta = {"format": NATIVE, "format_version": FORMAT_VERSION, "config": config.to_dict()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": NATIVE}))
+    _atomic_write(directory / WEIGHTS_NAME,
+                  lambda tmp: save_file(tensors, str(tmp), metadata={"format": meta["format"]}))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return directory
 

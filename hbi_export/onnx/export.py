@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import torch
@@ -58,13 +59,27 @@ def export_graph(gdef: GraphDef, model: HBIModel, path: str | Path, opset: int =
     dynamic = tuple({i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str)} or None
                     for spec in gdef.inputs)
     inputs = example_inputs(gdef, {"text_batch": 2, "video_batch": 3})
+    with custom_merge_ops(model):
+        return run_export(gdef, module, inputs, dynamic, path, opset,
+                          options={"custom_translation_table": TRANSLATION_TABLE}, finish=attach_functions)
+
+
+def run_export(gdef: GraphDef, module: torch.nn.Module, inputs: tuple, dynamic: tuple, path: str | Path,
+               opset: int, *, options: dict | None = None,
+               finish: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> onnx.ModelProto:
+    """The shared tail of every graph export: the dynamo exporter, ``finish`` on its proto (e.g. attaching the
+    ``hbi`` functions), the spec's graph and axis names, the full ONNX check, save.
+
+    Raises:
+        ExportError: the exporter or the ONNX checker failed.
+    """
     try:
-        with torch.no_grad(), custom_merge_ops(model), _quiet():
+        with torch.no_grad(), _quiet():
             program = torch.onnx.export(
                 module, inputs, dynamo=True, opset_version=opset, verbose=False,
                 input_names=[s.name for s in gdef.inputs], output_names=[s.name for s in gdef.outputs],
-                dynamic_shapes=dynamic, custom_translation_table=TRANSLATION_TABLE)
-        proto = attach_functions(program.model_proto)
+                dynamic_shapes=dynamic, **(options or {}))
+        proto = finish(program.model_proto) if finish else program.model_proto
         proto.graph.name = gdef.name
         _name_dynamic_axes(proto, gdef)
         onnx.checker.check_model(proto, full_check=True)

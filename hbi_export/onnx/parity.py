@@ -6,19 +6,25 @@ reference encoded in one batch. Scores are compared end to end (ONNX sides into 
 level and combined: max abs / rel error and cosine, plus top-1 / top-5 agreement and Spearman rank correlation.
 Tolerances come from ``hbi_runtime.compare.TOLERANCES`` (the table in docs/architecture.md). A failure marks the
 package ``failed`` in its manifest; the runtime then refuses it unless told otherwise.
+
+:func:`compare_engines` runs the same comparison with the graphs on another runtime backend (``"trt"``: the
+TensorRT engines of ``hbi-export build-engine``), judged by the tolerance of the engine's precision: fp16 by feature
+cosine, top-5 agreement and Spearman rank correlation; int8 by top-1 agreement (the captions-based R@1 gate lives in
+calibration); fp32 as ONNX Runtime. Engine parity reports only: it never changes the package's status.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from hbi_export.model import HBIModel
-from hbi_runtime.compare import ParityResult, compare_scores, compare_tensors, evaluate
+from hbi_runtime.backends import create_backend
+from hbi_runtime.compare import TOLERANCES, ParityResult, compare_scores, compare_tensors, evaluate
 from hbi_runtime.errors import MismatchError
 from hbi_runtime.package import Package, load_package, update_status
 
@@ -79,8 +85,26 @@ def _check_same_model(pkg: Package, model: HBIModel) -> None:
                             hint="pass the checkpoint the package was exported from")
 
 
-def compare_package(pkg: Package, model: HBIModel, seed: int = 0) -> ParityResult:
-    """Run the comparisons (no manifest change). Tolerance: the encoders' precision."""
+class BackendSession:
+    """A runtime backend behind ONNX Runtime's ``run(None, feeds) -> [outputs]`` call (so parity runs it alike)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend.load()
+        self._names = [t.name for t in backend.output_specs]
+
+    def run(self, _output_names: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.backend.infer(feeds)
+        return [out[n] for n in self._names]
+
+
+def compare_package(pkg: Package, model: HBIModel, seed: int = 0, *,
+                    open_graph: Callable[[str], Any] | None = None, tolerance: str | None = None) -> ParityResult:
+    """Run the comparisons (no manifest change). Tolerance: the encoders' precision unless ``tolerance`` names one.
+
+    Args:
+        open_graph: graph name -> an object with ONNX Runtime's ``run(None, feeds)``; default: a CPU session.
+    """
+    open_graph = open_graph or (lambda name: _session(pkg.graph_path(name)))
     _check_same_model(pkg, model)
     m = pkg.manifest
     x = parity_inputs(model, m.max_words, m.max_frames, seed)
@@ -88,12 +112,12 @@ def compare_package(pkg: Package, model: HBIModel, seed: int = 0) -> ParityResul
         t_ref, v_ref = model.encode_text(x["input_ids"], x["attention_mask"]), model.encode_video(
             x["frames"], x["frame_mask"])
         levels_ref = model.score_levels(t_ref, v_ref).numpy()
-    text = _run_split(_session(pkg.graph_path("text_encoder")),
+    text = _run_split(open_graph("text_encoder"),
                       {"input_ids": x["input_ids"].numpy(), "attention_mask": x["attention_mask"].numpy()})
-    video = _run_split(_session(pkg.graph_path("video_encoder")),
+    video = _run_split(open_graph("video_encoder"),
                        {"frames": x["frames"].numpy(), "frame_mask": x["frame_mask"].numpy()})
-    interaction = _session(pkg.graph_path("interaction"))
-    names = [i.name for i in interaction.get_inputs()]
+    interaction = open_graph("interaction")
+    names = [t.name for t in pkg.graph("interaction").inputs]
     weights = np.asarray(m.level_weights, np.float32)
     scores, levels = interaction.run(None, dict(zip(names, [*text, *video, weights])))
     comparisons = []
@@ -104,7 +128,40 @@ def compare_package(pkg: Package, model: HBIModel, seed: int = 0) -> ParityResul
     comparisons += [compare_scores(f"score_{name}", levels_ref[i], levels[i]) for i, name in enumerate(LEVEL_NAMES)]
     combined_ref = np.tensordot(weights, levels_ref, axes=1)
     comparisons.append(compare_scores("scores", combined_ref, scores))
-    return evaluate(comparisons, pkg.graph("text_encoder").precision)
+    return evaluate(comparisons, tolerance or _package_tolerance(pkg))
+
+
+def _package_tolerance(pkg: Package) -> str:
+    """The tolerance row a package is judged by: its loosest graph precision (an INT8 video encoder makes the
+    whole package an INT8 package, judged by the INT8 row, not by the text encoder's fp32 row)."""
+    precisions = {g.precision for g in pkg.manifest.graphs.values()}
+    return next((p for p in ("int8", "fp16") if p in precisions), pkg.graph("text_encoder").precision)
+
+
+def compare_engines(pkg_dir: str | Path, model: HBIModel, precision: str, *, seed: int = 0, backend: str = "trt",
+                    **backend_options: Any) -> ParityResult:
+    """PyTorch vs the package's engines of ``precision``, run by ``backend`` (see the module docstring).
+
+    Raises:
+        UsageError / MissingDependencyError: no such backend here (TensorRT needs a GPU). BadInputError,
+        MismatchError: no engines of that precision, or engines built for another machine (with the rebuild
+        command).
+    """
+    if precision not in TOLERANCES or precision == "custom_op":
+        raise MismatchError(f"no tolerance for engine precision {precision!r}")
+    pkg = load_package(pkg_dir, allow_unverified=True)
+    options = {"precision": precision, **backend_options} if backend == "trt" else dict(backend_options)
+    opened: list[BackendSession] = []
+
+    def open_graph(name: str) -> BackendSession:
+        opened.append(BackendSession(create_backend(backend, pkg.graph(name), pkg.graph_path(name), **options)))
+        return opened[-1]
+
+    try:
+        return compare_package(pkg, model, seed, open_graph=open_graph, tolerance=precision)
+    finally:
+        for session in opened:
+            session.backend.close()
 
 
 def check_package(pkg_dir: str | Path, model: HBIModel, *, seed: int = 0,

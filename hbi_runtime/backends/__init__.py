@@ -3,7 +3,8 @@
 * :mod:`hbi_runtime.backends.base`: the contract (:class:`Backend`: ``load``, ``input_specs`` / ``output_specs``,
   ``infer(dict) -> dict``, ``close``, ``with``) and the feed validation every backend shares;
 * :mod:`hbi_runtime.backends.onnxruntime`: :class:`OrtBackend` (CPU; CUDA / TensorRT providers with
-  onnxruntime-gpu).
+  onnxruntime-gpu);
+* :mod:`hbi_runtime.backends.tensorrt`: :class:`TrtBackend` (``"trt"``: engines from ``hbi-export build-engine``).
 
 Backends are chosen by name from :data:`BACKENDS`, an explicit dict (a new backend is one line here). Importing
 this package imports no runtime library: each backend imports its own in ``load()``.
@@ -17,11 +18,13 @@ from typing import Any
 
 from hbi_runtime.backends.base import Backend, validate_feed
 from hbi_runtime.backends.onnxruntime import OrtBackend
+from hbi_runtime.backends.tensorrt import TrtBackend
 from hbi_runtime.errors import UsageError
 from hbi_runtime.package import GraphSpec
 
 BACKENDS: dict[str, type[Backend]] = {
     "onnxruntime": OrtBackend,
+    "trt": TrtBackend,
 }
 
 
@@ -56,4 +59,4 @@ def _backend_class(name: str) -> type[Backend]:
     return BACKENDS[name]
 
 
-__all__ = ["BACKENDS", "Backend", "OrtBackend", "backend_options", "create_backend", "validate_feed"]
+__all__ = ["BACKENDS", "Backend", "OrtBackend", "TrtBackend", "backend_options", "create_backend", "validate_feed"]

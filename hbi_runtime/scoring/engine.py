@@ -5,13 +5,14 @@ matrix (:class:`Queries`: per query its valid tokens, one zero row standing for 
 copies up to the longest query). Per chunk of ``c`` videos, one matrix product ``S = V @ Q^T (c, T, Bt * L)``
 and the segmented reductions:
 
-* t2v: max over the ``T`` frames -> ``(c, Bt * L)``, then the per-query weighted sum (a ``(Bt * L, Bt)`` block
-  matrix of the token weights) -> ``(c, Bt)``. A padded video frame holds a zero token (store invariant), so its
+* t2v: max over the ``T`` frames -> ``(c, Bt * L)``, then the per-query weighted sum over its ``L`` rows (a
+  reshape to ``(c, Bt, L)`` and an einsum with the ``(Bt, L)`` token weights) -> ``(c, Bt)``. A padded video frame holds a zero token (store invariant), so its
   ``S`` is exactly 0 and the max includes the official zero floor without any masking work.
 * v2t: max over each query's ``L`` rows -> ``(c, T, Bt)`` (the zero row is the zero floor of a query with
   padding), times the frame weights (0 at padding), summed over frames -> ``(c, Bt)``.
 
-Two backends compute the same thing: ``ort`` (one small ONNX Runtime graph per storage dtype, built once with
+Three backends compute the same thing: ``native`` (int8 storage only: the AVX-512 VNNI kernel of
+:mod:`hbi_runtime.scoring.native`, fused product and reductions; ``auto`` takes it for int8 where it runs), ``ort`` (one small ONNX Runtime graph per storage dtype, built once with
 ``onnx.helper``; the product, the casts and the reductions all run on ORT's intra-op threads) and ``numpy``
 (the fallback without onnxruntime; slower: its skinny products and small-axis reductions are single-threaded or
 poorly blocked). int8 is ``MatMulIntegerToFloat`` (video codes u8, zero point 128, x query s8, VNNI kernels).
@@ -30,7 +31,7 @@ from hbi_runtime.errors import BadInputError, MissingDependencyError, UsageError
 from hbi_runtime.scoring.store import INT8_ZERO_POINT, StoreLevel, quantize_int8
 from hbi_runtime.sides import SideLevel
 
-BACKENDS = ("auto", "ort", "numpy")
+BACKENDS = ("auto", "native", "ort", "numpy")
 MAX_CHUNK_VIDEOS = 4096  # larger chunks gain nothing measurable and keep more intermediates alive
 
 
@@ -49,16 +50,20 @@ class Queries:
     Attributes:
         tokens: ``(Bt * L, D)`` float32.
         length: ``L``, rows per query.
-        seg_weights: ``(Bt * L, Bt)`` float32, each row's token weight in its query's column (0 for extra rows).
+        weights: ``(Bt, L)`` float32, each row's token weight (0 for the zero row and the copies).
     """
 
     tokens: np.ndarray
     length: int
-    seg_weights: np.ndarray
+    weights: np.ndarray
 
     @property
     def bt(self) -> int:
-        return self.seg_weights.shape[1]
+        return self.weights.shape[0]
+
+    def t2v(self, t_max: np.ndarray) -> np.ndarray:
+        """The per-query weighted sum of ``t_max (c, Bt * L)`` (each row's max over frames) -> ``(c, Bt)``."""
+        return np.einsum("cbl,bl->cb", t_max.reshape(len(t_max), self.bt, self.length), self.weights)
 
     @classmethod
     def from_level(cls, level: SideLevel) -> Queries:
@@ -77,9 +82,7 @@ class Queries:
         if not np.isfinite(rows).all():
             raise BadInputError("text side | Received non-finite tokens at valid positions. Note: Expected finite, "
                                 "L2-normalised tokens")
-        seg = np.zeros((level.n * length, level.n), dtype=np.float32)  # (Bt * L, Bt) block diagonal
-        seg[np.arange(level.n * length), np.repeat(np.arange(level.n), length)] = weights.reshape(-1)
-        return cls(rows.reshape(-1, level.dim), length, seg)
+        return cls(rows.reshape(-1, level.dim), length, weights)
 
 
 def _import_ort() -> tuple[Any, Any]:
@@ -103,7 +106,8 @@ def ort_available() -> bool:
 def _build_graph(onnx: Any, dtype: str) -> bytes:
     """The chunk graph of one storage dtype (see the module docstring); fed by :class:`OrtLevelKernel`.
 
-    ``shape4`` is ``(0, 0, Bt, L)``. Outputs ``t2v (c, Bt)`` and ``v_max (c, T, Bt)``, the max over each query's
+    ``shape4`` is ``(0, 0, Bt, L)``. Outputs ``t_max (c, Bt * L)``, the max over frames (the weighted sum over
+    each query's rows follows in numpy: :meth:`Queries.t2v`), and ``v_max (c, T, Bt)``, the max over each query's
     rows (int8: before the video scale). int8: ``MatMulIntegerToFloat`` (com.microsoft, fused int32 -> float with the
     query scales; zero point 128 on the video codes) measured about 2x faster than ``MatMulInteger`` + ``Sub`` +
     ``Cast``; the video scale is applied to the t2v path in full and, being >= 0, after the max on the v2t path.
@@ -112,7 +116,6 @@ def _build_graph(onnx: Any, dtype: str) -> bytes:
     storage = {"float32": tp.FLOAT, "float16": tp.FLOAT16, "int8": tp.UINT8}[dtype]
     inputs = [h.make_tensor_value_info("video", storage, ["c", "T", "D"]),  # (c, T, D)
               h.make_tensor_value_info("query_t", tp.INT8 if dtype == "int8" else tp.FLOAT, ["D", "BtL"]),
-              h.make_tensor_value_info("seg_weights", tp.FLOAT, ["BtL", "Bt"]),
               h.make_tensor_value_info("shape4", tp.INT64, [4])]
     inits = []
     if dtype == "int8":
@@ -128,10 +131,9 @@ def _build_graph(onnx: Any, dtype: str) -> bytes:
         nodes += [h.make_node("MatMul", ["video_f32" if dtype == "float16" else "video", "query_t"], ["S"])]
         s_t = s_v = "S"
     nodes += [h.make_node("ReduceMax", [s_t], ["t_max"], axes=[1], keepdims=0),  # (c, BtL): max over frames
-              h.make_node("MatMul", ["t_max", "seg_weights"], ["t2v"]),  # (c, Bt)
               h.make_node("Reshape", [s_v, "shape4"], ["S4"]),  # (c, T, Bt, L)
               h.make_node("ReduceMax", ["S4"], ["v_max"], axes=[3], keepdims=0)]  # (c, T, Bt)
-    outputs = [h.make_tensor_value_info("t2v", tp.FLOAT, ["c", "Bt"]),
+    outputs = [h.make_tensor_value_info("t_max", tp.FLOAT, ["c", "BtL"]),
                h.make_tensor_value_info("v_max", tp.FLOAT, ["c", "T", "Bt"])]
     graph = h.make_graph(nodes, f"hbi_score_chunk_{dtype}", inputs, outputs, initializer=inits)
     opsets = [h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)]
@@ -173,15 +175,15 @@ class OrtLevelKernel:
             if level.dtype == "int8":
                 feed["vscales"] = np.ascontiguousarray(level.scales[part])[..., None]
                 v_weights = v_weights * level.scales[part]
-            t2v, v_max = session.run(["t2v", "v_max"], feed)  # (c, Bt), (c, T, Bt)
+            t_max, v_max = session.run(["t_max", "v_max"], feed)  # (c, Bt * L), (c, T, Bt)
+            t2v = queries.t2v(t_max)  # (c, Bt)
             # the weighted sum over frames in numpy: ORT's ReduceSum over the middle axis cost ~15x more here
             v2t = np.einsum("ctb,ct->cb", v_max, v_weights)  # (c, Bt)
             out[:, part] = (np.float32(0.5) * (t2v + v2t)).T  # (Bt, c)
 
 
 def _query_feed(queries: Queries, dtype: str) -> dict[str, np.ndarray]:
-    feed = {"seg_weights": queries.seg_weights,
-            "shape4": np.array([0, 0, queries.bt, queries.length], dtype=np.int64)}
+    feed = {"shape4": np.array([0, 0, queries.bt, queries.length], dtype=np.int64)}
     if dtype == "int8":
         codes, scales = quantize_int8(queries.tokens)  # (BtL, D) u8 with zero point 128, (BtL,)
         feed["query_t"] = np.ascontiguousarray((codes.astype(np.int16) - INT8_ZERO_POINT).astype(np.int8).T)
@@ -209,7 +211,7 @@ def numpy_level(queries: Queries, level: StoreLevel, chunk: int, out: np.ndarray
         if int8:
             sim *= q_scales
             sim *= level.scales[part][..., None]
-        t2v = sim.max(axis=1) @ queries.seg_weights  # (c, Bt)
+        t2v = queries.t2v(sim.max(axis=1))  # (c, Bt)
         v_max = sim.reshape(c, t, queries.bt, queries.length).max(axis=3)  # (c, T, Bt)
         v2t = np.einsum("ctb,ct->cb", v_max, level.weights[part])  # (c, Bt)
         out[:, part] = (np.float32(0.5) * (t2v + v2t)).T

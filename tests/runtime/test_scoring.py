@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from hbi_runtime.errors import BadInputError, MismatchError, UsageError
 from hbi_runtime.scoring import (STORAGE_DTYPES, StoreLevel, VideoStore, explain, quantize_int8, score, score_level,
                                  score_levels, topk)
 from hbi_runtime.scoring.engine import ort_available
+from hbi_runtime.scoring.native import native_available
+from hbi_runtime.scoring.score import query_groups, resolve_backend
 from hbi_runtime.sides import LEVELS, Side, SideLevel
 from hbi_runtime.sides import score as reference_score
 from hbi_runtime.sides import score_level as reference_level
@@ -247,3 +250,57 @@ def test_errors(tmp_path, sides):
         score(wide, store)
     with pytest.raises(BadInputError, match="not a video store"):
         VideoStore.open(tmp_path)
+
+
+def _cpu_has_vnni() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return platform.machine() == "x86_64" and {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags)
+
+
+def test_native_kernel_is_built_and_used_where_the_cpu_runs_it():
+    # the install builds the kernel with the platform's C compiler; a failed build would silently cost the 2x
+    assert native_available() == _cpu_has_vnni()
+    assert resolve_backend("auto", "int8") == ("native" if _cpu_has_vnni() else "ort" if ort_available() else "numpy")
+    assert resolve_backend("auto", "float16") != "native"
+    with pytest.raises(UsageError, match="int8"):
+        resolve_backend("native", "float32")
+
+
+@pytest.mark.skipif(not native_available(), reason="the native int8 kernel needs x86-64 with AVX-512 VNNI")
+@pytest.mark.parametrize("dim", [32, 100, 512])  # below, off and at the kernel's 64-byte step
+def test_native_int8_equals_numpy_int8(rng, dim):
+    # ragged queries (length 9 with padding, one empty), padded and single-frame videos, T=7 (not a multiple of
+    # the kernel's 4-frame tile) and 6 queries (not a multiple of its 4-query tile)
+    text = Side((make_level(rng, TEXT_VALID, 9, dim), make_level(rng, (3,) * 6, 4, dim),
+                 make_level(rng, (2,) * 6, 2, dim)), "text")
+    video = Side((make_level(rng, VIDEO_VALID, 7, dim), make_level(rng, (2,) * 9, 3, dim),
+                  make_level(rng, (1,) * 9, 2, dim)), "video")
+    store = VideoStore.from_sides(video, "int8")
+    for limit in (0.001, 64):  # one video per chunk (each thread gets 0 or 1), and everything in one chunk
+        native = score_levels(text, store, backend="native", memory_limit_mb=limit)
+        numpy_ = score_levels(text, store, backend="numpy", memory_limit_mb=limit)
+        for name in LEVELS:  # the same exact int32 products; only the float scaling may round differently
+            np.testing.assert_allclose(native[name], numpy_[name], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(score(text, store, backend="native"), reference_score(text, video), rtol=0,
+                               atol=2e-2)  # int8 quantisation of both sides
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_large_batch_of_queries_of_mixed_lengths_is_scored_in_groups_and_exactly(rng, backend):
+    valid = tuple(int(v) for v in rng.integers(0, 17, 70))  # 0 (empty) to 16 valid of L = 16; 16 = no padding
+    text = make_level(rng, valid, 16)
+    video = make_level(rng, VIDEO_VALID, 7)
+    groups = query_groups(text)
+    assert len(groups) > 1  # lengths 1 .. 16 rows cannot share one group of spread <= 1.25
+    assert sorted(np.concatenate(groups).tolist()) == list(range(70))
+    got = score_level(text, StoreLevel.from_side_level(video, "float32"), backend=backend)
+    np.testing.assert_allclose(got, reference_level(text, video), rtol=0, atol=1e-5)
+
+
+def test_small_batches_and_equal_lengths_stay_one_pass(rng):
+    assert query_groups(make_level(rng, (1, 9, 4), 9)) == [None]  # few queries: one pass over the store
+    assert query_groups(make_level(rng, (8,) * 100 + (9,) * 100, 9)) == [None]  # 9 and 10 rows: spread 1.11

@@ -1,0 +1,1 @@
+"""PyTorch models for video QA and captioning, and their export (issue 10)."""

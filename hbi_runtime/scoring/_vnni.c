@@ -1,0 +1,158 @@
+/*
+ * hbi_runtime.scoring._vnni: the int8 scoring kernel of hbi_runtime.scoring (AVX-512 VNNI, x86-64).
+ *
+ * One query batch against the u8 codes of a chunk of stored videos, fused with the reductions the level score
+ * needs, so that the (videos, T, queries * L) similarity never leaves the cache:
+ *
+ *   S_q[r, j] = (codes[r] - 128) . q[j] * qscale[j]          r = video * T + frame, j = query row
+ *   t_max[v, j]    = max over frames t of S_q[v*T + t, j] * vscale[v*T + t]
+ *   v_max[v, t, b] = max over l < L of S_q[v*T + t, b*L + l]   (before the video scale, as the ORT graph)
+ *
+ * The dot products are exact in int32: sum_k codes * q via vpdpbusd (u8 x s8), minus 128 * sum_k q.
+ * Rows are taken four at a time against four query rows (16 accumulators): every 64-byte load feeds four
+ * vpdpbusd, which keeps the loop on the multiply units instead of the load ports.
+ *
+ * It is a plain C library loaded with ctypes (the Python module init below only makes it importable, so that
+ * setuptools builds it and Python finds it); ctypes releases the GIL, and the caller runs one call per thread on
+ * disjoint video ranges. Without AVX-512 VNNI (or off x86-64) hbi_vnni_supported() returns 0 and the caller uses
+ * the ONNX Runtime path; nothing here runs then.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HBI_X86 1
+#include <immintrin.h>
+#endif
+
+#define HBI_EXPORT __attribute__((visibility("default")))
+
+HBI_EXPORT int hbi_vnni_supported(void) {
+#ifdef HBI_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
+#ifdef HBI_X86
+#define HBI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+/* a + b over the lanes of one 128-bit block pair: x, y -> per block [x0+x2, y0+y2, x1+x3, y1+y3] and so on. */
+#define HBI_ADD32(x, y) _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y))
+#define HBI_ADD64(x, y) _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y))
+#define HBI_ADD128(x, y) _mm512_add_epi32(_mm512_shuffle_i32x4(x, y, 0x88), _mm512_shuffle_i32x4(x, y, 0xDD))
+#define HBI_DP(acc, x, y) acc = _mm512_dpbusd_epi32(acc, x, y)
+
+/*
+ * Dot products of 4 rows x 4 query rows, D bytes each: out[4 * i + j] = sum_k a[i][k] * b[j][k]. The 16
+ * accumulators are named variables (an array of them made GCC spill every one to the stack on each step) and
+ * are summed across lanes together by a transpose-and-add tree (45 instructions instead of 16 reductions).
+ */
+HBI_TARGET static void dot_tile(const uint8_t *const a[4], const int8_t *const b[4], int D, int32_t out[16]) {
+    __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
+            c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
+    for (int k = 0; k < D; k += 64) {
+        const __mmask64 m = (D - k >= 64) ? ~(__mmask64)0 : (((__mmask64)1 << (D - k)) - 1);
+        const __m512i q0 = _mm512_maskz_loadu_epi8(m, b[0] + k), q1 = _mm512_maskz_loadu_epi8(m, b[1] + k),
+                      q2 = _mm512_maskz_loadu_epi8(m, b[2] + k), q3 = _mm512_maskz_loadu_epi8(m, b[3] + k);
+        __m512i x = _mm512_maskz_loadu_epi8(m, a[0] + k);
+        HBI_DP(c00, x, q0); HBI_DP(c01, x, q1); HBI_DP(c02, x, q2); HBI_DP(c03, x, q3);
+        x = _mm512_maskz_loadu_epi8(m, a[1] + k);
+        HBI_DP(c10, x, q0); HBI_DP(c11, x, q1); HBI_DP(c12, x, q2); HBI_DP(c13, x, q3);
+        x = _mm512_maskz_loadu_epi8(m, a[2] + k);
+        HBI_DP(c20, x, q0); HBI_DP(c21, x, q1); HBI_DP(c22, x, q2); HBI_DP(c23, x, q3);
+        x = _mm512_maskz_loadu_epi8(m, a[3] + k);
+        HBI_DP(c30, x, q0); HBI_DP(c31, x, q1); HBI_DP(c32, x, q2); HBI_DP(c33, x, q3);
+    }
+    const __m512i u0 = HBI_ADD64(HBI_ADD32(c00, c01), HBI_ADD32(c02, c03)),  /* blocks: sums of row 0, q 0..3 */
+                  u1 = HBI_ADD64(HBI_ADD32(c10, c11), HBI_ADD32(c12, c13)),
+                  u2 = HBI_ADD64(HBI_ADD32(c20, c21), HBI_ADD32(c22, c23)),
+                  u3 = HBI_ADD64(HBI_ADD32(c30, c31), HBI_ADD32(c32, c33));
+    _mm512_storeu_si512((void *)out, HBI_ADD128(HBI_ADD128(u0, u1), HBI_ADD128(u2, u3)));
+}
+
+HBI_TARGET static void score_videos(const uint8_t *codes, const float *vscales, int64_t n_videos, int T, int D,
+                                    const int8_t *q, const int32_t *q_offset, const float *qscales, int BtL,
+                                    int L, float *t_max, float *v_max, int32_t *dots, float *sim) {
+    const int Bt = BtL / L;
+    for (int64_t v = 0; v < n_videos; v++) {
+        const uint8_t *vcodes = codes + v * (int64_t)T * D;
+        /* dots[t * BtL + j] = codes of frame t . query row j; tiles past the edge repeat the last row */
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            const int nr = T - t0 < 4 ? T - t0 : 4;
+            const uint8_t *a[4];
+            for (int i = 0; i < 4; i++) a[i] = vcodes + (int64_t)(t0 + (i < nr ? i : nr - 1)) * D;
+            for (int j0 = 0; j0 < BtL; j0 += 4) {
+                const int nq = BtL - j0 < 4 ? BtL - j0 : 4;
+                const int8_t *b[4];
+                int32_t tile[16];
+                for (int j = 0; j < 4; j++) b[j] = q + (int64_t)(j0 + (j < nq ? j : nq - 1)) * D;
+                dot_tile(a, b, D, tile);
+                for (int i = 0; i < nr; i++)
+                    for (int j = 0; j < nq; j++) dots[(t0 + i) * BtL + j0 + j] = tile[4 * i + j];
+            }
+        }
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < BtL; j++)
+                sim[t * BtL + j] = (float)(dots[t * BtL + j] - q_offset[j]) * qscales[j];
+        float *tm = t_max + v * BtL;
+        const float *vs = vscales + v * T;
+        for (int j = 0; j < BtL; j++) tm[j] = sim[j] * vs[0];
+        for (int t = 1; t < T; t++)
+            for (int j = 0; j < BtL; j++) {
+                const float s = sim[t * BtL + j] * vs[t];
+                tm[j] = s > tm[j] ? s : tm[j];
+            }
+        float *vm = v_max + v * (int64_t)T * Bt;
+        for (int t = 0; t < T; t++)
+            for (int bq = 0; bq < Bt; bq++) {
+                const float *row = sim + t * BtL + bq * L;
+                float best = row[0];
+                for (int l = 1; l < L; l++) best = row[l] > best ? row[l] : best;
+                vm[t * Bt + bq] = best;
+            }
+    }
+}
+#endif
+
+/*
+ * codes (n_videos*T, D) u8 with zero point 128; vscales (n_videos*T,); q (BtL, D) s8; q_offset (BtL,) = 128 *
+ * sum_k q[j, k]; qscales (BtL,); outputs t_max (n_videos, BtL) and v_max (n_videos, T, BtL / L).
+ * Returns 0 on success, 1 when the CPU lacks AVX-512 VNNI, 2 on bad sizes, 3 when out of memory.
+ */
+HBI_EXPORT int hbi_score_u8s8(const uint8_t *codes, const float *vscales, int64_t n_videos, int T, int D,
+                              const int8_t *q, const int32_t *q_offset, const float *qscales, int BtL, int L,
+                              float *t_max, float *v_max) {
+#ifdef HBI_X86
+    if (!hbi_vnni_supported()) return 1;
+    if (n_videos < 0 || T < 1 || D < 1 || BtL < 1 || L < 1 || BtL % L != 0) return 2;
+    int32_t *dots = (int32_t *)malloc(sizeof(int32_t) * (size_t)T * (size_t)BtL);
+    float *sim = (float *)malloc(sizeof(float) * (size_t)T * (size_t)BtL);
+    if (dots == NULL || sim == NULL) {
+        free(dots);
+        free(sim);
+        return 3;
+    }
+    score_videos(codes, vscales, n_videos, T, D, q, q_offset, qscales, BtL, L, t_max, v_max, dots, sim);
+    free(dots);
+    free(sim);
+    return 0;
+#else
+    (void)codes; (void)vscales; (void)n_videos; (void)T; (void)D; (void)q; (void)q_offset; (void)qscales;
+    (void)BtL; (void)L; (void)t_max; (void)v_max;
+    return 1;
+#endif
+}
+
+static struct PyModuleDef hbi_vnni_module = {
+    PyModuleDef_HEAD_INIT, "_vnni",
+    "int8 scoring kernel (AVX-512 VNNI); a C library used through ctypes, see hbi_runtime/scoring/native.py",
+    -1, NULL, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__vnni(void) { return PyModule_Create(&hbi_vnni_module); }

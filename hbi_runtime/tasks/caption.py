@@ -1,0 +1,380 @@
+"""Captioning and open-ended video QA in the torch-free runtime: the caption package and the decoder's graphs.
+
+A caption package is a folder beside (or anywhere relative to) a retrieval package::
+
+    manifest.json        schema "hbi.caption-package" v1 (:func:`read_caption_manifest`), manifest_sha256
+    caption_memory.onnx  video side -> per-layer cross-attention keys / values + memory bias
+    decoder_init.onnx    prefix (no past) -> next-token log-probabilities + the self-attention cache
+    decoder_step.onnx    one token + the cache -> log-probabilities + the longer cache
+
+Its manifest names the retrieval package (``retrieval.path``, relative to the caption package, and
+``retrieval.manifest_sha256``); the video side comes from *that* package's ``video_encoder.onnx``, so one
+exported backbone serves retrieval, captioning and QA. Loading refuses an edited manifest, a graph whose sha256
+differs, a retrieval package with another hash, and (unless allowed) a package whose parity failed.
+
+Token ids inside the graphs are *decoder indices*: ``decoder.vocab_ids[i]`` is the CLIP BPE id of index ``i``
+(all 49408 when ``vocab_ids`` is null); CLIP ids outside the list map to the unknown index ``len(vocab_ids)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from hbi_runtime.errors import BadInputError, GateFailedError, MismatchError, UsageError
+from hbi_runtime.package import GraphSpec, manifest_sha256, sha256_file
+from hbi_runtime.tasks.generate import Hypothesis, SearchOptions, generate
+from hbi_runtime.tokenizer import EOT_ID, SOT_ID, VOCAB_SIZE
+
+SCHEMA = "hbi.caption-package"
+SCHEMA_VERSION = 1
+GRAPHS = ("caption_memory", "decoder_init", "decoder_step")
+SIDE_NAMES = tuple(f"video_{part}_{tag}" for tag in ("l0", "l1", "l2") for part in ("tokens", "weights", "mask"))
+DEMO_CAPTION_PACKAGE = Path(__file__).resolve().parent.parent / "data" / "demo" / "caption"
+_SPACE_BEFORE_PUNCT = re.compile(r" ([,.;:!?])")
+
+
+@dataclass(frozen=True)
+class CaptionManifest:
+    raw: dict
+    sha256: str
+    graphs: dict  # name -> GraphSpec
+    decoder: dict
+    retrieval_path: str
+    retrieval_sha256: str
+    status: str
+    generation: dict
+
+    @property
+    def layers(self) -> int:
+        return int(self.decoder["layers"])
+
+
+def _hint(root: Path) -> str:
+    return f"re-export it: `hbi-train caption-export --decoder RUN/decoder --out {root}`"
+
+
+def read_caption_manifest(root: str | os.PathLike, *, verify_hashes: bool = True) -> CaptionManifest:
+    """Read and check a caption package's manifest and graph files (module docstring).
+
+    Raises:
+        BadInputError: missing folder / manifest / file, malformed field (exit 3).
+        MismatchError: another schema, an edited manifest, a modified graph (exit 4).
+    """
+    root = Path(root)
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise BadInputError(f"{root} is not a caption package: it has no manifest.json",
+                            hint="pass --caption-model DIR (a folder written by `hbi-train caption-export`)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{path} is not valid JSON ({exc})", hint=_hint(root)) from None
+    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+        raise MismatchError(f"{path} is not a caption package manifest (schema {raw.get('schema')!r}"
+                            if isinstance(raw, dict) else f"{path} is not a JSON object",
+                            hint="a retrieval package is not a caption package; pass the caption package folder")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise MismatchError(f"{path}: caption package schema version {raw.get('schema_version')!r}; this runtime "
+                            f"reads {SCHEMA_VERSION}", hint="upgrade hbi-toolkit or re-export the package")
+    if raw.get("manifest_sha256") != manifest_sha256(raw):
+        raise MismatchError(f"{path} was edited after export (manifest_sha256 does not match its content)",
+                            hint=_hint(root))
+    try:
+        graphs = {name: GraphSpec.from_dict(raw["graphs"][name], f"graphs.{name}") for name in GRAPHS}
+        decoder, retrieval = dict(raw["decoder"]), dict(raw["retrieval"])
+        rpath, rsha = str(retrieval["path"]), str(retrieval["manifest_sha256"])
+        status = str(raw["status"])
+        generation = dict(raw.get("generation", {}))
+    except (KeyError, TypeError) as exc:
+        raise BadInputError(f"{path}: a required field is missing or malformed ({exc})", hint=_hint(root)) from None
+    for name, spec in graphs.items():
+        file = root / spec.file
+        if not file.is_file():
+            raise BadInputError(f"caption package {root} is incomplete: graph {name!r} file {file} is missing",
+                                hint=_hint(root))
+        if verify_hashes and sha256_file(file) != spec.sha256:
+            raise MismatchError(f"{file} was modified after export (its sha256 differs from the manifest's)",
+                                hint=_hint(root))
+    return CaptionManifest(raw, raw["manifest_sha256"], graphs, decoder, rpath, rsha, status, generation)
+
+
+class _Steps:
+    """The decoder graphs as a :class:`~hbi_runtime.tasks.generate.StepModel` over a batch of videos' memories.
+
+    ``cache=True`` feeds each step the key/value cache (``decoder_step``); ``cache=False`` re-runs ``decoder_init``
+    on the whole sequence every step (the reference the KV-cache path must equal, and the benchmark's baseline).
+    """
+
+    def __init__(self, owner: CaptionModel, cross: list[np.ndarray], bias: np.ndarray, cache: bool) -> None:
+        self.o, self.cross, self.bias, self.cache = owner, cross, bias, cache
+        self.tokens_run = 0  # decoder positions computed (for the benchmark)
+
+    def _memory(self, items: np.ndarray) -> dict[str, np.ndarray]:
+        feed = {"memory_bias": self.bias[items]}
+        for name, arr in zip(self.o.cache_names("cross"), self.cross):
+            feed[name] = arr[items]
+        return feed
+
+    def _init(self, items: np.ndarray, seq: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = self.o.run("decoder_init", {"input_ids": seq, **self._memory(items)})
+        self.tokens_run += seq.size
+        return out["logprobs"], [out[n] for n in self.o.cache_names("present")]
+
+    def init(self, items: np.ndarray, prefix: np.ndarray):
+        logp, present = self._init(items, prefix)
+        return logp, (items, prefix if not self.cache else present)
+
+    def step(self, state, parents: np.ndarray, tokens: np.ndarray):
+        items, kept = state[0][parents], state[1]
+        if not self.cache:
+            seq = np.concatenate([kept[parents], tokens[:, None]], axis=1)
+            logp, _ = self._init(items, seq)
+            return logp, (items, seq)
+        feed = {"input_ids": tokens[:, None], **self._memory(items)}
+        for name, arr in zip(self.o.cache_names("past"), kept):
+            feed[name] = arr[parents]
+        out = self.o.run("decoder_step", feed)
+        self.tokens_run += len(tokens)
+        return out["logprobs"], (items, [out[n] for n in self.o.cache_names("present")])
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    path: str
+    text: str
+    tokens: tuple[int, ...]  # CLIP ids, without SOT / EOT
+    logprob: float
+    score: float
+    question: str | None = None
+
+
+class CaptionModel:
+    """A loaded caption package plus its retrieval package (``load_caption``)."""
+
+    def __init__(self, root: Path, manifest: CaptionManifest, retrieval, backend: str = "onnxruntime") -> None:
+        self.root, self.manifest, self.retrieval = root, manifest, retrieval
+        self.backend = backend
+        self._backends: dict[str, Any] = {}
+        ids = manifest.decoder.get("vocab_ids")
+        self.vocab_ids = np.arange(VOCAB_SIZE) if ids is None else np.asarray(ids, dtype=np.int64)
+        self.unk = len(self.vocab_ids)
+        self.to_local = np.full(VOCAB_SIZE, self.unk, dtype=np.int64)
+        self.to_local[self.vocab_ids] = np.arange(len(self.vocab_ids))
+        self.max_positions = int(manifest.decoder["max_positions"])
+
+    # ------------------------------------------------------------------ plumbing
+    def cache_names(self, kind: str) -> tuple[str, ...]:
+        return tuple(f"{kind}_{part}_{i}" for i in range(self.manifest.layers) for part in ("key", "value"))
+
+    def run(self, graph: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from hbi_runtime.backends import create_backend
+
+        if graph not in self._backends:
+            spec = self.manifest.graphs[graph]
+            self._backends[graph] = create_backend(self.backend, spec, self.root / spec.file).load()
+        return self._backends[graph].infer(feed)
+
+    @property
+    def tokenizer(self):
+        return self.retrieval.tokenizer
+
+    def close(self) -> None:
+        for b in self._backends.values():
+            b.close()
+        self._backends.clear()
+        self.retrieval.close()
+
+    def __enter__(self) -> CaptionModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ decoding
+    def memory(self, side) -> tuple[list[np.ndarray], np.ndarray]:
+        """A retrieval VideoSide -> the cross keys / values per layer and the memory bias."""
+        feed = {}
+        for lv, tag in zip(side.levels, ("l0", "l1", "l2")):
+            feed[f"video_tokens_{tag}"] = np.ascontiguousarray(lv.tokens, dtype=np.float32)
+            feed[f"video_weights_{tag}"] = np.ascontiguousarray(lv.weights, dtype=np.float32)
+            feed[f"video_mask_{tag}"] = np.ascontiguousarray(lv.mask, dtype=np.float32)
+        out = self.run("caption_memory", feed)
+        return [out[n] for n in self.cache_names("cross")], out["memory_bias"]
+
+    def prefix(self, question: str | None) -> list[int]:
+        """Decoder indices of the prefix: SOT (captioning) or SOT + the question's tokens (QA)."""
+        ids = [SOT_ID]
+        if question is not None:
+            q = question.strip()
+            if not q:
+                raise BadInputError("the question is empty", hint='ask e.g. --question "what happens first?"')
+            if not q.endswith("?"):
+                q += "?"
+            ids += self.tokenizer.encode(q)
+        local = self.to_local[np.asarray(ids)].tolist()
+        if len(local) >= self.max_positions:
+            raise BadInputError(f"the question has {len(local) - 1} tokens; the decoder takes at most "
+                                f"{self.max_positions - 2}", hint="ask a shorter question")
+        return local
+
+    def generate_side(self, side, questions: Sequence[str | None] | None = None,
+                      options: SearchOptions = SearchOptions(), cache: bool = True) -> tuple[list[Hypothesis], int]:
+        """Decode every video of ``side`` (optionally each with a question). Returns hypotheses (decoder
+        indices) and the number of decoder positions computed."""
+        n = side.levels[0].tokens.shape[0]
+        if n == 0:
+            return [], 0
+        questions = list(questions) if questions is not None else [None] * n
+        if len(questions) != n:
+            raise UsageError(f"{len(questions)} questions for {n} videos")
+        prefixes = [self.prefix(q) for q in questions]
+        longest = max(len(p) for p in prefixes)
+        if longest + options.max_length > self.max_positions:
+            options = SearchOptions(options.beam_size, self.max_positions - longest, options.length_penalty,
+                                    options.no_repeat_ngram)
+        cross, bias = self.memory(side)
+        steps = _Steps(self, cross, bias, cache)
+        eot = int(self.to_local[EOT_ID])
+        return generate(steps, prefixes, eot, options), steps.tokens_run
+
+    def text(self, tokens: Iterable[int]) -> tuple[tuple[int, ...], str]:
+        clip = tuple(int(self.vocab_ids[t]) for t in tokens if t != self.unk)
+        return clip, _SPACE_BEFORE_PUNCT.sub(r"\1", self.tokenizer.decode(clip))
+
+    def caption_side(self, side, paths: Sequence[str], questions: Sequence[str | None] | None = None,
+                     options: SearchOptions = SearchOptions()) -> list[CaptionResult]:
+        hyps, _ = self.generate_side(side, questions, options)
+        out = []
+        for i, (path, h) in enumerate(zip(paths, hyps)):
+            clip, text = self.text(h.tokens)
+            out.append(CaptionResult(str(path), text, clip, h.logprob, h.score,
+                                     None if questions is None else questions[i]))
+        return out
+
+    def caption_videos(self, paths: Sequence[str | os.PathLike], questions: Sequence[str | None] | None = None,
+                       options: SearchOptions = SearchOptions(), workers: int = 1, batch_size: int = 16):
+        """Decode + encode the files (retrieval package), then caption / answer. Returns (results, errors)."""
+        paths = [str(p) for p in paths]
+        if questions is not None and len(questions) != len(paths):
+            raise UsageError(f"{len(questions)} questions for {len(paths)} videos")
+        encoded = self.retrieval.encode_videos(paths, batch_size=batch_size, workers=workers)
+        if questions is not None:
+            by_path: dict[str, list[str | None]] = {}
+            for p, q in zip(paths, questions):
+                by_path.setdefault(p, []).append(q)
+            questions = [by_path[p].pop(0) for p in encoded.paths]
+        results = self.caption_side(encoded.side, [str(p) for p in encoded.paths], questions, options)
+        return results, list(encoded.errors)
+
+
+def load_caption(caption_dir: str | os.PathLike | None = None, *, retrieval: str | os.PathLike | None = None,
+                 allow_unverified: bool = False, backend: str = "onnxruntime") -> CaptionModel:
+    """Load a caption package (default: the demo's) and the retrieval package it references.
+
+    Args:
+        caption_dir: the caption package folder.
+        retrieval: override the retrieval package path (default: the manifest's, relative to the package);
+            its ``manifest_sha256`` must still match.
+    Raises:
+        BadInputError / MismatchError: see :func:`read_caption_manifest`; a retrieval package with another
+        hash is a MismatchError. GateFailedError: parity failed or never ran, without ``allow_unverified``.
+    """
+    from hbi_runtime.model import load
+
+    if caption_dir is None:
+        if not (DEMO_CAPTION_PACKAGE / "manifest.json").is_file():
+            raise UsageError("no caption package given", hint="pass --caption-model DIR")
+        caption_dir = DEMO_CAPTION_PACKAGE
+    root = Path(caption_dir)
+    if not root.is_dir():
+        raise BadInputError(f"caption package {root} does not exist or is not a folder",
+                            hint="pass --caption-model DIR (a folder written by `hbi-train caption-export`)")
+    manifest = read_caption_manifest(root)
+    if not allow_unverified and manifest.status != "verified":
+        raise GateFailedError(f"caption package {root} has status {manifest.status!r} (its PyTorch vs ONNX "
+                              "parity check failed or never ran); refusing to load it",
+                              hint="re-export it, or pass --allow-unverified to use it anyway")
+    rpath = Path(retrieval) if retrieval is not None else (root / manifest.retrieval_path)
+    model = load(rpath, allow_unverified=allow_unverified)
+    if model.package.manifest_sha256 != manifest.retrieval_sha256:
+        model.close()
+        raise MismatchError(f"caption package {root} was trained on the retrieval package with manifest_sha256 "
+                            f"{manifest.retrieval_sha256[:12]}..., but {rpath} has "
+                            f"{model.package.manifest_sha256[:12]}...",
+                            hint="pass the retrieval package it was exported with (--retrieval-model), or "
+                                 "retrain the decoder on this one")
+    return CaptionModel(root, manifest, model, backend)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation against reference captions (``hbi-run eval-caption``)
+
+
+def read_references(path: str | os.PathLike, videos: str | os.PathLike) -> dict[str, list[str]]:
+    """``video path -> reference captions`` from a CSV (``video,caption`` rows) or JSON (``{video: [...]}``).
+
+    Video names are resolved against ``videos`` (as written, else by file name). Raises BadInputError."""
+    import csv
+
+    path, root = Path(path), Path(videos)
+    if not path.is_file():
+        raise BadInputError(f"captions file {path} does not exist", hint="pass --captions FILE (CSV or JSON)")
+    if not root.is_dir():
+        raise BadInputError(f"videos folder {root} does not exist or is not a folder", hint="pass --videos DIR")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read captions file {path}: {exc}") from None
+    pairs: list[tuple[str, str]] = []
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"{path} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(c, str) for c in v)
+                                                 for v in data.values()):
+            raise BadInputError(f"{path}: expected a JSON object {{video: [captions]}}")
+        pairs = [(k, c) for k, v in data.items() for c in v]
+    else:
+        rows = list(csv.reader(text.splitlines()))
+        if not rows or [h.strip().lower() for h in rows[0][:2]] != ["video", "caption"]:
+            raise BadInputError(f"{path}: a CSV of references needs the header 'video,caption'",
+                                hint="one row per (video, reference caption)")
+        for i, row in enumerate(rows[1:], start=2):
+            if len(row) < 2 or not row[0].strip() or not row[1].strip():
+                raise BadInputError(f"{path}, line {i}: expected 'video,caption'")
+            pairs.append((row[0].strip(), row[1].strip()))
+    if not pairs:
+        raise BadInputError(f"captions file {path} has no references")
+    refs: dict[str, list[str]] = {}
+    for name, cap in pairs:
+        p = root / name
+        if not p.exists() and (root / Path(name).name).exists():
+            p = root / Path(name).name
+        refs.setdefault(str(p), []).append(cap)
+    return refs
+
+
+def evaluate_captions(model: CaptionModel, refs: dict[str, list[str]], options: SearchOptions = SearchOptions(),
+                      workers: int = 1, progress=None) -> dict:
+    """Caption every video of ``refs`` and score against its references (:mod:`hbi_runtime.tasks.metrics`)."""
+    from hbi_runtime.tasks.metrics import caption_metrics
+
+    paths = list(refs)
+    if progress:
+        progress(f"captioning {len(paths)} video(s)...")
+    results, errors = model.caption_videos(paths, options=options, workers=workers)
+    if not results:
+        raise BadInputError(f"none of the {len(paths)} videos could be decoded",
+                            hint=str(errors[0]) if errors else None)
+    metrics = caption_metrics([r.text for r in results], [refs[r.path] for r in results])
+    return {"videos": len(results), "metrics": metrics,
+            "failed": [{"path": str(e.path), "error": e.reason} for e in errors],
+            "captions": [{"path": r.path, "caption": r.text, "references": refs[r.path]} for r in results]}

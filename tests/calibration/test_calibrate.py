@@ -1,0 +1,286 @@
+"""``hbi-export calibrate`` end to end on the demo model and its real sample videos (no torch needed).
+
+The demo package (hbi_runtime/data/demo) is a trained model, and its eight samples are real H.264 files decoded
+through hbi_runtime.video; queries.json gives a caption per sample, so the gate can be run with and without
+captions. Each calibration takes ~5 s on 2 cores, so the runs are module fixtures shared by the tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import hbi_runtime
+from hbi_export.cli import app
+from hbi_runtime.compare import compare_tensors
+from hbi_runtime.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_USAGE, UsageError
+from hbi_runtime.package import MANIFEST_NAME, load_package, sha256_file
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime.quantization")
+
+DEMO = Path(hbi_runtime.__file__).resolve().parent / "data" / "demo"
+PKG, SAMPLES = DEMO / "package", DEMO / "samples"
+runner = CliRunner()
+
+
+def _calibrate(*args: str):
+    return runner.invoke(app, ["calibrate", str(PKG), "--workers", "1", *args])
+
+
+@pytest.fixture(scope="module")
+def captions_csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("caps") / "captions.csv"
+    queries = json.loads((DEMO / "queries.json").read_text())["queries"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video", "caption"])
+        writer.writerows((q["expected"], q["query"]) for q in queries)
+    return path
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory) -> tuple[Path, dict]:
+    """ort-cpu, minmax, no captions."""
+    out = tmp_path_factory.mktemp("int8") / "pkg"
+    result = _calibrate("--videos", str(SAMPLES), "--out", str(out), "--format", "json")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def int8_trt(tmp_path_factory, captions_csv) -> tuple[Path, dict]:
+    """tensorrt target, percentile, with captions, half the videos held out."""
+    out = tmp_path_factory.mktemp("trt") / "pkg"
+    result = _calibrate("--videos", str(SAMPLES), "--captions", str(captions_csv), "--target", "tensorrt",
+                        "--method", "percentile", "--holdout", "0.5", "--out", str(out), "--format", "json")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def _video_graph(pkg: Path):
+    return onnx.load(str(pkg / "video_encoder.onnx"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the INT8 package
+
+
+@pytest.mark.slow
+def test_calibration_writes_a_gated_int8_package(int8):
+    out, report = int8
+    assert report["schema"] == "hbi.calibrate/1" and report["outcome"] == "int8"
+    package = load_package(out)  # verified, hashes match
+    assert report["package_sha256"] == package.manifest_sha256
+    graphs = package.manifest.graphs
+    assert graphs["video_encoder"].precision == "int8"
+    assert graphs["text_encoder"].precision == "fp32" and graphs["interaction"].precision == "fp32"
+    source = load_package(PKG).manifest.graphs
+    assert graphs["text_encoder"].sha256 == source["text_encoder"].sha256  # untouched
+    assert graphs["video_encoder"].sha256 != source["video_encoder"].sha256
+    stored = package.manifest.calibration
+    assert stored["gate"] == report["gate"] and stored["outcome"] == "int8"
+    assert stored["data"]["calibration_decoded"] == 6 and stored["data"]["held_out_decoded"] == 2
+    assert len(stored["data"]["held_out"]) == 2
+    attempt = report["gate"]["attempts"][0]
+    assert attempt["passed"] and attempt["quantized_nodes"] == 37 and attempt["float_nodes"] == []
+
+
+@pytest.mark.slow
+def test_qdq_graph_keeps_transformer_sensitive_ops_in_float(int8):
+    out, _ = int8
+    model = _video_graph(out)
+    nodes = list(model.graph.node)
+    dq_outputs = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+    q_nodes = [n for n in nodes if n.op_type == "QuantizeLinear"]
+    assert q_nodes and dq_outputs
+    for n in nodes:
+        if n.op_type in ("LayerNormalization", "Softmax", "Add", "TokenMerge", "Mul", "Div", "Sigmoid"):
+            assert not dq_outputs & set(n.input), f"{n.op_type} {n.name} reads a quantized tensor"
+    matmuls = [n for n in nodes if n.op_type == "MatMul"]
+    assert all(dq_outputs & set(n.input) for n in matmuls)  # every MatMul quantized (attempt 1)
+    # the merge math: the model-local function bodies are the source's, byte for byte
+    source = _video_graph(PKG)
+    assert [f.SerializeToString() for f in model.functions] == [f.SerializeToString() for f in source.functions]
+    # ort-cpu: uint8 activations, int8 per-channel weights
+    inits = {i.name: i for i in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in q_nodes]
+    assert {z.data_type for z in zero_points} == {onnx.TensorProto.UINT8}
+    weight_dq = [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert weight_dq and all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in weight_dq)
+    assert all(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1 for n in weight_dq
+               if inits[n.input[0]].dims[-1] > 1)  # one scale per output channel
+
+
+@pytest.mark.slow
+def test_tensorrt_target_is_symmetric_int8(int8_trt):
+    out, report = int8_trt
+    model = _video_graph(out)
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zp = onnx.numpy_helper.to_array(inits[n.input[2]])
+            assert zp.dtype == np.int8 and not zp.any(), n.name
+    assert report["scheme"]["target"] == "tensorrt" and report["method"] == "percentile"
+
+
+@pytest.mark.slow
+def test_int8_package_runs_through_the_runtime(int8, tmp_path):
+    out, _ = int8
+    files = sorted(str(p) for p in SAMPLES.glob("*.mp4"))
+    with hbi_runtime.load(PKG) as ref, hbi_runtime.load(out) as test:
+        a, b = ref.encode_videos(files, workers=1), test.encode_videos(files, workers=1)
+        assert not a.errors and not b.errors
+        cos = compare_tensors("tokens", a.side.levels[0].tokens, b.side.levels[0].tokens).cosine_min
+        assert 0.99 < cos < 1.0  # quantized (not identical), and close
+        queries = [q["query"] for q in json.loads((DEMO / "queries.json").read_text())["queries"]]
+        top_ref = ref.score(ref.encode_text(queries), a.side).argmax(axis=1)
+        top_test = test.score(test.encode_text(queries), b.side).argmax(axis=1)
+    assert (top_ref == top_test).mean() >= 0.9
+    from hbi_runtime.cli import app as run_app
+
+    expected = json.loads((DEMO / "queries.json").read_text())["queries"][0]
+    result = CliRunner().invoke(run_app, ["retrieve", expected["query"], "--videos", str(SAMPLES), "-m", str(out),
+                                          "--top-k", "1", "-f", "json", "--workers", "1"],
+                                env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["model_sha256"] == load_package(out).manifest_sha256
+    assert Path(doc["queries"][0]["hits"][0]["path"]).name == expected["expected"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the gate
+
+
+@pytest.mark.slow
+def test_gate_recall_matches_an_independent_measurement(int8_trt, captions_csv):
+    """The report's R@1 of both packages, recomputed here through hbi_runtime on the held-out videos."""
+    out, report = int8_trt
+    gate = report["gate"]
+    assert gate["criterion"].startswith("t2v R@1 drop") and gate["passed"]
+    held = [str(SAMPLES / rel) for rel in report["data"]["held_out"]]
+    assert len(held) == 4
+    pairs = [(r["video"], r["caption"]) for r in csv.DictReader(open(captions_csv))]
+    texts = [c for v in held for name, c in pairs if name == Path(v).name]
+    truth = np.array([i for i, v in enumerate(held) for name, _ in pairs if name == Path(v).name])
+    recall = {}
+    for name, pkg in (("reference", PKG), ("int8", out)):
+        with hbi_runtime.load(pkg) as model:
+            scores = model.score(model.encode_text(texts), model.encode_videos(held, workers=1).side)
+        rank = (scores > scores[np.arange(len(truth)), truth][:, None]).sum(axis=1)
+        recall[name] = 100 * float((rank == 0).mean())
+    metrics = gate["attempts"][-1]["metrics"]
+    assert metrics["scores"]["captions"] == len(texts)
+    assert metrics["recall"]["reference"]["R@1"] == pytest.approx(recall["reference"], abs=0.01)
+    assert metrics["recall"]["int8"]["R@1"] == pytest.approx(recall["int8"], abs=0.01)
+    assert metrics["recall"]["r1_drop"] == pytest.approx(recall["reference"] - recall["int8"], abs=0.01)
+
+
+@pytest.mark.slow
+def test_impossible_gate_falls_back_to_the_source_graphs(tmp_path, captions_csv):
+    out = tmp_path / "pkg"
+    result = _calibrate("--videos", str(SAMPLES), "--captions", str(captions_csv), "--holdout", "0.5",
+                        "--max-r1-drop", "-200", "--out", str(out), "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert "failed the accuracy gate" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["outcome"] == "fallback" and not report["gate"]["passed"]
+    attempts = report["gate"]["attempts"]
+    assert [a["step"] for a in attempts] == ["all MatMul/Gemm", "+ first/last transformer blocks in float",
+                                             "+ attention matmuls in float"]
+    floats = [set(a["float_nodes"]) for a in attempts]
+    assert floats[0] == set() and floats[0] < floats[1] < floats[2]  # each step widens the float set
+    assert [a["quantized_nodes"] for a in attempts] == [37 - len(f) for f in floats]
+    assert all(not a["passed"] and a["metrics"]["recall"]["r1_drop"] > -200 for a in attempts)
+    package = load_package(out)
+    assert package.manifest.graphs["video_encoder"].precision == "fp32"
+    assert sha256_file(out / "video_encoder.onnx") == sha256_file(PKG / "video_encoder.onnx")
+    assert package.manifest.calibration["outcome"] == "fallback"
+
+
+@pytest.mark.slow
+def test_strict_gate_failure_exits_5_and_writes_nothing(tmp_path):
+    out = tmp_path / "pkg"
+    result = _calibrate("--videos", str(SAMPLES), "--min-top1", "1.5", "--strict", "--out", str(out))
+    assert result.exit_code == EXIT_GATE_FAILED, result.output
+    assert "failed the accuracy gate" in result.stderr and "Traceback" not in result.output
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_user_exclusions_are_kept_in_float(tmp_path):
+    out = tmp_path / "pkg"
+    result = _calibrate("--videos", str(SAMPLES), "--exclude-nodes", "*visual.transformer.resblocks.1",
+                        "--exclude-ops", "Gemm", "--out", str(out), "--format", "json")
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.stdout)["gate"]["attempts"][0]
+    assert len(first["float_nodes"]) == 6  # qkv, q k^T, attn v, out proj, fc, proj of that block
+    model = _video_graph(out)
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    for n in model.graph.node:
+        if n.name in first["float_nodes"]:
+            assert not dq & set(n.input)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# refusals
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("empty", "no video files"),
+    ("broken", "could be decoded"),
+    ("two", "needs at least 3"),
+])
+def test_no_real_samples_is_refused(tmp_path, setup, message):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    if setup == "broken":
+        for i in range(4):
+            (videos / f"v{i}.mp4").write_bytes(b"not a video at all")
+    if setup == "two":
+        for p in sorted(SAMPLES.glob("*.mp4"))[:2]:
+            shutil.copy(p, videos / p.name)
+    out = tmp_path / "pkg"
+    result = _calibrate("--videos", str(videos), "--out", str(out))
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert message in result.stderr and "hint:" in result.stderr and "Traceback" not in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--exclude-ops", "Conv"], "only ['MatMul', 'Gemm'] are quantized"),
+    (["--exclude-nodes", "no_such_node"], "matches no MatMul / Gemm node"),
+    (["--holdout", "1.5"], "--holdout must be between 0 and 1"),
+])
+def test_bad_options_are_usage_errors(tmp_path, args, message):
+    result = _calibrate("--videos", str(SAMPLES), "--out", str(tmp_path / "pkg"), *args)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert message in result.stderr
+
+
+def test_int8_package_cannot_be_calibrated_again(int8, tmp_path):
+    out, _ = int8
+    result = runner.invoke(app, ["calibrate", str(out), "--videos", str(SAMPLES), "--out", str(tmp_path / "x")])
+    assert result.exit_code == EXIT_USAGE and "already an INT8 package" in result.stderr
+
+
+def test_captions_naming_unknown_videos_are_refused(tmp_path):
+    caps = tmp_path / "c.csv"
+    caps.write_text("video,caption\nmissing.mp4,a red circle\n")
+    result = _calibrate("--videos", str(SAMPLES), "--captions", str(caps), "--out", str(tmp_path / "pkg"))
+    assert result.exit_code == EXIT_BAD_INPUT and "not in the videos folder" in result.stderr
+
+
+def test_derived_package_refuses_to_overwrite_its_source():
+    from hbi_runtime.package import write_derived_package
+
+    with pytest.raises(UsageError, match="is the source package itself"):
+        write_derived_package(load_package(PKG), PKG, graphs={}, status="verified")
+    assert MANIFEST_NAME in {p.name for p in PKG.iterdir()}

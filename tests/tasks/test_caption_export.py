@@ -1,0 +1,121 @@
+"""The caption decoder's export: PyTorch vs ONNX Runtime graph by graph (1e-4) and as whole decodes (identical
+token sequences, greedy and beam), and KV-cache decoding equal to decoding without the cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hbi_export.tasks.caption import TorchSteps, _random_side, decode_parity, side_tensors, write_caption_package
+from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig, load_decoder, save_decoder
+from hbi_runtime.tasks.caption import load_caption
+from hbi_runtime.tasks.generate import SearchOptions, generate
+from hbi_runtime.tokenizer import EOT_ID, SOT_ID
+
+DEMO = Path(__file__).resolve().parents[2] / "hbi_runtime" / "data" / "demo"
+pytestmark = pytest.mark.slow  # one export of three graphs (~15-30 s on a shared 2-core CPU)
+
+
+def _model() -> CaptionDecoder:
+    """A random decoder with widely spread logits (every matrix of std 0.3, embeddings of std 1), so that decoding
+    depends on the video and position and has no near-ties that fp32 rounding differences between PyTorch and
+    ONNX Runtime could flip."""
+    torch.manual_seed(0)
+    config = DecoderConfig(embed_dim=64, tokens_per_level=(8, 2, 1), width=32, layers=2, heads=2,
+                           vocab_ids=tuple(range(100, 130)) + (SOT_ID, EOT_ID), max_positions=24, dropout=0.0)
+    model = CaptionDecoder(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(std=0.3)
+        model.position_embedding.normal_(std=1.0)
+        model.token_embedding.weight.normal_(std=1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = _model()
+    out = tmp_path_factory.mktemp("cap") / "caption"
+    manifest = write_caption_package(model, DEMO / "package", out)
+    cm = load_caption(out)
+    yield model, cm, manifest
+    cm.close()
+
+
+def test_package_verified_and_graphs_match(exported):
+    model, cm, manifest = exported
+    assert manifest["status"] == "verified"
+    graphs = manifest["parity"]["graphs"]
+    assert all(graphs[g]["max_abs"] <= 1e-4 for g in ("caption_memory", "decoder_init", "decoder_step"))
+    assert manifest["retrieval"]["manifest_sha256"] == cm.retrieval.package.manifest_sha256
+    on_disk = json.loads((cm.root / "manifest.json").read_text())
+    assert on_disk["manifest_sha256"] == manifest["manifest_sha256"]
+
+
+def test_greedy_and_beam_token_sequences_identical(exported):
+    model, cm, _ = exported
+    side = _random_side(model.config, 5)
+    report = decode_parity(model, cm, side, settings=((1, 1.0, 0), (2, 0.0, 0), (4, 1.0, 2), (3, 0.6, 3)))
+    assert report["ok"], report
+    # QA-style prefixes of different lengths (grouped by length in the search)
+    sot, q = int(cm.to_local[SOT_ID]), [int(cm.to_local[100 + i]) for i in range(4)]
+    prefixes = [[sot], [sot] + q[:2], [sot] + q, [sot] + q[:2], [sot]]
+    report = decode_parity(model, cm, side, prefixes=prefixes, settings=((1, 1.0, 0), (3, 1.0, 0)))
+    assert report["ok"], report
+
+
+def test_sequences_are_not_trivial(exported):
+    """The fixture's videos decode to different sequences (parity on one repeated token would prove little)."""
+    model, cm, _ = exported
+    hyps, _ = cm.generate_side(_random_side(model.config, 5), options=SearchOptions(max_length=12))
+    lengths = {len(h.tokens) for h in hyps}
+    assert max(lengths) >= 3 and len({h.tokens for h in hyps}) >= 4
+
+
+def test_kv_cache_equals_no_cache(exported):
+    model, cm, _ = exported
+    side = _random_side(model.config, 4)
+    for o in (SearchOptions(max_length=12), SearchOptions(beam_size=3, max_length=12, no_repeat_ngram=2)):
+        with_cache, n_cached = cm.generate_side(side, options=o, cache=True)
+        without, n_full = cm.generate_side(side, options=o, cache=False)
+        assert [h.tokens for h in with_cache] == [h.tokens for h in without]
+        np.testing.assert_allclose([h.logprob for h in with_cache], [h.logprob for h in without], atol=1e-4)
+        assert n_cached < n_full  # the cache computes each position once
+    # PyTorch too: the cached decoder equals re-running the whole sequence
+    eot, sot = int(cm.to_local[EOT_ID]), int(cm.to_local[SOT_ID])
+    t_side = side_tensors(side)
+    o = SearchOptions(beam_size=2, max_length=10)
+    a = generate(TorchSteps(model, t_side, cache=True), [[sot]] * 4, eot, o)
+    b = generate(TorchSteps(model, t_side, cache=False), [[sot]] * 4, eot, o)
+    assert [h.tokens for h in a] == [h.tokens for h in b]
+
+
+def test_teacher_forcing_equals_cached_steps():
+    model = _model()
+    side = side_tensors(_random_side(model.config, 2))
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(side, ids)  # (2, 7, V)
+        cross, bias = model.cross_cache(side)
+        logp, past = model.decode(ids[:, :3], None, cross, bias)
+        steps = [logp]
+        for t in range(3, 7):
+            logp, past = model.decode(ids[:, t:t + 1], past, cross, bias)
+            steps.append(logp)
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 2:], atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_folder_roundtrip(tmp_path):
+    model = _model()
+    save_decoder(model, tmp_path / "d", extra={"training": {"note": "x"}})
+    loaded, meta = load_decoder(tmp_path / "d")
+    assert meta["training"] == {"note": "x"} and loaded.config == model.config
+    side = side_tensors(_random_side(model.config, 2))
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(side, ids), model(side, ids))

@@ -1,0 +1,381 @@
+"""Train the caption / open-ended QA decoder on the synthetic set, on the retrieval model's frozen video encoder.
+
+::
+
+    hbi-train caption --data DIR --out RUN [--package hbi_runtime/data/demo/package] [--steps 4000]
+
+1. The video side of every synthetic video is computed **once** through the retrieval package's own
+   ``video_encoder.onnx`` (``hbi_runtime.load(pkg).encode_frames`` on the frame caches of
+   ``hbi_training.data.frame_cache``) and cached as ``.npz`` beside the run: the encoder stays frozen, and
+   training touches only the small decoder, so it takes minutes on a shared 2-core CPU.
+2. Targets: the canonical caption of each train video (``--captions all`` adds the grammar's paraphrases) and
+   open-ended QA pairs from its scene metadata (:func:`qa_pairs`), tokenised with the CLIP tokenizer.
+3. Teacher forcing, cross entropy on the tokens after the prefix (``[SOT]`` for captions, ``[SOT] question``
+   for QA); AdamW with warmup + cosine; seeded.
+4. The decoder folder (``decoder.safetensors`` + ``decoder.json``) and ``metrics.jsonl``; the held-out
+   attribute accuracy (:func:`attribute_match`) of greedy captions is measured at the end (PyTorch greedy).
+
+:func:`attribute_match` is the goal's checker: a caption names every attribute of a scene when the clauses it
+contains, in order, give exactly the scene's events: colour, shape, action (direction for moves, the new colour
+for turns), and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from hbi_runtime.errors import BadInputError, UsageError
+from hbi_runtime.tokenizer import EOT_ID, SOT_ID, ClipTokenizer
+
+SIDE_NAMES = tuple(f"video_{part}_{tag}" for tag in ("l0", "l1", "l2") for part in ("tokens", "weights", "mask"))
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+
+
+@dataclass(frozen=True)
+class CaptionTrainSettings:
+    data_dir: Path
+    out_dir: Path
+    package: Path  # the retrieval package whose video encoder is frozen
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    seed: int = 0
+    captions: str = "canonical"  # or "all" (paraphrases too)
+    qa: bool = True  # also train open-ended QA
+    qa_fraction: float = 0.3  # share of QA rows in a batch (the rest: captions)
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    levels: tuple[int, ...] = (0, 1, 2)
+    dropout: float = 0.1
+    threads: int = 1
+    log_every: int = 100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attributes: the goal's checker, from the scene metadata
+
+_VERB = r"(?:moves|slides|appears|shows up|disappears|vanishes|turns|becomes|changes to)"
+
+
+def _clause_re(colours: Iterable[str], shapes: Iterable[str]) -> re.Pattern:
+    c, s = "|".join(colours), "|".join(shapes)
+    return re.compile(rf"\b({c}) ({s}) ({_VERB})(?: (?:to the )?(left|right|up|down|{c}))?\b")
+
+
+def parse_events(caption: str, vocabulary: dict) -> list[tuple]:
+    """The events a caption states, in text order: ``(colour, shape, action, colour_to or None)``."""
+    pattern = _clause_re(vocabulary["colours"], vocabulary["shapes"])
+    out = []
+    for colour, shape, verb, arg in pattern.findall(caption.lower()):
+        if verb in ("moves", "slides"):
+            action, to = (arg if arg in ("left", "right", "up", "down") else "move?"), None
+        elif verb in ("appears", "shows up"):
+            action, to = "appear", None
+        elif verb in ("disappears", "vanishes"):
+            action, to = "disappear", None
+        else:
+            action, to = "turn", (arg or None)
+        out.append((colour, shape, action, to))
+    return out
+
+
+def scene_events(scene: dict) -> list[tuple]:
+    """A manifest scene's events in time order as ``(colour, shape, action, colour_to or None)``."""
+    objects = scene["objects"]
+    return [(objects[e["obj"]]["colour"], objects[e["obj"]]["shape"], e["action"],
+             e.get("colour_to") if e["action"] == "turn" else None) for e in scene["events"]]
+
+
+def attribute_match(caption: str, scene: dict, vocabulary: dict) -> bool:
+    """True when the caption names every attribute of the scene's events, in order, and no other event."""
+    return parse_events(caption, vocabulary) == scene_events(scene)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# open-ended QA pairs from a scene
+
+
+def qa_pairs(scene: dict) -> list[tuple[str, str]]:
+    """(question, answer) pairs about one scene: first / last event, each object's action, the event count."""
+    from hbi_training.data.captions import clause
+    from hbi_training.data.scenes import Scene
+
+    s = Scene.from_dict(scene)
+    pairs = [("what happens first?", clause(s, s.events[0])),
+             ("what happens last?", clause(s, s.events[-1])),
+             ("how many events are there?", NUMBERS[len(s.events)])]
+    for e in s.events:
+        obj = s.objects[e.obj]
+        full = clause(s, e, article="the")
+        pairs.append((f"what does the {obj.colour} {obj.shape} do?",
+                      full.removeprefix(f"the {obj.colour} {obj.shape} ")))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# features: the frozen video side, computed once
+
+
+def video_sides(package: Path, data_dir: Path, split: str, cache_dir: Path,
+                progress: Callable[[str], None] = lambda _: None) -> dict[str, np.ndarray]:
+    """The 9 video side arrays of a split, through the package's video encoder; cached by package + frames."""
+    import hbi_runtime
+    from hbi_training.data import frame_cache
+
+    with hbi_runtime.load(package) as model:
+        pre = model.manifest.preprocessing
+        frames, mask = frame_cache(data_dir, split, max_frames=pre.max_frames, image_size=pre.image_size)
+        key = hashlib.sha256(f"{model.package.manifest_sha256}|{frames.shape}|{float(np.asarray(frames[:4]).sum())}"
+                             f"|{mask.tobytes().hex()[:4096]}".encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"sides-{split}-{key}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                return {k: z[k] for k in SIDE_NAMES}
+        started = time.monotonic()
+        parts = []
+        for i in range(0, len(frames), 256):
+            side = model.encode_frames(np.asarray(frames[i:i + 256]), mask[i:i + 256])
+            parts.append([a for lv in side.levels for a in (lv.tokens, lv.weights, lv.mask)])
+        out = {n: np.concatenate([p[j] for p in parts]).astype(np.float32) for j, n in enumerate(SIDE_NAMES)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path.with_suffix(".tmp.npz"), **out)
+    path.with_suffix(".tmp.npz").replace(path)
+    progress(f"video sides of {split}: {len(frames)} videos in {time.monotonic() - started:.0f} s")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sequences
+
+
+@dataclass
+class Sequences:
+    """Training rows: video index, token ids (decoder indices) and how many leading tokens are prefix."""
+
+    video: np.ndarray  # (R,)
+    ids: np.ndarray  # (R, Lmax) int64, padded with EOT (masked out of the loss)
+    prefix: np.ndarray  # (R,) prefix length (>= 1: SOT)
+    length: np.ndarray  # (R,) tokens incl. SOT and EOT
+
+
+def build_vocab(texts: Iterable[str], tokenizer: ClipTokenizer) -> tuple[int, ...]:
+    ids = {SOT_ID, EOT_ID}
+    for t in texts:
+        ids.update(tokenizer.encode(t))
+    return tuple(sorted(ids))
+
+
+def make_sequences(videos: list[dict], tokenizer: ClipTokenizer, vocab, *, captions: str, qa: bool,
+                   max_positions: int) -> Sequences:
+    rows = []
+    for i, v in enumerate(videos):
+        texts = v["captions"][:1] if captions == "canonical" else v["captions"]
+        for c in texts:
+            rows.append((i, [SOT_ID], tokenizer.encode(c)))
+        if qa:
+            for q, a in qa_pairs(v["scene"]):
+                rows.append((i, [SOT_ID] + tokenizer.encode(q), tokenizer.encode(a)))
+    lmax = max(len(p) + len(a) + 1 for _, p, a in rows)
+    if lmax > max_positions:
+        raise UsageError(f"a training sequence has {lmax} tokens, more than the decoder's {max_positions} positions")
+    ids = np.full((len(rows), lmax), vocab.eot, dtype=np.int64)
+    for r, (_, p, a) in enumerate(rows):
+        seq = vocab.to_local(p + a + [EOT_ID])
+        ids[r, :len(seq)] = seq
+    return Sequences(np.array([r[0] for r in rows]), ids, np.array([len(r[1]) for r in rows]),
+                     np.array([len(r[1]) + len(r[2]) + 1 for r in rows]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+def _lr_at(step: int, s: CaptionTrainSettings) -> float:
+    warm = max(1, int(s.warmup * s.steps))
+    if step < warm:
+        return s.lr * (step + 1) / warm
+    return 0.5 * s.lr * (1 + math.cos(math.pi * (step - warm) / max(1, s.steps - warm)))
+
+
+def torch_greedy(model, side: tuple, prefix: list[int], eot: int, max_new: int) -> list[list[int]]:
+    """Greedy decoding in PyTorch with the cache (training-time evaluation; the runtime has its own)."""
+    import torch
+
+    with torch.no_grad():
+        cross, bias = model.cross_cache(side)
+        b = side[0].shape[0]
+        ids = torch.tensor([prefix] * b)
+        logp, past = model.decode(ids, None, cross, bias)
+        out = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool)
+        for _ in range(max_new):
+            nxt = logp.argmax(-1)
+            for i in range(b):
+                if not done[i]:
+                    out[i].append(int(nxt[i]))
+            done |= nxt == eot
+            if bool(done.all()):
+                break
+            logp, past = model.decode(nxt[:, None], past, cross, bias)
+    return [o[:-1] if o and o[-1] == eot else o for o in out]
+
+
+def evaluate(model, sides: dict, videos: list[dict], vocab, tokenizer: ClipTokenizer, vocabulary: dict,
+             max_new: int = 40) -> dict[str, Any]:
+    """Greedy captions of ``videos`` (PyTorch) -> attribute accuracy and the captions."""
+    import torch
+
+    side = tuple(torch.from_numpy(sides[n]) for n in SIDE_NAMES)
+    model.eval()
+    captions = []
+    for i in range(0, len(videos), 128):
+        part = tuple(t[i:i + 128] for t in side)
+        for seq in torch_greedy(model, part, [vocab.sot], vocab.eot, max_new):
+            captions.append(tokenizer.decode(vocab.to_clip(seq)))
+    hits = [attribute_match(c, v["scene"], vocabulary) for c, v in zip(captions, videos)]
+    return {"attribute_accuracy": float(np.mean(hits)), "captions": captions, "hits": hits}
+
+
+def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Features once, then the decoder (module docstring). Returns the summary (also ``OUT/summary.json``)."""
+    import torch
+    from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig, VocabMap, save_decoder
+    from hbi_training.data import read_manifest
+
+    import hbi_runtime
+
+    progress = progress or (lambda _: None)
+    if s.steps < 1 or s.batch_size < 1:
+        raise UsageError("--steps and --batch-size must be >= 1")
+    if s.captions not in ("canonical", "all"):
+        raise UsageError(f"--captions must be 'canonical' or 'all', got {s.captions!r}")
+    torch.manual_seed(s.seed)
+    torch.set_num_threads(s.threads)
+    out = Path(s.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(s.data_dir)
+    vocabulary = manifest["vocabulary"]
+    train_v = [v for v in manifest["videos"] if v["split"] == "train"]
+    test_v = [v for v in manifest["videos"] if v["split"] == "test"]
+    sides = {split: video_sides(s.package, s.data_dir, split, out / "cache", progress) for split in ("train", "test")}
+    with hbi_runtime.load(s.package) as retrieval:
+        pkg_hash = retrieval.package.manifest_sha256
+        pm = retrieval.manifest
+        tokenizer = retrieval.tokenizer
+        tokens_per_level = tuple(pm.tokens_per_level["video"])
+        embed_dim = pm.embed_dim
+    texts = [c for v in train_v for c in (v["captions"] if s.captions == "all" else v["captions"][:1])]
+    if s.qa:
+        texts += [t for v in train_v for qa in qa_pairs(v["scene"]) for t in qa]
+    config = DecoderConfig(embed_dim=embed_dim, tokens_per_level=tokens_per_level, levels=s.levels, width=s.width,
+                           layers=s.layers, heads=s.heads, vocab_ids=build_vocab(texts, tokenizer),
+                           dropout=s.dropout)
+    vocab = VocabMap(config)
+    seqs = make_sequences(train_v, tokenizer, vocab, captions=s.captions, qa=s.qa,
+                          max_positions=config.max_positions)
+    model = CaptionDecoder(config)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=s.lr)
+    side_t = [torch.from_numpy(sides["train"][n]) for n in SIDE_NAMES]
+    ids_t, video_t = torch.from_numpy(seqs.ids), torch.from_numpy(seqs.video)
+    pos = torch.arange(seqs.ids.shape[1] - 1)[None]
+    # target t+1 counts where it is after the prefix and not past EOT
+    loss_mask_all = ((pos >= torch.from_numpy(seqs.prefix)[:, None] - 1)
+                     & (pos < torch.from_numpy(seqs.length)[:, None] - 1)).float()
+    rng = np.random.default_rng(s.seed)
+    is_qa = seqs.prefix > 1
+    caption_rows, qa_rows = np.flatnonzero(~is_qa), np.flatnonzero(is_qa)
+    n_qa = int(round(s.qa_fraction * s.batch_size)) if len(qa_rows) else 0
+    log = (out / "metrics.jsonl").open("w")
+    started = time.monotonic()
+    model.train()
+    running = 0.0
+    for step in range(s.steps):
+        rows = torch.from_numpy(np.concatenate([rng.choice(caption_rows, s.batch_size - n_qa),
+                                                rng.choice(qa_rows, n_qa) if n_qa else np.zeros(0, np.int64)]))
+        width = int(seqs.length[rows.numpy()].max())
+        ids = ids_t[rows, :width]
+        vid = video_t[rows]
+        side = tuple(t[vid] for t in side_t)
+        logp = model(side, ids[:, :-1])
+        mask = loss_mask_all[rows, :width - 1]
+        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        loss = (nll * mask).sum() / mask.sum()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, s)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running += float(loss.detach())
+        if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
+            n = (step % s.log_every) + 1
+            rec = {"step": step + 1, "loss": running / n, "lr": _lr_at(step, s),
+                   "seconds": round(time.monotonic() - started, 1)}
+            running = 0.0
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            progress(f"step {step + 1}/{s.steps} loss {rec['loss']:.4f} ({rec['seconds']:.0f} s)")
+    log.close()
+    train_seconds = time.monotonic() - started
+    result = evaluate(model, sides["test"], test_v, vocab, tokenizer, vocabulary)
+    progress(f"held-out attribute accuracy (PyTorch greedy): {100 * result['attribute_accuracy']:.1f} % "
+             f"of {len(test_v)} videos")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
+    summary = {"retrieval_manifest_sha256": pkg_hash, "settings": settings, "train_seconds": train_seconds,
+               "train_rows": int(len(seqs.video)), "test_attribute_accuracy": result["attribute_accuracy"],
+               "test_videos": len(test_v), "parameters": sum(p.numel() for p in model.parameters())}
+    save_decoder(model.eval(), out / "decoder", extra={"training": summary})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "test_captions.json").write_text(json.dumps(
+        [{"video": v["file"], "caption": c, "reference": v["captions"][0], "match": h}
+         for v, c, h in zip(test_v, result["captions"], result["hits"])], indent=1) + "\n")
+    summary["decoder"] = str(out / "decoder")
+    return summary
+
+
+def settings_with(base: CaptionTrainSettings, **changes) -> CaptionTrainSettings:
+    return replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
+def check_data(data_dir: Path) -> None:
+    if not (Path(data_dir) / "manifest.json").is_file():
+        raise BadInputError(f"{data_dir} is not a synthetic data set (no manifest.json)",
+                            hint="render one: `python -m hbi_training.data.synthetic --out DIR --train 2400 "
+                                 "--test 120 --seed 0`")
+
+
+def export_run(decoder_dir: Path, package: Path, out: Path, data_dir: Path | None, *, overwrite: bool = True,
+               fixtures: int = 8, progress: Callable[[str], None] | None = None) -> dict:
+    """A trained decoder folder -> caption package at ``out`` (parity on ``fixtures`` held-out videos of
+    ``data_dir``, or on the demo samples / random sides when there is no data set)."""
+    import hbi_runtime
+    from hbi_export.tasks.caption import write_caption_package
+    from hbi_export.tasks.decoder import load_decoder
+
+    model, meta = load_decoder(decoder_dir)
+    videos = None
+    if data_dir is not None:
+        from hbi_training.data import read_manifest
+
+        test = [v for v in read_manifest(data_dir)["videos"] if v["split"] == "test"][:fixtures]
+        videos = [str(Path(data_dir) / v["file"]) for v in test]
+    else:
+        samples = Path(hbi_runtime.__file__).resolve().parent / "data" / "demo" / "samples"
+        videos = sorted(str(p) for p in samples.glob("*.mp4"))[:fixtures] or None
+    return write_caption_package(model, package, out, training=meta.get("training", {}), overwrite=overwrite,
+                                 fixture_videos=videos, progress=progress or (lambda _: None))

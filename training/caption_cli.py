@@ -1,0 +1,105 @@
+"""The caption commands of ``hbi-train``: ``caption`` (train the decoder) and ``caption-export`` (caption package)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hbi_runtime.cli_support import emit_json, guarded
+
+def _demo_package() -> Path:
+    import hbi_runtime
+
+    return Path(hbi_runtime.__file__).resolve().parent / "data" / "demo" / "package"
+
+
+def _log(message: str) -> None:
+    sys.stderr.write(f"[caption] {message}\n")
+    sys.stderr.flush()
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``caption`` and ``caption-export`` to ``app``."""
+
+    @app.command("caption", epilog=(
+        "Examples:\n\n  hbi-train caption --data /tmp/syn --out runs/caption\n\n"
+        "  hbi-train caption --data /tmp/syn --out runs/cap --steps 500 --no-qa --json\n\n"
+        "  hbi-train caption --data /tmp/syn --out runs/cap --export hbi_runtime/data/demo/caption"))
+    def caption(
+        data: Annotated[Path, typer.Option(help="Synthetic set (python -m hbi_training.data.synthetic).",
+                                           show_default=False)],
+        out: Annotated[Path, typer.Option(help="Run folder: feature cache, decoder/, metrics.jsonl.",
+                                          show_default=False)],
+        package: Annotated[Optional[Path], typer.Option(
+            help="Retrieval package whose video encoder is frozen (default: the demo's).",
+            show_default=False)] = None,
+        steps: Annotated[int, typer.Option(min=1)] = 4000,
+        batch_size: Annotated[int, typer.Option(min=1)] = 64,
+        lr: Annotated[float, typer.Option()] = 3e-3,
+        seed: Annotated[int, typer.Option()] = 0,
+        captions: Annotated[str, typer.Option(help="canonical or all (with paraphrases).")] = "canonical",
+        qa: Annotated[bool, typer.Option(help="Also train open-ended QA (question as prefix).")] = True,
+        width: Annotated[int, typer.Option(min=8)] = 128,
+        layers: Annotated[int, typer.Option(min=1)] = 2,
+        heads: Annotated[int, typer.Option(min=1)] = 4,
+        levels: Annotated[str, typer.Option(help="Memory levels, e.g. 0,1,2 (entity, action, event).")] = "0,1,2",
+        threads: Annotated[int, typer.Option(min=1)] = 1,
+        export: Annotated[Optional[Path], typer.Option(
+            help="Also write a caption package here (parity-checked).", show_default=False)] = None,
+        json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+        debug: Annotated[bool, typer.Option("--debug")] = False,
+    ) -> None:
+        """Train the caption / open-ended QA decoder on the frozen retrieval video encoder (cached features)."""
+        with guarded(json_mode=json_output, debug=debug):
+            from hbi_runtime.errors import UsageError
+            from hbi_training.caption import CaptionTrainSettings, check_data, export_run, train_caption
+
+            check_data(data)
+            try:
+                lv = tuple(int(x) for x in levels.split(","))
+            except ValueError:
+                raise UsageError(f"--levels must be comma-separated level numbers, got {levels!r}") from None
+            s = CaptionTrainSettings(data_dir=data, out_dir=out, package=package or _demo_package(), steps=steps,
+                                     batch_size=batch_size, lr=lr, seed=seed, captions=captions, qa=qa,
+                                     width=width, layers=layers, heads=heads, levels=lv, threads=threads)
+            summary = train_caption(s, progress=None if json_output else _log)
+            if export is not None:
+                summary["package"] = export_run(Path(summary["decoder"]), s.package, export, data,
+                                                progress=None if json_output else _log)
+            if json_output:
+                emit_json({"schema": "hbi.train-caption/1", **summary})
+            else:
+                typer.echo(f"decoder: {summary['decoder']}  held-out attribute accuracy "
+                           f"{100 * summary['test_attribute_accuracy']:.1f} %")
+
+    @app.command("caption-export", epilog=(
+        "Examples:\n\n  hbi-train caption-export --decoder runs/caption/decoder --out pkg/caption\n\n"
+        "  hbi-train caption-export --decoder runs/caption/decoder --out pkg/caption --retrieval pkg/b32 "
+        "--overwrite"))
+    def caption_export(
+        decoder: Annotated[Path, typer.Option(help="A decoder folder written by `hbi-train caption`.",
+                                              show_default=False)],
+        out: Annotated[Path, typer.Option(help="Caption package folder to write.", show_default=False)],
+        retrieval: Annotated[Optional[Path], typer.Option(
+            help="The retrieval package the decoder was trained on (default: the demo's).",
+            show_default=False)] = None,
+        overwrite: Annotated[bool, typer.Option()] = False,
+        json_output: Annotated[bool, typer.Option("--json")] = False,
+        debug: Annotated[bool, typer.Option("--debug")] = False,
+    ) -> None:
+        """Export a trained decoder as a caption package (three ONNX graphs + manifest), parity-checked."""
+        with guarded(json_mode=json_output, debug=debug):
+            from hbi_training.caption import export_run
+
+            manifest = export_run(decoder, retrieval or _demo_package(), out, None, overwrite=overwrite,
+                                  progress=None if json_output else _log)
+            if json_output:
+                emit_json({"schema": "hbi.caption-export/1", "status": manifest["status"],
+                           "manifest_sha256": manifest["manifest_sha256"], "parity": manifest["parity"]})
+            else:
+                typer.echo(f"caption package {out}: status {manifest['status']}")
+            if manifest["status"] != "verified":
+                raise SystemExit(5)
