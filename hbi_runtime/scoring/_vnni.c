@@ -1,13 +1,16 @@
 /*
  * hbi_runtime.scoring._vnni: the int8 scoring kernel of hbi_runtime.scoring (AVX-512 VNNI, x86-64).
  *
- * One query batch against the u8 codes of a chunk of stored videos, fused with the reductions the level score
- * needs, so that the (videos, T, queries * L) similarity never leaves the cache:
+ * One query batch against the u8 codes of a chunk of stored videos, fused with every reduction of the level
+ * score, so that the (videos, T, queries * L) similarity never leaves the cache and only the scores come out:
  *
- *   S_q[r, j] = (codes[r] - 128) . q[j] * qscale[j]          r = video * T + frame, j = query row
- *   t_max[v, j]    = max over frames t of S_q[v*T + t, j] * vscale[v*T + t]
- *   v_max[v, t, b] = max over l < L of S_q[v*T + t, b*L + l]   (before the video scale, as the ORT graph)
+ *   S_q[r, j]   = (codes[r] - 128) . q[j] * qscale[j]            r = video * T + frame, j = b * L + l
+ *   t2v[v, b]   = sum_l qweight[b*L + l] * max_t (S_q[v*T + t, b*L + l] * vscale[v*T + t])
+ *   v2t[v, b]   = sum_t vweight[v*T + t] * vscale[v*T + t] * max_l S_q[v*T + t, b*L + l]
+ *   score[b, v] = (t2v + v2t) / 2
  *
+ * (the scales are >= 0, so scaling after a max equals scaling before it). Same arithmetic as the ORT graph of
+ * hbi_runtime/scoring/engine.py up to float rounding.
  * The dot products are exact in int32: sum_k codes * q via vpdpbusd (u8 x s8), minus 128 * sum_k q.
  * Rows are taken four at a time against four query rows (16 accumulators): every 64-byte load feeds four
  * vpdpbusd, which keeps the loop on the multiply units instead of the load ports.
@@ -20,8 +23,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HBI_X86 1
@@ -42,6 +47,7 @@ HBI_EXPORT int hbi_vnni_supported(void) {
 
 #ifdef HBI_X86
 #define HBI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define HBI_PREFETCH_AHEAD 2 /* videos */
 
 /* a + b over the lanes of one 128-bit block pair: x, y -> per block [x0+x2, y0+y2, x1+x3, y1+y3] and so on. */
 #define HBI_ADD32(x, y) _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y))
@@ -77,12 +83,17 @@ HBI_TARGET static void dot_tile(const uint8_t *const a[4], const int8_t *const b
     _mm512_storeu_si512((void *)out, HBI_ADD128(HBI_ADD128(u0, u1), HBI_ADD128(u2, u3)));
 }
 
-HBI_TARGET static void score_videos(const uint8_t *codes, const float *vscales, int64_t n_videos, int T, int D,
-                                    const int8_t *q, const int32_t *q_offset, const float *qscales, int BtL,
-                                    int L, float *t_max, float *v_max, int32_t *dots, float *sim) {
+HBI_TARGET static void score_videos(const uint8_t *codes, const float *vscales, const float *vweights,
+                                    int64_t n_videos, int T, int D, const int8_t *q, const int32_t *q_offset,
+                                    const float *qscales, const float *qweights, int BtL, int L, float *scores,
+                                    int64_t stride, int32_t *dots, float *sim, float *tmax) {
     const int Bt = BtL / L;
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
     for (int64_t v = 0; v < n_videos; v++) {
         const uint8_t *vcodes = codes + v * (int64_t)T * D;
+        if (v + HBI_PREFETCH_AHEAD < n_videos) /* the stream of codes: ask for a later video while this one runs */
+            for (int64_t off = 0; off < (int64_t)T * D; off += 64)
+                _mm_prefetch((const char *)(vcodes + HBI_PREFETCH_AHEAD * (int64_t)T * D + off), _MM_HINT_T0);
         /* dots[t * BtL + j] = codes of frame t . query row j; tiles past the edge repeat the last row */
         for (int t0 = 0; t0 < T; t0 += 4) {
             const int nr = T - t0 < 4 ? T - t0 : 4;
@@ -94,58 +105,74 @@ HBI_TARGET static void score_videos(const uint8_t *codes, const float *vscales, 
                 int32_t tile[16];
                 for (int j = 0; j < 4; j++) b[j] = q + (int64_t)(j0 + (j < nq ? j : nq - 1)) * D;
                 dot_tile(a, b, D, tile);
-                for (int i = 0; i < nr; i++)
-                    for (int j = 0; j < nq; j++) dots[(t0 + i) * BtL + j0 + j] = tile[4 * i + j];
+                for (int i = 0; i < nr; i++) memcpy(dots + (t0 + i) * BtL + j0, tile + 4 * i, sizeof(int32_t) * nq);
             }
         }
-        for (int t = 0; t < T; t++)
-            for (int j = 0; j < BtL; j++)
-                sim[t * BtL + j] = (float)(dots[t * BtL + j] - q_offset[j]) * qscales[j];
-        float *tm = t_max + v * BtL;
-        const float *vs = vscales + v * T;
-        for (int j = 0; j < BtL; j++) tm[j] = sim[j] * vs[0];
-        for (int t = 1; t < T; t++)
-            for (int j = 0; j < BtL; j++) {
-                const float s = sim[t * BtL + j] * vs[t];
-                tm[j] = s > tm[j] ? s : tm[j];
+        /* sim = (dots - offset) * qscale; tmax = max over frames of sim * vscale: 16 query rows per vector */
+        const float *vs = vscales + v * T, *vw = vweights + v * T;
+        for (int j0 = 0; j0 < BtL; j0 += 16) {
+            const __mmask16 m = BtL - j0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (BtL - j0)) - 1);
+            const __m512i off = _mm512_maskz_loadu_epi32(m, q_offset + j0);
+            const __m512 qs = _mm512_maskz_loadu_ps(m, qscales + j0);
+            __m512 best = lowest;
+            for (int t = 0; t < T; t++) {
+                const __m512i d = _mm512_maskz_loadu_epi32(m, dots + t * BtL + j0);
+                const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, off)), qs);
+                _mm512_mask_storeu_ps(sim + t * BtL + j0, m, x);
+                best = _mm512_max_ps(best, _mm512_mul_ps(x, _mm512_set1_ps(vs[t])));
             }
-        float *vm = v_max + v * (int64_t)T * Bt;
-        for (int t = 0; t < T; t++)
-            for (int bq = 0; bq < Bt; bq++) {
+            _mm512_mask_storeu_ps(tmax + j0, m, best);
+        }
+        for (int bq = 0; bq < Bt; bq++) {
+            __m512 t2v = _mm512_setzero_ps();
+            for (int l0 = 0; l0 < L; l0 += 16) {
+                const __mmask16 m = L - l0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - l0)) - 1);
+                t2v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qweights + bq * L + l0),
+                                      _mm512_maskz_loadu_ps(m, tmax + bq * L + l0), t2v);
+            }
+            float v2t = 0.0f;
+            for (int t = 0; t < T; t++) {
                 const float *row = sim + t * BtL + bq * L;
-                float best = row[0];
-                for (int l = 1; l < L; l++) best = row[l] > best ? row[l] : best;
-                vm[t * Bt + bq] = best;
+                __m512 best = lowest;
+                for (int l0 = 0; l0 < L; l0 += 16) {
+                    const __mmask16 m = L - l0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - l0)) - 1);
+                    best = _mm512_max_ps(best, _mm512_mask_loadu_ps(lowest, m, row + l0));
+                }
+                v2t += _mm512_reduce_max_ps(best) * (vw[t] * vs[t]);
             }
+            scores[bq * stride + v] = 0.5f * (_mm512_reduce_add_ps(t2v) + v2t);
+        }
     }
 }
 #endif
 
 /*
- * codes (n_videos*T, D) u8 with zero point 128; vscales (n_videos*T,); q (BtL, D) s8; q_offset (BtL,) = 128 *
- * sum_k q[j, k]; qscales (BtL,); outputs t_max (n_videos, BtL) and v_max (n_videos, T, BtL / L).
+ * codes (n_videos*T, D) u8 with zero point 128; vscales, vweights (n_videos*T,); q (BtL, D) s8; q_offset (BtL,) =
+ * 128 * sum_k q[j, k]; qscales, qweights (BtL,); writes scores[b * stride + v] for b < BtL / L, v < n_videos.
  * Returns 0 on success, 1 when the CPU lacks AVX-512 VNNI, 2 on bad sizes, 3 when out of memory.
  */
-HBI_EXPORT int hbi_score_u8s8(const uint8_t *codes, const float *vscales, int64_t n_videos, int T, int D,
-                              const int8_t *q, const int32_t *q_offset, const float *qscales, int BtL, int L,
-                              float *t_max, float *v_max) {
+HBI_EXPORT int hbi_score_u8s8(const uint8_t *codes, const float *vscales, const float *vweights, int64_t n_videos,
+                              int T, int D, const int8_t *q, const int32_t *q_offset, const float *qscales,
+                              const float *qweights, int BtL, int L, float *scores, int64_t stride) {
 #ifdef HBI_X86
     if (!hbi_vnni_supported()) return 1;
-    if (n_videos < 0 || T < 1 || D < 1 || BtL < 1 || L < 1 || BtL % L != 0) return 2;
+    if (n_videos < 0 || T < 1 || D < 1 || BtL < 1 || L < 1 || BtL % L != 0 || stride < n_videos) return 2;
     int32_t *dots = (int32_t *)malloc(sizeof(int32_t) * (size_t)T * (size_t)BtL);
     float *sim = (float *)malloc(sizeof(float) * (size_t)T * (size_t)BtL);
-    if (dots == NULL || sim == NULL) {
-        free(dots);
-        free(sim);
-        return 3;
+    float *tmax = (float *)malloc(sizeof(float) * (size_t)BtL);
+    int rc = 3;
+    if (dots != NULL && sim != NULL && tmax != NULL) {
+        score_videos(codes, vscales, vweights, n_videos, T, D, q, q_offset, qscales, qweights, BtL, L, scores,
+                     stride, dots, sim, tmax);
+        rc = 0;
     }
-    score_videos(codes, vscales, n_videos, T, D, q, q_offset, qscales, BtL, L, t_max, v_max, dots, sim);
     free(dots);
     free(sim);
-    return 0;
+    free(tmax);
+    return rc;
 #else
-    (void)codes; (void)vscales; (void)n_videos; (void)T; (void)D; (void)q; (void)q_offset; (void)qscales;
-    (void)BtL; (void)L; (void)t_max; (void)v_max;
+    (void)codes; (void)vscales; (void)vweights; (void)n_videos; (void)T; (void)D; (void)q; (void)q_offset;
+    (void)qscales; (void)qweights; (void)BtL; (void)L; (void)scores; (void)stride;
     return 1;
 #endif
 }

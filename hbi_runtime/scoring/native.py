@@ -3,13 +3,13 @@
 On int8 storage, ONNX Runtime's ``MatMulIntegerToFloat`` with one query (``Bt * L`` of about 12 columns) reaches
 a fifth of the u8 x s8 peak: its kernels are blocked for wide right-hand sides, and every chunk's codes are
 re-packed. ``_vnni.c`` reads the stored ``(videos * T, D)`` codes as they lie, four frames against four query
-rows per step, and fuses the max over frames and over each query's rows, so per video only ``T * Bt`` and
-``Bt * L`` floats leave the kernel. Same arithmetic as the ORT graph (exact int32 products, then the query and
-video scales), so the two agree to float rounding.
+rows per step, and fuses every reduction of the level score (max over frames, max over each query's rows, both
+weighted sums), so only the scores leave the kernel. Same arithmetic as the ORT graph (exact int32 products, then
+the query and video scales), so the two agree to float rounding.
 
 Available when the extension was built (x86-64 with a C compiler at install time) and the CPU has AVX-512 VNNI;
 otherwise :func:`native_available` is False and scoring uses ONNX Runtime. The call releases the GIL
-(ctypes); :class:`NativeLevelKernel` runs one call per thread on disjoint video ranges.
+(ctypes); :class:`NativeLevelKernel` hands chunks of videos to its threads, one call per chunk.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def _library() -> Any | None:
         return None
     lib.hbi_vnni_supported.restype = ctypes.c_int
     lib.hbi_score_u8s8.restype = ctypes.c_int
-    lib.hbi_score_u8s8.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, _P, ctypes.c_int,
-                                   ctypes.c_int, _P, _P]
+    lib.hbi_score_u8s8.argtypes = [_P, _P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P,
+                                   ctypes.c_int, ctypes.c_int, _P, ctypes.c_int64]
     return lib if lib.hbi_vnni_supported() == 1 else None
 
 
@@ -80,28 +80,28 @@ class NativeLevelKernel:
         q = np.ascontiguousarray((codes.astype(np.int16) - INT8_ZERO_POINT).astype(np.int8))  # (BtL, D)
         q_offset = (INT8_ZERO_POINT * q.astype(np.int32).sum(axis=1)).astype(np.int32)
         q_scales = np.ascontiguousarray(q_scales, dtype=np.float32)
-        bt_l, length, bt = q.shape[0], queries.length, queries.bt
+        bt_l, length = q.shape[0], queries.length
+        q_weights = np.ascontiguousarray(queries.weights, dtype=np.float32).reshape(-1)  # (Bt * L,)
         t, d = level.length, level.dim
-        for start in range(0, level.n, chunk):
-            stop = min(start + chunk, level.n)
+        if not (out.flags.c_contiguous and out.dtype == np.float32):
+            raise MissingDependencyError("the native scoring kernel writes into a C-contiguous float32 array",
+                                         hint="use backend='ort'")
+
+        def work(start: int, stop: int) -> int:
+            """One chunk on one thread: the kernel writes the chunk's scores straight into ``out[:, start:stop]``."""
             video = np.ascontiguousarray(level.tokens[start:stop])  # (c, T, D) u8; a memory map stays a view
             scales = np.ascontiguousarray(level.scales[start:stop], dtype=np.float32)  # (c, T)
-            c = stop - start
-            t_max = np.empty((c, bt_l), dtype=np.float32)
-            v_max = np.empty((c, t, bt), dtype=np.float32)
+            weights = np.ascontiguousarray(level.weights[start:stop], dtype=np.float32)  # (c, T)
+            return self._lib.hbi_score_u8s8(_ptr(video), _ptr(scales), _ptr(weights), stop - start, t, d, _ptr(q),
+                                            _ptr(q_offset), _ptr(q_scales), _ptr(q_weights), bt_l, length,
+                                            _ptr(out) + 4 * start, out.shape[1])
 
-            def work(lo: int, hi: int) -> int:
-                return self._lib.hbi_score_u8s8(
-                    _ptr(video) + lo * t * d, _ptr(scales) + 4 * lo * t, hi - lo, t, d, _ptr(q), _ptr(q_offset),
-                    _ptr(q_scales), bt_l, length, _ptr(t_max) + 4 * lo * bt_l, _ptr(v_max) + 4 * lo * t * bt)
-
-            bounds = np.linspace(0, c, min(self.threads, c) + 1).astype(int)
-            parts = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-            codes_rc = list(self._pool.map(lambda p: work(*p), parts)) if self._pool else [work(0, c)]
-            bad = [rc for rc in codes_rc if rc != 0]
-            if bad:
-                raise MissingDependencyError(f"the native scoring kernel failed: {_ERRORS.get(bad[0], bad[0])}",
-                                             hint="use backend='ort'")
-            t2v = queries.t2v(t_max)  # (c, Bt)
-            v2t = np.einsum("ctb,ct->cb", v_max, level.weights[start:stop] * scales)  # (c, Bt)
-            out[:, start:stop] = (np.float32(0.5) * (t2v + v2t)).T
+        # Chunks go to the threads as each becomes free (no barrier per chunk: on a shared machine one late thread
+        # would stall the other at every chunk); small enough that the last ones balance the threads.
+        chunk = max(1, min(chunk, -(-level.n // (4 * self.threads))))
+        parts = [(start, min(start + chunk, level.n)) for start in range(0, level.n, chunk)]
+        codes_rc = list(self._pool.map(lambda p: work(*p), parts)) if self._pool else [work(*p) for p in parts]
+        bad = [rc for rc in codes_rc if rc != 0]
+        if bad:
+            raise MissingDependencyError(f"the native scoring kernel failed: {_ERRORS.get(bad[0], bad[0])}",
+                                         hint="use backend='ort'")

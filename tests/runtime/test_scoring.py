@@ -304,3 +304,13 @@ def test_a_large_batch_of_queries_of_mixed_lengths_is_scored_in_groups_and_exact
 def test_small_batches_and_equal_lengths_stay_one_pass(rng):
     assert query_groups(make_level(rng, (1, 9, 4), 9)) == [None]  # few queries: one pass over the store
     assert query_groups(make_level(rng, (8,) * 100 + (9,) * 100, 9)) == [None]  # 9 and 10 rows: spread 1.11
+
+
+@pytest.mark.skipif(not native_available(), reason="the native int8 kernel needs x86-64 with AVX-512 VNNI")
+def test_native_kernel_writes_each_group_of_a_large_batch_in_place(rng):
+    # 70 queries of 0 .. 16 valid tokens: several groups, each written by the kernel through a row stride
+    text = make_level(rng, tuple(int(v) for v in rng.integers(0, 17, 70)), 16, 100)
+    store = StoreLevel.from_side_level(make_level(rng, VIDEO_VALID, 7, 100), "int8")
+    assert len(query_groups(text)) > 1
+    np.testing.assert_allclose(score_level(text, store, backend="native", memory_limit_mb=0.01),
+                               score_level(text, store, backend="numpy"), rtol=0, atol=1e-6)
