@@ -9,6 +9,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from hbi_runtime.cli_support import OutputFormat
+
 CALIBRATE_HELP = (
     "INT8 from your own videos: calibrate the video encoder of a model package, check it against the package on "
     "held-out videos, and write an INT8 package (explicit Q/DQ ONNX).\n\n"
@@ -27,11 +29,6 @@ CALIBRATE_HELP = (
     "  hbi-export calibrate pkg/msrvtt --videos clips/ --captions clips.csv --method percentile "
     "--target tensorrt --out pkg/msrvtt-int8-trt --strict --format json"
 )
-
-
-class _Format(str, enum.Enum):
-    text = "text"
-    json = "json"
 
 
 class _Target(str, enum.Enum):
@@ -99,13 +96,13 @@ def register(app: typer.Typer) -> None:
                                                               "written) instead of a fp32/fp16 fallback.")] = False,
         workers: Annotated[int, typer.Option("--workers", min=1, help="Video decoding processes.")] = 2,
         overwrite: Annotated[bool, typer.Option(help="Replace an existing package at --out.")] = False,
-        output: Annotated[_Format, typer.Option("--format", help="Output as text or JSON.")] = _Format.text,
+        output: Annotated[OutputFormat, typer.Option("--format", help="Output as text or JSON.")] = OutputFormat.text,
         debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
     ) -> None:
         """Package + videos -> gated INT8 package (``hbi_calibration.pipeline.calibrate_package``)."""
         from hbi_runtime.cli_support import emit_json, guarded
 
-        json_mode = output is _Format.json
+        json_mode = output is OutputFormat.json
         with guarded(json_mode=json_mode, debug=debug):
             from hbi_calibration.gate import Criteria
             from hbi_calibration.pipeline import calibrate_package

@@ -5,7 +5,6 @@ Exit codes (hbi_runtime.errors): 0 ok, 1 internal error, 2 usage, 3 bad input (e
 
 from __future__ import annotations
 
-import enum
 from collections import defaultdict
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -15,7 +14,7 @@ import typer
 from hbi_calibration.cli import register as _register_calibrate
 from hbi_export.tasks.qa_cli import register as _register_qa
 from hbi_export.trt.cli import register as _register_trt
-from hbi_runtime.cli_support import emit_json, guarded
+from hbi_runtime.cli_support import OutputFormat, emit_json, guarded
 from hbi_runtime.errors import EXIT_GATE_FAILED
 
 app = typer.Typer(
@@ -25,11 +24,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,  # errors go through guarded(); tracebacks only with --debug
 )
-
-
-class OutputFormat(str, enum.Enum):
-    text = "text"
-    json = "json"
 
 
 FormatOption = Annotated[OutputFormat, typer.Option("--format", help="Output as text or JSON.")]

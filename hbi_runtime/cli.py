@@ -16,13 +16,8 @@ import typer
 
 from hbi_runtime import __version__, doctor as doctor_lib
 from hbi_runtime.bench.cli import register as _register_bench
-from hbi_runtime.cli_support import emit_json, guarded
+from hbi_runtime.cli_support import OutputFormat, emit_json, guarded
 from hbi_runtime.tasks.cli import register as _register_tasks
-
-
-class OutputFormat(str, enum.Enum):
-    text = "text"
-    json = "json"
 
 
 @dataclass(frozen=True)

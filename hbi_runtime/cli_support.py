@@ -8,12 +8,20 @@ exits with the error's code. Anything else is a bug: exit 1, with the traceback 
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import sys
 import traceback
 from typing import Iterator
 
 from hbi_runtime.errors import EXIT_INTERNAL, HbiError
+
+
+class OutputFormat(str, enum.Enum):
+    """``--format`` of the commands that print either text for people or one JSON document for scripts."""
+
+    text = "text"
+    json = "json"
 
 
 def emit_json(payload: dict) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import emit_json, guarded
+from hbi_runtime.cli_support import OutputFormat, emit_json, guarded
 
 BUILD_HELP = (
     "Build a TensorRT engine for every graph of a model package, on the machine that will run it.\n\n"
@@ -30,11 +30,6 @@ class Precision(str, enum.Enum):
     fp32 = "fp32"
     fp16 = "fp16"
     int8 = "int8"
-
-
-class OutputFormat(str, enum.Enum):
-    text = "text"
-    json = "json"
 
 
 def register(app: typer.Typer) -> None:

@@ -19,8 +19,8 @@ from hbi_runtime.backends.cuda import Cuda, DeviceInfo
 from hbi_runtime.backends.tensorrt import import_tensorrt, load_plugin_library
 from hbi_runtime.engines import AxisRange, EngineEntry, EngineSet, engines_dir, write_engine_set
 from hbi_runtime.errors import MissingDependencyError
-from hbi_runtime.package import GRAPH_NAMES, load_package
 from hbi_runtime.fileio import write_atomic
+from hbi_runtime.package import GRAPH_NAMES, load_package
 
 SCHEMA = "hbi.build-engine/1"
 

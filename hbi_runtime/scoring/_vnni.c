@@ -16,8 +16,8 @@
  * vpdpbusd, which keeps the loop on the multiply units instead of the load ports.
  *
  * It is a plain C library loaded with ctypes (the Python module init below only makes it importable, so that
- * setuptools builds it and Python finds it); ctypes releases the GIL, and the caller runs one call per thread on
- * disjoint video ranges. Without AVX-512 VNNI (or off x86-64) hbi_vnni_supported() returns 0 and the caller uses
+ * setuptools builds it and Python finds it); ctypes releases the GIL, and the caller hands chunks of videos to its
+ * threads, one call per chunk. Without AVX-512 VNNI (or off x86-64) hbi_vnni_supported() returns 0 and the caller uses
  * the ONNX Runtime path; nothing here runs then.
  */
 #define PY_SSIZE_T_CLEAN

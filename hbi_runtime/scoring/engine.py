@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from hbi_runtime.errors import BadInputError, MissingDependencyError, UsageError
-from hbi_runtime.scoring.store import INT8_ZERO_POINT, StoreLevel, quantize_int8
+from hbi_runtime.scoring.store import INT8_ZERO_POINT, StoreLevel, quantize_int8, signed_codes
 from hbi_runtime.sides import SideLevel
 
 BACKENDS = ("auto", "native", "ort", "numpy")
@@ -186,7 +186,7 @@ def _query_feed(queries: Queries, dtype: str) -> dict[str, np.ndarray]:
     feed = {"shape4": np.array([0, 0, queries.bt, queries.length], dtype=np.int64)}
     if dtype == "int8":
         codes, scales = quantize_int8(queries.tokens)  # (BtL, D) u8 with zero point 128, (BtL,)
-        feed["query_t"] = np.ascontiguousarray((codes.astype(np.int16) - INT8_ZERO_POINT).astype(np.int8).T)
+        feed["query_t"] = np.ascontiguousarray(signed_codes(codes).T)
         feed["qscales"] = scales
     else:
         feed["query_t"] = np.ascontiguousarray(queries.tokens.T)  # (D, BtL)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from hbi_runtime.errors import MissingDependencyError
-from hbi_runtime.scoring.store import INT8_ZERO_POINT, StoreLevel, quantize_int8
+from hbi_runtime.scoring.store import INT8_ZERO_POINT, StoreLevel, quantize_int8, signed_codes
 
 _MODULE = "hbi_runtime.scoring._vnni"
 _P = ctypes.c_void_p
@@ -77,7 +77,7 @@ class NativeLevelKernel:
             raise MissingDependencyError(f"the native scoring kernel reads int8 stores, not {level.dtype}",
                                          hint="use backend='ort' or 'auto'")
         codes, q_scales = quantize_int8(queries.tokens)  # (BtL, D) u8 with zero point 128, (BtL,)
-        q = np.ascontiguousarray((codes.astype(np.int16) - INT8_ZERO_POINT).astype(np.int8))  # (BtL, D)
+        q = np.ascontiguousarray(signed_codes(codes))  # (BtL, D)
         q_offset = (INT8_ZERO_POINT * q.astype(np.int32).sum(axis=1)).astype(np.int32)
         q_scales = np.ascontiguousarray(q_scales, dtype=np.float32)
         bt_l, length = q.shape[0], queries.length

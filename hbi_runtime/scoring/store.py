@@ -64,6 +64,11 @@ def quantize_int8(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.uint8), scales.astype(np.float32)
 
 
+def signed_codes(codes: np.ndarray) -> np.ndarray:
+    """The int8 values of :func:`quantize_int8`'s codes (``code - 128``), as the int8 scorers' query operand."""
+    return (codes.astype(np.int16) - INT8_ZERO_POINT).astype(np.int8)
+
+
 @dataclass(frozen=True)
 class StoreLevel:
     """One level of a :class:`VideoStore` (see the module docstring for the arrays and the invariant).

@@ -28,8 +28,8 @@ from typing import Any, Mapping
 
 from hbi_runtime import __version__
 from hbi_runtime.errors import BadInputError, GateFailedError, MismatchError
-from hbi_runtime.package import (GraphSpec, Preprocessing, TokenizerSpec, manifest_sha256, sha256_file)
 from hbi_runtime.fileio import write_atomic
+from hbi_runtime.package import GraphSpec, Preprocessing, TokenizerSpec, manifest_sha256, sha256_file
 
 QA_MANIFEST = "qa_manifest.json"
 QA_KIND = "hbi-qa"
