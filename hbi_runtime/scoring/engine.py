@@ -1,15 +1,16 @@
 """Exact level score of a batch of queries against a :class:`~hbi_runtime.scoring.store.StoreLevel`, in chunks.
 
 Only the *valid* text tokens are computed: the queries' valid tokens are gathered into one ``Q (Bt * L, D)``
-matrix (:class:`Queries`: per query its valid tokens, one zero row standing for all its padded positions, and
-copies up to the longest query). Per chunk of ``c`` videos, one matrix product ``S = V @ Q^T (c, T, Bt * L)``
+matrix (:class:`Queries`: per query its valid tokens, and copies up to the longest query; a query with padding
+keeps a zero *floor* instead of its padded rows). Per chunk of ``c`` videos, one matrix product ``S = V @ Q^T (c, T, Bt * L)``
 and the segmented reductions:
 
 * t2v: max over the ``T`` frames -> ``(c, Bt * L)``, then the per-query weighted sum over its ``L`` rows (a
   reshape to ``(c, Bt, L)`` and an einsum with the ``(Bt, L)`` token weights) -> ``(c, Bt)``. A padded video frame holds a zero token (store invariant), so its
   ``S`` is exactly 0 and the max includes the official zero floor without any masking work.
-* v2t: max over each query's ``L`` rows -> ``(c, T, Bt)`` (the zero row is the zero floor of a query with
-  padding), times the frame weights (0 at padding), summed over frames -> ``(c, Bt)``.
+* v2t: max over each query's ``L`` rows -> ``(c, T, Bt)``, raised to the query's floor (0 for a query with
+  padding: its padded positions of ``S`` are 0 in the reference), times the frame weights (0 at padding), summed
+  over frames -> ``(c, Bt)``.
 
 Three backends compute the same thing: ``native`` (int8 storage only: the AVX-512 VNNI kernel of
 :mod:`hbi_runtime.scoring.native`, fused product and reductions; ``auto`` takes it for int8 where it runs), ``ort`` (one small ONNX Runtime graph per storage dtype, built once with
@@ -39,23 +40,26 @@ MAX_CHUNK_VIDEOS = 4096  # larger chunks gain nothing measurable and keep more i
 class Queries:
     """The valid text tokens of ``Bt`` queries at one level, as ``Bt`` equal groups of ``L`` rows.
 
-    Query ``a`` owns rows ``a*L .. a*L+L-1``: its valid tokens in order, then one zero token if it has padding
-    (its padded rows of ``S`` are all 0 in the reference: one zero row gives the max over text tokens the same
-    zero floor), then copies of its last row up to ``L`` (a copy never changes a max; its weight is 0). With one
-    query, or queries of equal length, nothing is copied. Equal groups let the per-query max over text tokens be
-    a reshape plus one reduction instead of a gather: ONNX Runtime's ``Gather`` on the last axis cost about 40%
-    of the fp32 matrix product per chunk (1 query), while copied rows cost products only in batches of queries
-    of different lengths (at most ``L / mean length`` more).
+    Query ``a`` owns rows ``a*L .. a*L+L-1``: its valid tokens in order, then copies of its last row up to ``L``
+    (a copy never changes a max; its weight is 0). Its padded positions are all 0 in the reference's ``S``; they
+    are not computed: ``floor[a]`` (0 for a query with padding, -inf without) raises its max over text tokens
+    to the same zero floor. A query without valid tokens is one zero row of weight 0 with floor 0: it scores 0.
+    With one query, or queries of equal length, nothing is copied. Equal groups let the per-query max over text
+    tokens be a reshape plus one reduction instead of a gather: ONNX Runtime's ``Gather`` on the last axis cost
+    about 40% of the fp32 matrix product per chunk (1 query), while copied rows cost products only in batches of
+    queries of different lengths (at most ``L / mean length`` more).
 
     Attributes:
         tokens: ``(Bt * L, D)`` float32.
         length: ``L``, rows per query.
-        weights: ``(Bt, L)`` float32, each row's token weight (0 for the zero row and the copies).
+        weights: ``(Bt, L)`` float32, each row's token weight (0 for the copies).
+        floor: ``(Bt,)`` float32, the least value of each query's max over its rows (0 or -inf).
     """
 
     tokens: np.ndarray
     length: int
     weights: np.ndarray
+    floor: np.ndarray
 
     @property
     def bt(self) -> int:
@@ -65,24 +69,29 @@ class Queries:
         """The per-query weighted sum of ``t_max (c, Bt * L)`` (each row's max over frames) -> ``(c, Bt)``."""
         return np.einsum("cbl,bl->cb", t_max.reshape(len(t_max), self.bt, self.length), self.weights)
 
+    def v2t(self, v_max: np.ndarray, frame_weights: np.ndarray) -> np.ndarray:
+        """``v_max (c, T, Bt)`` (each frame's max over a query's rows) raised to the floors, weighted by
+        ``frame_weights (c, T)`` and summed over frames -> ``(c, Bt)``."""
+        return np.einsum("ctb,ct->cb", np.maximum(v_max, self.floor), frame_weights)
+
     @classmethod
     def from_level(cls, level: SideLevel) -> Queries:
         mask = level.mask  # (Bt, Lt) bool
         counts = mask.sum(axis=1)
-        padded = counts < level.length
-        length = int(max(1, (counts + padded).max()))
+        length = int(max(1, counts.max(initial=0)))
         rows = np.zeros((level.n, length, level.dim), dtype=np.float32)  # (Bt, L, D)
         weights = np.zeros((level.n, length), dtype=np.float32)
         for a in range(level.n):
             pos = np.flatnonzero(mask[a])
-            used = len(pos) + int(padded[a])  # the zero row, if any, is already there
+            used = max(1, len(pos))  # an empty query keeps one zero row
             rows[a, :len(pos)] = level.tokens[a, pos]
             rows[a, used:] = rows[a, used - 1]
             weights[a, :len(pos)] = level.weights[a, pos]
         if not np.isfinite(rows).all():
             raise BadInputError("text side | Received non-finite tokens at valid positions. Note: Expected finite, "
                                 "L2-normalised tokens")
-        return cls(rows.reshape(-1, level.dim), length, weights)
+        floor = np.where(counts < level.length, 0.0, -np.inf).astype(np.float32)
+        return cls(rows.reshape(-1, level.dim), length, weights, floor)
 
 
 def _import_ort() -> tuple[Any, Any]:
@@ -178,7 +187,7 @@ class OrtLevelKernel:
             t_max, v_max = session.run(["t_max", "v_max"], feed)  # (c, Bt * L), (c, T, Bt)
             t2v = queries.t2v(t_max)  # (c, Bt)
             # the weighted sum over frames in numpy: ORT's ReduceSum over the middle axis cost ~15x more here
-            v2t = np.einsum("ctb,ct->cb", v_max, v_weights)  # (c, Bt)
+            v2t = queries.v2t(v_max, v_weights)  # (c, Bt)
             out[:, part] = (np.float32(0.5) * (t2v + v2t)).T  # (Bt, c)
 
 
@@ -213,7 +222,7 @@ def numpy_level(queries: Queries, level: StoreLevel, chunk: int, out: np.ndarray
             sim *= level.scales[part][..., None]
         t2v = queries.t2v(sim.max(axis=1))  # (c, Bt)
         v_max = sim.reshape(c, t, queries.bt, queries.length).max(axis=3)  # (c, T, Bt)
-        v2t = np.einsum("ctb,ct->cb", v_max, level.weights[part])  # (c, Bt)
+        v2t = queries.v2t(v_max, level.weights[part])  # (c, Bt)
         out[:, part] = (np.float32(0.5) * (t2v + v2t)).T
 
 

@@ -45,7 +45,7 @@ def _library() -> Any | None:
         return None
     lib.hbi_vnni_supported.restype = ctypes.c_int
     lib.hbi_score_u8s8.restype = ctypes.c_int
-    lib.hbi_score_u8s8.argtypes = [_P, _P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P,
+    lib.hbi_score_u8s8.argtypes = [_P, _P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P,
                                    ctypes.c_int, ctypes.c_int, _P, ctypes.c_int64]
     return lib if lib.hbi_vnni_supported() == 1 else None
 
@@ -82,6 +82,7 @@ class NativeLevelKernel:
         q_scales = np.ascontiguousarray(q_scales, dtype=np.float32)
         bt_l, length = q.shape[0], queries.length
         q_weights = np.ascontiguousarray(queries.weights, dtype=np.float32).reshape(-1)  # (Bt * L,)
+        q_floor = np.ascontiguousarray(queries.floor, dtype=np.float32)  # (Bt,)
         t, d = level.length, level.dim
         if not (out.flags.c_contiguous and out.dtype == np.float32):
             raise MissingDependencyError("the native scoring kernel writes into a C-contiguous float32 array",
@@ -93,8 +94,8 @@ class NativeLevelKernel:
             scales = np.ascontiguousarray(level.scales[start:stop], dtype=np.float32)  # (c, T)
             weights = np.ascontiguousarray(level.weights[start:stop], dtype=np.float32)  # (c, T)
             return self._lib.hbi_score_u8s8(_ptr(video), _ptr(scales), _ptr(weights), stop - start, t, d, _ptr(q),
-                                            _ptr(q_offset), _ptr(q_scales), _ptr(q_weights), bt_l, length,
-                                            _ptr(out) + 4 * start, out.shape[1])
+                                            _ptr(q_offset), _ptr(q_scales), _ptr(q_weights), _ptr(q_floor), bt_l,
+                                            length, _ptr(out) + 4 * start, out.shape[1])
 
         # Chunks go to the threads as each becomes free (no barrier per chunk: on a shared machine one late thread
         # would stall the other at every chunk); small enough that the last ones balance the threads.

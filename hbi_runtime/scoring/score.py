@@ -77,7 +77,7 @@ def score_level(text: SideLevel, level: StoreLevel, *, threads: int | None = Non
     for rows in query_groups(text):
         part = text if rows is None else SideLevel(text.tokens[rows], text.weights[rows], text.mask[rows])
         target = out if rows is None else np.zeros((len(rows), level.n), dtype=np.float32)
-        queries = Queries.from_level(part)  # a query without valid tokens is one zero row: it scores 0
+        queries = Queries.from_level(part)  # a query without valid tokens scores 0
         chunk = chunk_videos(level, queries, memory_limit_mb)
         if backend == "native":
             _native_kernel(threads or default_threads()).run(queries, level, chunk, target)
@@ -103,7 +103,7 @@ def query_groups(text: SideLevel) -> list[np.ndarray | None]:
     shortest), each one pass; a small batch stays one pass, since every pass streams the whole store again.
     """
     counts = text.mask.sum(axis=1)
-    used = np.maximum(1, counts + (counts < text.length))  # valid rows + the zero row of a padded query
+    used = np.maximum(1, counts)  # the rows a query takes in Queries
     if text.n < GROUP_MIN_QUERIES or used.min() * GROUP_MAX_SPREAD >= used.max():
         return [None]
     groups, start = [], None

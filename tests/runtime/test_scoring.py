@@ -258,7 +258,7 @@ def _cpu_has_vnni() -> bool:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         return False
-    return platform.machine() == "x86_64" and {"avx512f", "avx512bw", "avx512_vnni"} <= set(flags)
+    return platform.machine() == "x86_64" and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags)
 
 
 def test_native_kernel_is_built_and_used_where_the_cpu_runs_it():
