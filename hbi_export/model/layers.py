@@ -51,17 +51,26 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.normal_(self.in_proj_weight, std=width**-0.5)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, W); bias: broadcastable to (B, heads, N, N), added to the logits."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, queries: int | None = None) -> torch.Tensor:
+        """x: (B, N, W); bias: broadcastable to (B, heads, N, N), added to the logits. ``queries``: only the
+        first ``queries`` positions attend (output ``(B, queries, W)``), every position still a key and value."""
         b, n, w = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3W)
-        qkv = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, h, N, dh)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        logits = (q * (w // self.heads) ** -0.5) @ k.transpose(-2, -1)  # (B, h, N, N)
+        dh = w // self.heads
+        if queries is None:
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3W)
+            qkv = qkv.view(b, n, 3, self.heads, dh).permute(2, 0, 3, 1, 4)  # (3, B, h, N, dh)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            q = F.linear(x[:, :queries], self.in_proj_weight[:w], self.in_proj_bias[:w])  # (B, nq, W)
+            q = q.view(b, queries, self.heads, dh).transpose(1, 2)  # (B, h, nq, dh)
+            kv = F.linear(x, self.in_proj_weight[w:], self.in_proj_bias[w:])  # (B, N, 2W)
+            kv = kv.view(b, n, 2, self.heads, dh).permute(2, 0, 3, 1, 4)  # (2, B, h, N, dh)
+            k, v = kv[0], kv[1]
+        logits = (q * dh ** -0.5) @ k.transpose(-2, -1)  # (B, h, nq, N)
         if bias is not None:
             logits = logits + bias.to(logits.dtype)
-        out = softmax32(logits) @ v  # (B, h, N, dh)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
+        out = softmax32(logits) @ v  # (B, h, nq, dh)
+        return self.out_proj(out.transpose(1, 2).reshape(b, q.shape[2], w))
 
 
 class ResidualBlock(nn.Module):
@@ -77,8 +86,9 @@ class ResidualBlock(nn.Module):
         )
         self.ln_2 = LayerNorm(width, eps=ln_eps)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, queries: int | None = None) -> torch.Tensor:
+        """``queries``: compute the block's output for the first ``queries`` positions only (``(B, queries, W)``)."""
+        x = (x if queries is None else x[:, :queries]) + self.attn(self.ln_1(x), bias, queries)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -89,9 +99,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.resblocks = nn.ModuleList(ResidualBlock(width, heads, ln_eps) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.resblocks:
-            x = block(x, bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, last_queries: int | None = None
+                ) -> torch.Tensor:
+        """``last_queries``: the last block computes only the first ``last_queries`` positions (the output is
+        ``(B, last_queries, W)``); what a caller reads of those positions is unchanged."""
+        for i, block in enumerate(self.resblocks):
+            x = block(x, bias, last_queries if i == len(self.resblocks) - 1 else None)
         return x
 
 
