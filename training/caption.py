@@ -61,6 +61,7 @@ class CaptionTrainSettings:
     dropout: float = 0.1
     threads: int = 1
     log_every: int = 100
+    init_decoder: Path | None = None  # continue this decoder (same vocabulary and memory shape) instead of a new one
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +178,14 @@ def build_vocab(texts: Iterable[str], tokenizer: ClipTokenizer) -> tuple[int, ..
     return tuple(sorted(ids))
 
 
+def training_texts(videos: list[dict], captions: str, qa: bool) -> list[str]:
+    """Every text the decoder trains on (its vocabulary is built from these)."""
+    texts = [c for v in videos for c in (v["captions"] if captions == "all" else v["captions"][:1])]
+    if qa:
+        texts += [t for v in videos for pair in qa_pairs(v["scene"]) for t in pair]
+    return texts
+
+
 def make_sequences(videos: list[dict], tokenizer: ClipTokenizer, vocab, *, captions: str, qa: bool,
                    max_positions: int) -> Sequences:
     rows = []
@@ -207,6 +216,22 @@ def _lr_at(step: int, s: CaptionTrainSettings) -> float:
     if step < warm:
         return s.lr * (step + 1) / warm
     return 0.5 * s.lr * (1 + math.cos(math.pi * (step - warm) / max(1, s.steps - warm)))
+
+
+def target_mask(seqs: Sequences):
+    """(R, Lmax - 1) float: 1 where target token t + 1 counts (after the prefix, up to and including EOT)."""
+    import torch
+
+    pos = torch.arange(seqs.ids.shape[1] - 1)[None]
+    return ((pos >= torch.from_numpy(seqs.prefix)[:, None] - 1)
+            & (pos < torch.from_numpy(seqs.length)[:, None] - 1)).float()
+
+
+def teacher_forcing_loss(model, side: tuple, ids, mask):
+    """Mean cross entropy of the next tokens of ``ids`` (B, n) where ``mask`` (B, n - 1) is 1."""
+    logp = model(side, ids[:, :-1])
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (nll * mask).sum() / mask.sum()
 
 
 def torch_greedy(model, side: tuple, prefix: list[int], eot: int, max_new: int) -> list[list[int]]:
@@ -252,7 +277,6 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
     """Features once, then the decoder (module docstring). Returns the summary (also ``OUT/summary.json``)."""
     import torch
     from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig, VocabMap, save_decoder
-    from hbi_training.data import read_manifest
 
     import hbi_runtime
 
@@ -265,10 +289,12 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
     torch.set_num_threads(s.threads)
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(s.data_dir)
-    vocabulary = manifest["vocabulary"]
-    train_v = [v for v in manifest["videos"] if v["split"] == "train"]
-    test_v = [v for v in manifest["videos"] if v["split"] == "test"]
+    vocabulary, train_v, test_v = read_splits(s.data_dir)
+    start = None
+    if s.init_decoder is not None:
+        from hbi_export.tasks.decoder import load_decoder
+
+        start, _ = load_decoder(s.init_decoder)  # before the features: a wrong folder fails at once
     sides = {split: video_sides(s.package, s.data_dir, split, out / "cache", progress) for split in ("train", "test")}
     with hbi_runtime.load(s.package) as retrieval:
         pkg_hash = retrieval.package.manifest_sha256
@@ -276,9 +302,7 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
         tokenizer = retrieval.tokenizer
         tokens_per_level = tuple(pm.tokens_per_level["video"])
         embed_dim = pm.embed_dim
-    texts = [c for v in train_v for c in (v["captions"] if s.captions == "all" else v["captions"][:1])]
-    if s.qa:
-        texts += [t for v in train_v for qa in qa_pairs(v["scene"]) for t in qa]
+    texts = training_texts(train_v, s.captions, s.qa)
     config = DecoderConfig(embed_dim=embed_dim, tokens_per_level=tokens_per_level, levels=s.levels, width=s.width,
                            layers=s.layers, heads=s.heads, vocab_ids=build_vocab(texts, tokenizer),
                            dropout=s.dropout)
@@ -286,16 +310,19 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
     seqs = make_sequences(train_v, tokenizer, vocab, captions=s.captions, qa=s.qa,
                           max_positions=config.max_positions)
     model = CaptionDecoder(config)
+    if start is not None:
+        shape = ("embed_dim", "tokens_per_level", "levels", "max_positions", "vocab_ids")
+        if any(getattr(start.config, k) != getattr(config, k) for k in shape):
+            raise UsageError(f"{s.init_decoder}: its vocabulary or memory shape differs from this run's",
+                             hint="continue a decoder trained on the same data set and retrieval model family")
+        model, config = start, start.config
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=s.lr)
     side_t = [torch.from_numpy(sides["train"][n]) for n in SIDE_NAMES]
     ids_t, video_t = torch.from_numpy(seqs.ids), torch.from_numpy(seqs.video)
-    pos = torch.arange(seqs.ids.shape[1] - 1)[None]
-    # target t+1 counts where it is after the prefix and not past EOT
-    loss_mask_all = ((pos >= torch.from_numpy(seqs.prefix)[:, None] - 1)
-                     & (pos < torch.from_numpy(seqs.length)[:, None] - 1)).float()
+    loss_mask_all = target_mask(seqs)
     rng = np.random.default_rng(s.seed)
     is_qa = seqs.prefix > 1
     caption_rows, qa_rows = np.flatnonzero(~is_qa), np.flatnonzero(is_qa)
@@ -311,10 +338,7 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
         ids = ids_t[rows, :width]
         vid = video_t[rows]
         side = tuple(t[vid] for t in side_t)
-        logp = model(side, ids[:, :-1])
-        mask = loss_mask_all[rows, :width - 1]
-        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        loss = (nll * mask).sum() / mask.sum()
+        loss = teacher_forcing_loss(model, side, ids, loss_mask_all[rows, :width - 1])
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, s)
         opt.zero_grad(set_to_none=True)
@@ -346,6 +370,16 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
          for v, c, h in zip(test_v, result["captions"], result["hits"])], indent=1) + "\n")
     summary["decoder"] = str(out / "decoder")
     return summary
+
+
+def read_splits(data_dir: Path) -> tuple[dict, list[dict], list[dict]]:
+    """A synthetic set's vocabulary and its train and test videos (manifest entries, in order)."""
+    from hbi_training.data import read_manifest
+
+    manifest = read_manifest(data_dir)
+    videos = manifest["videos"]
+    return (manifest["vocabulary"], [v for v in videos if v["split"] == "train"],
+            [v for v in videos if v["split"] == "test"])
 
 
 def settings_with(base: CaptionTrainSettings, **changes) -> CaptionTrainSettings:

@@ -21,8 +21,13 @@ def _log(message: str) -> None:
     sys.stderr.flush()
 
 
+def _demo_checkpoint() -> Path:
+    return _demo_package().parent / "checkpoint"
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``caption`` and ``caption-export`` to ``app``."""
+    """Add ``caption``, ``caption-export``, ``caption-joint`` and ``caption-joint-export`` to ``app``."""
+    register_joint(app)
 
     @app.command("caption", epilog=(
         "Examples:\n\n  hbi-train caption --data /tmp/syn --out runs/caption\n\n"
@@ -47,6 +52,9 @@ def register(app: typer.Typer) -> None:
         heads: Annotated[int, typer.Option(min=1)] = 4,
         levels: Annotated[str, typer.Option(help="Memory levels, e.g. 0,1,2 (entity, action, event).")] = "0,1,2",
         threads: Annotated[int, typer.Option(min=1)] = 1,
+        init_decoder: Annotated[Optional[Path], typer.Option(
+            help="Continue this decoder folder (e.g. RUN/decoder of `hbi-train caption-joint`) instead of a new one.",
+            show_default=False)] = None,
         export: Annotated[Optional[Path], typer.Option(
             help="Also write a caption package here (parity-checked).", show_default=False)] = None,
         json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -64,7 +72,8 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(f"--levels must be comma-separated level numbers, got {levels!r}") from None
             s = CaptionTrainSettings(data_dir=data, out_dir=out, package=package or _demo_package(), steps=steps,
                                      batch_size=batch_size, lr=lr, seed=seed, captions=captions, qa=qa,
-                                     width=width, layers=layers, heads=heads, levels=lv, threads=threads)
+                                     width=width, layers=layers, heads=heads, levels=lv, threads=threads,
+                                     init_decoder=init_decoder)
             summary = train_caption(s, progress=None if json_output else _log)
             if export is not None:
                 summary["package"] = export_run(Path(summary["decoder"]), s.package, export, data,
@@ -103,3 +112,86 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"caption package {out}: status {manifest['status']}")
             if manifest["status"] != "verified":
                 raise SystemExit(5)
+
+
+def register_joint(app: typer.Typer) -> None:
+    """``caption-joint`` (fine-tune retrieval model + decoder together) and ``caption-joint-export``."""
+
+    @app.command("caption-joint", epilog=(
+        "Examples:\n\n  hbi-train caption-joint --data /tmp/syn --out runs/joint --estimator runs/demo/hbi/estimator\n\n"
+        "  hbi-train caption-joint --data /tmp/syn --out runs/joint --steps 200 --val-every 100 --json\n\n"
+        "  hbi-train caption-joint --data /tmp/syn --out runs/joint --export /tmp/demo-artifacts"))
+    def caption_joint(
+        data: Annotated[Path, typer.Option(help="Synthetic set (python -m hbi_training.data.synthetic).",
+                                           show_default=False)],
+        out: Annotated[Path, typer.Option(help="Run folder: final/ (retrieval checkpoint), decoder/, metrics.jsonl.",
+                                          show_default=False)],
+        init: Annotated[Optional[Path], typer.Option(
+            help="Retrieval checkpoint to start from (default: the demo's).", show_default=False)] = None,
+        estimator: Annotated[Optional[Path], typer.Option(
+            help="Banzhaf estimator (the frozen teacher); without it the Banzhaf KL term is off.",
+            show_default=False)] = None,
+        steps: Annotated[int, typer.Option(min=1)] = 3000,
+        batch_size: Annotated[int, typer.Option(min=2)] = 64,
+        lr: Annotated[float, typer.Option(help="HBI heads and decoder; CLIP towers at lr x --clip-lr-coef.")] = 1e-3,
+        clip_lr_coef: Annotated[float, typer.Option(min=0.0)] = 1.0,
+        caption_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the caption cross entropy.")] = 1.0,
+        qa: Annotated[bool, typer.Option(help="Also train open-ended QA (question as prefix).")] = True,
+        width: Annotated[int, typer.Option(min=8)] = 128,
+        layers: Annotated[int, typer.Option(min=1)] = 2,
+        heads: Annotated[int, typer.Option(min=1)] = 4,
+        val_every: Annotated[int, typer.Option(min=0, help="Validation interval in steps (0: at the end).")] = 500,
+        seed: Annotated[int, typer.Option()] = 0,
+        threads: Annotated[int, typer.Option(min=1)] = 1,
+        export: Annotated[Optional[Path], typer.Option(
+            help="Also write demo-style artifacts here (package/, checkpoint/, caption/, samples/ ...).",
+            show_default=False)] = None,
+        json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+        debug: Annotated[bool, typer.Option("--debug")] = False,
+    ) -> None:
+        """Fine-tune the retrieval model together with a caption decoder reading its video side."""
+        with guarded(json_mode=json_output, debug=debug):
+            from hbi_training.caption import check_data
+            from hbi_training.joint import JointSettings, run_joint, write_joint_artifacts
+
+            check_data(data)
+            s = JointSettings(data_dir=data, out_dir=out, init=init or _demo_checkpoint(), estimator=estimator,
+                              steps=steps, batch_size=batch_size, lr=lr, clip_lr_coef=clip_lr_coef,
+                              caption_weight=caption_weight, qa=qa, width=width, layers=layers, heads=heads,
+                              val_every=val_every, seed=seed, threads=threads, progress=not json_output)
+            log = None if json_output else _log
+            summary = run_joint(s, progress=log)
+            if export is not None:
+                summary["artifacts"] = write_joint_artifacts(out, export, data, seed=seed, progress=log)
+            if json_output:
+                emit_json(summary)
+            else:
+                typer.echo(f"run {out}: held-out t2v R@1 {summary['test_t2v_r1']:.1f} %, attribute accuracy "
+                           f"{100 * summary['test_attribute_accuracy']:.1f} %")
+
+    @app.command("caption-joint-export", epilog=(
+        "Examples:\n\n  hbi-train caption-joint-export --run runs/joint --data /tmp/syn --out /tmp/demo-artifacts"))
+    def caption_joint_export(
+        run: Annotated[Path, typer.Option(help="A finished `hbi-train caption-joint` run folder.", show_default=False)],
+        data: Annotated[Path, typer.Option(help="The synthetic set it was trained on.", show_default=False)],
+        out: Annotated[Path, typer.Option(help="Artifact folder to write (replaced).", show_default=False)],
+        seed: Annotated[int, typer.Option(help="Seed of the sample / query choice.")] = 0,
+        json_output: Annotated[bool, typer.Option("--json")] = False,
+        debug: Annotated[bool, typer.Option("--debug")] = False,
+    ) -> None:
+        """Export a joint run as demo-style artifacts: retrieval package + checkpoint + caption package."""
+        with guarded(json_mode=json_output, debug=debug):
+            from hbi_runtime.errors import UsageError
+            from hbi_training.caption import check_data
+            from hbi_training.joint import write_joint_artifacts
+
+            check_data(data)
+            if not (run / "summary.json").is_file():
+                raise UsageError(f"{run} is not a finished caption-joint run (no summary.json)",
+                                 hint="train one with `hbi-train caption-joint --data DIR --out RUN`")
+            report = write_joint_artifacts(run, out, data, seed=seed, progress=None if json_output else _log)
+            if json_output:
+                emit_json({"schema": "hbi.caption-joint-export/1", **report})
+            else:
+                typer.echo(f"artifacts {out}: t2v R@1 {100 * report['package_t2v_r1']:.1f} %, held-out attribute "
+                           f"accuracy {100 * report['caption']['attribute_accuracy']:.1f} % (runtime)")

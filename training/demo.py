@@ -216,8 +216,12 @@ def folder_size(path: Path) -> int:
 
 
 def write_artifacts(dest: Path, *, data: Path, final: Path, recipe: DemoRecipe, seed: int,
-                    summary: dict[str, Any], ablation: dict[str, Any] | None) -> dict[str, Any]:
-    """Build the artifact folder next to ``dest`` and swap it in; returns the report (also in README.txt)."""
+                    summary: dict[str, Any], ablation: dict[str, Any] | None,
+                    joint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build the artifact folder next to ``dest`` and swap it in; returns the report (also in README.txt).
+
+    ``joint``: the model is a caption-joint fine-tune (``hbi_training.joint``): its ``command``, ``steps`` and
+    ``caption_weight``, for the README."""
     from hbi_export.onnx.package import export_package
 
     dest = Path(dest)
@@ -247,7 +251,8 @@ def write_artifacts(dest: Path, *, data: Path, final: Path, recipe: DemoRecipe, 
         queries = [{"query": q["query"], "expected": q["expected"], "kind": q["kind"]} for q in checked]
         (tmp / "queries.json").write_text(json.dumps({"queries": queries}, indent=1) + "\n")
         report = {
-            "command": COMMAND.format(seed=seed), "seed": seed, "recipe": asdict(recipe),
+            "command": joint["command"] if joint else COMMAND.format(seed=seed), "seed": seed,
+            "recipe": asdict(recipe), "joint": joint,
             "package_t2v_r1": recall["t2v_r1"], "package_t2v_r5": recall["t2v_r5"], "gallery": recall["videos"],
             "validation_t2v_r1": summary["validation"]["t2v_r1"] / 100,
             "train_seconds": summary["train_seconds"],
@@ -285,7 +290,18 @@ def readme(report: dict[str, Any], samples: list[dict]) -> str:
         f"Model: preset '{r['model_preset']}' (hbi_training.runs.preset_config), random initialisation.",
         "Objective: " + ("entity/action/event InfoNCE + self-distillation" if r["hierarchy"] else "entity InfoNCE")
         + (" + Banzhaf KL (estimator pre-trained on the frozen initial model)" if r["banzhaf"] else "") + ".",
-        f"Training time: {report['train_seconds']:.0f} s on CPU ({r['threads']} thread(s); estimator + fit).",
+    ]
+    if report.get("joint"):
+        j = report["joint"]
+        lines += [f"Then fine-tuned {j['steps']} steps jointly with the caption decoder (hbi_training.joint): the same "
+                  f"objective + {j['caption_weight']} x the decoder's", "caption / QA cross entropy through the video "
+                  "side, so that the side names colours, shapes and motions (caption/README.txt).",
+                  f"Training time: {report['train_seconds']:.0f} s on CPU for the joint fine-tune "
+                  f"({r['threads']} thread), after the retrieval recipe above."]
+    else:
+        lines.append(f"Training time: {report['train_seconds']:.0f} s on CPU ({r['threads']} thread(s); "
+                     "estimator + fit).")
+    lines += [
         "",
         f"Text-to-video R@1 over the {report['gallery']} held-out test videos (canonical captions):",
         f"    {100 * report['package_t2v_r1']:.1f} %  (this package, {r['precision']}, through hbi_runtime; "
@@ -305,6 +321,8 @@ def readme(report: dict[str, Any], samples: list[dict]) -> str:
         "    samples/      sample test videos (64x64, 8 s, 4 fps, H.264)",
         f"    queries.json  example queries, each with the sample it should retrieve first "
         f"({report['queries_first']} of {report['queries']} do, checked by the demo and tests/training/test_demo.py)",
+        *(["    caption/      the caption / open-ended QA decoder trained with this model (caption/README.txt)"]
+          if report.get("joint") else []),
         "",
         "Samples (canonical captions):",
         *(f"    {Path(v['file']).name}: {v['captions'][0]}" for v in samples),
@@ -318,8 +336,12 @@ def readme(report: dict[str, Any], samples: list[dict]) -> str:
 
 
 def run_demo(out: Path, seed: int = 0, *, artifacts: Path = DEMO_DIR, recipe: DemoRecipe = DemoRecipe(),
-             ablation: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Data, training (and the ablation), artifacts. Returns the report written to README.txt."""
+             ablation: bool = False, progress: bool = False, caption_joint: bool = False) -> dict[str, Any]:
+    """Data, training (and the ablation), artifacts. Returns the report written to README.txt.
+
+    ``caption_joint``: then fine-tune the model jointly with the caption decoder (``hbi_training.joint``,
+    ``JointSettings`` defaults, from the fit's final model and estimator) and ship that model, plus the decoder as
+    ``caption/`` (``hbi_training.joint.write_joint_artifacts``)."""
     import torch
 
     torch.set_num_threads(recipe.threads)
@@ -332,8 +354,18 @@ def run_demo(out: Path, seed: int = 0, *, artifacts: Path = DEMO_DIR, recipe: De
         s = train(data, out / "wti", plain, seed, progress)
         base = {"validation_t2v_r1": s["validation"]["t2v_r1"] / 100, "train_seconds": s["train_seconds"],
                 "steps": plain.steps}
-    report = write_artifacts(artifacts, data=data, final=Path(summary["final"]), recipe=recipe, seed=seed,
-                             summary=summary, ablation=base)
+    if caption_joint:
+        from hbi_training.joint import JointSettings, run_joint, write_joint_artifacts
+
+        run_joint(JointSettings(data_dir=data, out_dir=out / "joint", init=Path(summary["final"]),
+                                estimator=out / "hbi" / "estimator", seed=seed, threads=recipe.threads,
+                                progress=progress), progress=_log)
+        report = write_joint_artifacts(out / "joint", artifacts, data, seed=seed, progress=_log)
+        report["retrieval_fit"] = {"validation_t2v_r1": summary["validation"]["t2v_r1"] / 100,
+                                   "train_seconds": summary["train_seconds"]}
+    else:
+        report = write_artifacts(artifacts, data=data, final=Path(summary["final"]), recipe=recipe, seed=seed,
+                                 summary=summary, ablation=base)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -348,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's fit steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (recipe: 1)")
     parser.add_argument("--progress", action="store_true", help="progress bars")
+    parser.add_argument("--caption-joint", action="store_true",
+                        help="then fine-tune jointly with the caption decoder and ship both (hbi_training.joint)")
     args = parser.parse_args(argv)
     recipe = DemoRecipe()
     if args.steps is not None:
@@ -358,11 +392,14 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.steps < 1 or recipe.threads < 1:
             raise UsageError("--steps and --threads must be >= 1")
         report = run_demo(args.out, args.seed, artifacts=args.artifacts, recipe=recipe, ablation=args.ablation,
-                          progress=args.progress)
+                          progress=args.progress, caption_joint=args.caption_joint)
     except HbiError as exc:
         print(f"error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else ""), file=sys.stderr)
         return exc.exit_code
-    print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=1))
+    shown = {k: v for k, v in report.items() if k != "recipe"}
+    if "caption" in shown:
+        shown["caption"] = {k: v for k, v in shown["caption"].items() if k != "captions"}
+    print(json.dumps(shown, indent=1))
     return 0
 
 

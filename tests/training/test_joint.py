@@ -1,0 +1,142 @@
+"""The joint fine-tune (hbi_training.joint): the caption loss reaches the video tower, the decoder sees the right
+rows, and a tiny run trains both parts and writes a loadable checkpoint + decoder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hbi_export.model import HBIConfig, HBIModel
+from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig, VocabMap
+from hbi_runtime.tokenizer import ClipTokenizer
+from hbi_training.caption import SIDE_NAMES, build_vocab, make_sequences, qa_pairs, training_texts
+from hbi_training.joint import JointSettings, JointTask, run_joint, side_arrays, side_tuple
+from hbi_training.losses import HBILoss, LossConfig
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from hbi_training.data import generate
+
+    return generate(tmp_path_factory.mktemp("joint") / "data", 12, 4, 0).root
+
+
+def _videos(data: Path, split: str) -> list[dict]:
+    from hbi_training.data import read_manifest
+
+    return [v for v in read_manifest(data)["videos"] if v["split"] == split]
+
+
+def _task(data: Path, caption_weight: float = 1.0):
+    torch.manual_seed(0)
+    model = HBIModel(HBIConfig.tiny())
+    videos = _videos(data, "train")
+    tok = ClipTokenizer()
+    config = DecoderConfig(embed_dim=64, tokens_per_level=(8, *model.config.cluster_counts(8, "video")), width=32,
+                           layers=1, heads=2, vocab_ids=build_vocab(training_texts(videos, "canonical", True), tok))
+    seqs = make_sequences(videos, tok, VocabMap(config), captions="canonical", qa=True,
+                          max_positions=config.max_positions)
+    task = JointTask(model, HBILoss(LossConfig(banzhaf=False)), CaptionDecoder(config), seqs,
+                     {v["id"]: i for i, v in enumerate(videos)}, caption_weight=caption_weight, seed=0)
+    return task, seqs, videos
+
+
+def _batch(data: Path, n: int = 4):
+    from hbi_training.data import SyntheticVideoDataset
+
+    ds = SyntheticVideoDataset(data, "train", max_frames=8, image_size=32)
+    items = [ds[int(ds.items_of_video(v)[0])] for v in range(n)]
+    return (torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]), torch.stack([i[2] for i in items]),
+            torch.stack([i[3] for i in items]), [i[4] for i in items])
+
+
+def test_decoder_rows_are_one_caption_and_one_qa_pair_of_each_batch_video(data):
+    task, seqs, _ = _task(data)
+    rows, owner = task.decoder_rows([3, 0, 5])
+    assert owner.tolist() == [0, 0, 1, 1, 2, 2]
+    assert seqs.video[rows].tolist() == [3, 3, 0, 0, 5, 5]
+    assert (seqs.prefix[rows] == 1).tolist() == [True, False] * 3  # caption (prefix SOT only), then a question
+    again, _ = task.decoder_rows([3, 0, 5])
+    assert again.tolist() == rows.tolist()  # drawn from (seed, step): the same step draws the same rows
+    task.steps_done = 7
+    draws = {tuple(task.decoder_rows([3, 0, 5])[0]) for task.steps_done in range(8)}
+    assert len(draws) > 1  # the QA row changes with the step
+
+
+def test_caption_loss_alone_trains_the_video_tower(data):
+    """The decoder reads the differentiable side: its cross entropy has a gradient in the vision tower."""
+    task, _, _ = _task(data, caption_weight=1.0)
+    batch = _batch(data)
+    out = task.loss(batch)
+    assert set(out.parts) >= {"nce_entity", "nce_action", "nce_event", "distill", "caption"}
+    assert torch.isclose(out.total, sum(out.parts[k] for k in ("nce_entity", "nce_action", "nce_event"))
+                         + 2.0 * out.parts["distill"] + out.parts["caption"])
+    out.parts["caption"].backward()
+    grad = task.model.clip.visual.conv1.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert task.model.clip.token_embedding.weight.grad is None  # the text tower is not in the caption loss
+    assert all(p.grad is not None for p in task.decoder.parameters() if p.requires_grad)
+
+
+def test_side_arrays_are_the_models_side_in_decoder_order(data):
+    task, _, _ = _task(data)
+    _, _, frames, fmask, _ = _batch(data, 3)
+    arrays = side_arrays(task.model, frames.numpy(), fmask.numpy(), batch=2)
+    with torch.no_grad():
+        side = side_tuple(task.model.encode_video(frames, fmask))
+    assert list(arrays) == list(SIDE_NAMES)
+    for name, tensor in zip(SIDE_NAMES, side):
+        np.testing.assert_allclose(arrays[name], tensor.numpy(), atol=1e-6)
+    assert arrays["video_tokens_l0"].shape == (3, 8, 64) and arrays["video_mask_l2"].shape == (3, 1)
+
+
+def test_tiny_joint_run(data, tmp_path):
+    from hbi_export.checkpoints import build_model
+    from hbi_export.tasks.decoder import load_decoder
+
+    s = JointSettings(data_dir=data, out_dir=tmp_path / "run", model_preset="tiny", steps=4, batch_size=4,
+                      width=32, layers=1, heads=2, log_every=2, train_eval_videos=4, progress=False)
+    torch.manual_seed(0)
+    start = HBIModel(HBIConfig.tiny())  # what the run starts from (seed_everything(0), then the preset)
+    summary = run_joint(s)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4] and all(r["caption"] > 0 for r in train)
+    val = [r for r in lines if r["kind"] == "val"][-1]
+    assert 0 <= val["attribute_accuracy"] <= 100 and 0 <= val["train_attribute_accuracy"] <= 100
+    model, _ = build_model(tmp_path / "run" / "final")
+    moved = (model.clip.visual.conv1.weight - start.clip.visual.conv1.weight).abs().max()
+    assert moved > 0  # the video tower trained
+    decoder, meta = load_decoder(tmp_path / "run" / "decoder")
+    assert meta["training"]["settings"]["steps"] == 4
+    assert summary["test_videos"] == 4 and 0.0 <= summary["test_attribute_accuracy"] <= 1.0
+    assert summary["qa"]["questions"] == sum(len(qa_pairs(v["scene"])) for v in _videos(data, "test"))
+    assert (tmp_path / "run" / "test_captions.json").is_file()
+
+
+def test_the_decoder_alone_continues_from_a_joint_run(data, tmp_path):
+    """`hbi-train caption --init-decoder RUN/decoder`: same vocabulary and memory shape -> continues those
+    weights; another vocabulary is refused."""
+    from hbi_export.tasks.decoder import load_decoder
+    from hbi_runtime.errors import UsageError
+    from hbi_training.caption import CaptionTrainSettings, train_caption
+
+    demo = Path(__file__).resolve().parents[2] / "hbi_runtime" / "data" / "demo" / "package"
+    if not (demo / "manifest.json").is_file():
+        pytest.skip("no demo package")
+    run_joint(JointSettings(data_dir=data, out_dir=tmp_path / "joint", model_preset="tiny", steps=1, batch_size=4,
+                            width=32, layers=1, heads=2, train_eval_videos=0, progress=False))
+    start, _ = load_decoder(tmp_path / "joint" / "decoder")
+    s = CaptionTrainSettings(data_dir=data, out_dir=tmp_path / "cont", package=demo, steps=2, batch_size=4,
+                             init_decoder=tmp_path / "joint" / "decoder", log_every=1)
+    train_caption(s)
+    after, _ = load_decoder(tmp_path / "cont" / "decoder")
+    assert after.config == start.config  # width 32, 1 layer: the joint decoder's, not the settings' 128 / 2
+    assert any(not torch.equal(a, b) for a, b in zip(after.state_dict().values(), start.state_dict().values()))
+    with pytest.raises(UsageError, match="vocabulary or memory shape"):
+        train_caption(CaptionTrainSettings(data_dir=data, out_dir=tmp_path / "bad", package=demo, steps=1,
+                                           batch_size=4, qa=False, init_decoder=tmp_path / "joint" / "decoder"))

@@ -1,0 +1,433 @@
+"""Joint fine-tune: the retrieval model's video tower learns to carry what the caption decoder must name.
+
+::
+
+    hbi-train caption-joint --data DIR --out RUN [--init hbi_runtime/data/demo/checkpoint] [--steps 3000]
+
+Why: the caption decoder (``hbi_export.tasks.decoder``) only reads the retrieval model's video side, and a side
+trained for retrieval alone need not encode every attribute a caption names (the demo's barely encoded shapes
+and motions, docs/captioning.md). Here the whole retrieval model and a decoder train together:
+
+    loss = HBI retrieval objective (entity / action / event InfoNCE, self-distillation, Banzhaf KL when an
+           estimator is given; ``hbi_training.losses``)
+         + caption_weight * teacher-forcing cross entropy of the decoder reading the *differentiable* video side
+           of ``HBIModel.encode_video`` (exactly the side the exported ``video_encoder.onnx`` computes)
+
+Each batch holds ``batch_size`` distinct train videos with one caption each (``RandomCaptionSampler``: the
+contrastive half); the decoder sees, per video, its canonical caption and one QA pair of its scene
+(``hbi_training.caption.qa_pairs``, drawn from ``(seed, step)``). The loop is the common one
+(``hbi_training.loop.fit``: AdamW parameter groups, warmup-cosine, clipping, checkpoints, resume), so a run is
+seeded and resumable. Validation (every ``val_every`` steps and at the end) reports t2v R@1 on the held-out split
+and the held-out attribute accuracy of PyTorch greedy captions (``hbi_training.caption.attribute_match``).
+
+Output: ``RUN/final/`` (the retrieval checkpoint, ``hbi_export.checkpoints`` format) and ``RUN/decoder/``
+(``save_decoder``: the caption decoder, trained on that model's side), ``RUN/summary.json``. Export the two with
+``hbi-train caption-joint-export`` (or :func:`write_joint_artifacts`): a retrieval package + caption package laid
+out like ``hbi_runtime/data/demo``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from hbi_runtime.errors import UsageError
+from hbi_training.caption import (SIDE_NAMES, Sequences, build_vocab, evaluate, make_sequences, qa_pairs,
+                                  target_mask, teacher_forcing_loss, training_texts)
+from hbi_training.levels import level_outputs
+from hbi_training.losses import MAX_LOGIT_SCALE, HBILoss, LossConfig, LossOutput
+
+DECODER_DIR = "decoder"
+
+
+@dataclass(frozen=True)
+class JointSettings:
+    data_dir: Path
+    out_dir: Path
+    init: Path | None = None  # retrieval checkpoint to start from (None: random, ``model_preset``)
+    model_preset: str = "demo"
+    estimator: Path | None = None  # Banzhaf teacher; None: no Banzhaf KL term
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3  # HBI heads and decoder; the CLIP towers at lr * clip_lr_coef (the optimiser's groups)
+    clip_lr_coef: float = 1.0
+    weight_decay: float = 0.05
+    warmup: float = 0.1
+    caption_weight: float = 1.0
+    qa: bool = True
+    width: int = 128
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    seed: int = 0
+    threads: int = 1
+    max_frames: int = 8
+    max_words: int = 32
+    val_every: int = 500  # 0: only at the end (validation draws DataLoader seeds: it is part of the recipe)
+    train_eval_videos: int = 120  # also report the attribute accuracy of the first N train videos (0: no)
+    log_every: int = 10
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the side as the decoder reads it
+
+
+def side_tuple(side) -> tuple[torch.Tensor, ...]:
+    """A VideoSide -> the decoder's 9 tensors (tokens, weights, mask per level), in ``SIDE_NAMES`` order."""
+    return tuple(t for lv in side.levels for t in (lv.tokens, lv.weights, lv.mask))
+
+
+@torch.no_grad()
+def side_arrays(model, frames, mask, batch: int = 128) -> dict[str, np.ndarray]:
+    """The video side of ``frames`` (N, T, 3, S, S) through ``model.encode_video``, as ``SIDE_NAMES`` arrays."""
+    model.eval()
+    parts = []
+    for i in range(0, len(frames), batch):
+        side = model.encode_video(torch.from_numpy(np.array(frames[i:i + batch])),
+                                  torch.from_numpy(np.array(mask[i:i + batch])))
+        parts.append([t.numpy() for t in side_tuple(side)])
+    return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(SIDE_NAMES)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the task the common loop trains
+
+
+class JointTask:
+    """HBI model + its loss + a caption decoder on its video side (the ``hbi_training.tasks.Task`` protocol)."""
+
+    name = "hbi-caption-joint"
+
+    def __init__(self, model: nn.Module, loss: HBILoss, decoder: nn.Module, seqs: Sequences,
+                 video_index: dict[str, int], *, caption_weight: float, seed: int, evaluator=None) -> None:
+        self.model, self.criterion, self.decoder = model, loss, decoder
+        self.seqs, self.video_index, self.caption_weight, self.seed = seqs, video_index, caption_weight, seed
+        self.evaluator = evaluator  # (task) -> dict of caption metrics, at validation
+        self.steps_done = 0
+        self.ids = torch.from_numpy(seqs.ids)
+        self.mask = target_mask(seqs)
+        is_qa = seqs.prefix > 1
+        n_videos = int(seqs.video.max()) + 1
+        self.caption_rows = [[] for _ in range(n_videos)]
+        self.qa_rows = [[] for _ in range(n_videos)]
+        for r, (v, q) in enumerate(zip(seqs.video, is_qa)):
+            (self.qa_rows if q else self.caption_rows)[int(v)].append(r)
+
+    def to(self, device: torch.device) -> "JointTask":
+        for m in (self.model, self.criterion, self.decoder):
+            m.to(device)
+        return self
+
+    def train(self, mode: bool = True) -> None:
+        for m in (self.model, self.criterion, self.decoder):
+            m.train(mode)
+
+    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return itertools.chain(self.model.named_parameters(), self.criterion.named_parameters(),
+                               ((f"decoder.{n}", p) for n, p in self.decoder.named_parameters()))
+
+    def decoder_rows(self, videos: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per batch video: its canonical caption row and one QA row (drawn from (seed, step)).
+
+        Returns (rows, position of the row's video in the batch)."""
+        rng = np.random.default_rng([self.seed, 17, self.steps_done])
+        rows, owner = [], []
+        for k, v in enumerate(videos):
+            for pool in (self.caption_rows[v], self.qa_rows[v]):
+                if pool:
+                    rows.append(pool[int(rng.integers(len(pool)))])
+                    owner.append(k)
+        return np.array(rows), np.array(owner)
+
+    def loss(self, batch) -> LossOutput:
+        ids, tmask, frames, fmask, vids = batch
+        text = self.model.encode_text(ids, tmask)
+        video = self.model.encode_video(frames, fmask)
+        levels = level_outputs(text, video, self.criterion.config.levels)
+        with torch.autocast(ids.device.type, enabled=False):
+            out = self.criterion(levels, self.model.clip.logit_scale.float().exp())
+            rows, owner = self.decoder_rows([self.video_index[str(v)] for v in vids])
+            width = int(self.seqs.length[rows].max())
+            pick = torch.from_numpy(owner).to(ids.device)
+            side = tuple(t.float()[pick] for t in side_tuple(video))
+            rows_t = torch.from_numpy(rows)
+            caption = teacher_forcing_loss(self.decoder, side, self.ids[rows_t, :width].to(ids.device),
+                                           self.mask[rows_t, :width - 1].to(ids.device))
+        parts = {**out.parts, "caption": caption}
+        return LossOutput(out.total + self.caption_weight * caption, parts)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.model.clip.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
+        self.steps_done += 1
+
+    def save_weights(self, directory: Path) -> None:
+        from hbi_export.checkpoints import save_model
+        from hbi_export.tasks.decoder import save_decoder
+
+        save_model(self.model, directory)
+        save_decoder(self.decoder, Path(directory) / DECODER_DIR)
+
+    def load_weights(self, directory: Path) -> None:
+        from hbi_export.tasks.decoder import load_decoder
+        from hbi_training.tasks import HBITask
+
+        HBITask(self.model, self.criterion).load_weights(directory)
+        decoder, _ = load_decoder(Path(directory) / DECODER_DIR)
+        self.decoder.load_state_dict(decoder.state_dict(), strict=True)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"criterion": self.criterion.state_dict(), "steps_done": self.steps_done}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.criterion.load_state_dict(state["criterion"], strict=True)
+        self.steps_done = int(state["steps_done"])
+
+    def validate(self, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
+        from hbi_training.evaluate import retrieval_recall
+
+        metrics = retrieval_recall(self.model, dataset, batch_size=batch_size, device=device)
+        if self.evaluator is not None:
+            metrics.update(self.evaluator(self))
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _log_to(progress: Callable[[str], None] | None) -> Callable[[str], None]:
+    return progress or (lambda _: None)
+
+
+def caption_accuracy(task: JointTask, frames, mask, videos: list[dict], vocab, tokenizer, vocabulary: dict
+                     ) -> dict[str, Any]:
+    """PyTorch greedy captions of ``videos`` on the task's current model side -> attribute accuracy + captions."""
+    task.decoder.eval()
+    result = evaluate(task.decoder, side_arrays(task.model, frames, mask), videos, vocab, tokenizer, vocabulary)
+    task.train(True)
+    return result
+
+
+def qa_accuracy(decoder, sides: dict[str, np.ndarray], videos: list[dict], vocab, tokenizer,
+                max_new: int = 24) -> dict[str, Any]:
+    """Exact match of PyTorch greedy answers to every QA pair of ``videos`` (grouped by question)."""
+    from hbi_training.caption import torch_greedy
+
+    decoder.eval()
+    by_question: dict[str, list[tuple[int, str]]] = {}
+    for i, v in enumerate(videos):
+        for q, a in qa_pairs(v["scene"]):
+            by_question.setdefault(q, []).append((i, a))
+    hits: dict[str, list[bool]] = {}
+    for q, items in by_question.items():
+        pick = np.array([i for i, _ in items])
+        side = tuple(torch.from_numpy(sides[n][pick]) for n in SIDE_NAMES)
+        prefix = [vocab.sot] + vocab.to_local(tokenizer.encode(q))
+        answers = torch_greedy(decoder, side, prefix, vocab.eot, max_new)
+        kind = q.split(" the ")[0] if q.startswith("what does") else q
+        hits.setdefault(kind, []).extend(tokenizer.decode(vocab.to_clip(s)) == a for s, (_, a) in zip(answers, items))
+    every = [h for v in hits.values() for h in v]
+    return {"exact_match": float(np.mean(every)), "questions": len(every),
+            "per_question": {k: float(np.mean(v)) for k, v in hits.items()}}
+
+
+def run_joint(s: JointSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Fine-tune retrieval model + decoder together (module docstring). Returns the summary (``summary.json``)."""
+    from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig, VocabMap, save_decoder
+    from hbi_runtime.tokenizer import ClipTokenizer
+    from hbi_training.banzhaf import load_estimator_state
+    from hbi_training.caption import read_splits
+    from hbi_training.loop import LoopConfig, fit, seed_everything
+    from hbi_training.optim import OptimConfig
+    from hbi_training.runs import FitSettings, _train_data, build_start_model, open_split, resolve_estimator
+
+    log = _log_to(progress)
+    if s.steps < 1 or s.batch_size < 2 or s.caption_weight < 0:
+        raise UsageError("need --steps >= 1, --batch-size >= 2 and --caption-weight >= 0")
+    torch.set_num_threads(s.threads)
+    out = Path(s.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocabulary, train_v, test_v = read_splits(s.data_dir)
+
+    fs = FitSettings(data_dir=Path(s.data_dir), out_dir=out, model_preset=s.model_preset, init=s.init,
+                     batch_size=s.batch_size, seed=s.seed, device="cpu", max_frames=s.max_frames,
+                     max_words=s.max_words, steps=s.steps, progress=s.progress)
+    seed_everything(s.seed)
+    model = build_start_model(fs).train()
+    teacher = None
+    if s.estimator is not None:
+        teacher = load_estimator_state(resolve_estimator(s.estimator), LossConfig().planes)
+    criterion = HBILoss(LossConfig(banzhaf=teacher is not None), teacher)
+    train, sampler, _ = _train_data(fs, model.config)
+    test = open_split(fs, "test", model.config)
+    if [v["id"] for v in train_v] != train.video_ids:
+        raise UsageError(f"{s.data_dir}: the manifest's train videos differ from the dataset's")
+
+    tokenizer = ClipTokenizer()
+    config = DecoderConfig(embed_dim=model.config.embed_dim,
+                           tokens_per_level=(s.max_frames, *model.config.cluster_counts(s.max_frames, "video")),
+                           width=s.width, layers=s.layers, heads=s.heads, dropout=s.dropout,
+                           vocab_ids=build_vocab(training_texts(train_v, "canonical", s.qa), tokenizer))
+    vocab = VocabMap(config)
+    seqs = make_sequences(train_v, tokenizer, vocab, captions="canonical", qa=s.qa,
+                          max_positions=config.max_positions)
+    decoder = CaptionDecoder(config)
+
+    n_train_eval = min(s.train_eval_videos, len(train_v))
+
+    def evaluator(task: JointTask) -> dict[str, float]:
+        t0 = time.monotonic()
+        held = caption_accuracy(task, test.frames, test.frame_mask, test_v, vocab, tokenizer, vocabulary)
+        metrics = {"attribute_accuracy": 100 * held["attribute_accuracy"]}
+        if n_train_eval:
+            seen = caption_accuracy(task, train.frames[:n_train_eval], train.frame_mask[:n_train_eval],
+                                    train_v[:n_train_eval], vocab, tokenizer, vocabulary)
+            metrics["train_attribute_accuracy"] = 100 * seen["attribute_accuracy"]
+        log(f"step {task.steps_done}: held-out attribute accuracy {metrics['attribute_accuracy']:.1f} %"
+            + (f", train {metrics['train_attribute_accuracy']:.1f} %" if n_train_eval else "")
+            + f" ({time.monotonic() - t0:.0f} s)")
+        return metrics
+
+    task = JointTask(model, criterion, decoder, seqs, train.video_index, caption_weight=s.caption_weight,
+                     seed=s.seed, evaluator=evaluator)
+    loop = LoopConfig(steps=s.steps, batch_size=s.batch_size, seed=s.seed, device="cpu",
+                      optim=OptimConfig(lr=s.lr, clip_lr_coef=s.clip_lr_coef, weight_decay=s.weight_decay, warmup=s.warmup),
+                      log_every=s.log_every, val_every=s.val_every, progress=s.progress)
+    started = time.monotonic()
+    history = fit(task, train, loop, out, val_dataset=test, sampler=sampler)
+    train_seconds = time.monotonic() - started
+    vals = [r for r in history if r.get("kind") == "val"]
+    final = vals[-1] if vals else {}
+
+    # final figures on the trained side: captions + QA of the held-out split (PyTorch greedy)
+    sides = side_arrays(model, test.frames, test.frame_mask)
+    decoder.eval()
+    held = evaluate(decoder, sides, test_v, vocab, tokenizer, vocabulary)
+    qa = qa_accuracy(decoder, sides, test_v, vocab, tokenizer) if s.qa else None
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
+    summary = {"schema": "hbi.train-caption-joint/1", "settings": settings, "train_seconds": train_seconds,
+               "final": str(out / "final"), "decoder": str(out / DECODER_DIR),
+               "test_t2v_r1": final.get("t2v_r1"), "test_attribute_accuracy": held["attribute_accuracy"],
+               "train_attribute_accuracy": final.get("train_attribute_accuracy"), "qa": qa,
+               "validations": vals, "test_videos": len(test_v),
+               "decoder_parameters": sum(p.numel() for p in decoder.parameters())}
+    save_decoder(decoder, out / DECODER_DIR, extra={"training": {
+        k: summary[k] for k in ("settings", "train_seconds", "test_attribute_accuracy", "test_videos")}})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "test_captions.json").write_text(json.dumps(
+        [{"video": v["file"], "caption": c, "reference": v["captions"][0], "match": h}
+         for v, c, h in zip(test_v, held["captions"], held["hits"])], indent=1) + "\n")
+    log(f"done in {train_seconds:.0f} s: held-out t2v R@1 {summary['test_t2v_r1']}, attribute accuracy "
+        f"{100 * held['attribute_accuracy']:.1f} %" + (f", QA exact match {100 * qa['exact_match']:.1f} %" if qa else ""))
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# artifacts: retrieval package + caption package, laid out like hbi_runtime/data/demo
+
+
+def runtime_caption_figures(caption_dir: Path, data_dir: Path, max_length: int = 40) -> dict[str, Any]:
+    """Held-out figures of a caption package through the torch-free runtime (ONNX Runtime, greedy): attribute
+    accuracy, BLEU-4 / ROUGE-L / CIDEr-D against the canonical captions, open-ended QA exact match."""
+    from hbi_runtime.tasks.caption import load_caption
+    from hbi_runtime.tasks.generate import SearchOptions
+    from hbi_runtime.tasks.metrics import caption_metrics
+    from hbi_training.caption import attribute_match, read_splits
+
+    vocabulary, _, test = read_splits(data_dir)
+    options = SearchOptions(max_length=max_length)
+    with load_caption(caption_dir) as model:
+        encoded = model.retrieval.encode_videos([str(Path(data_dir) / v["file"]) for v in test], workers=1)
+        if encoded.errors:
+            raise encoded.errors[0]
+        side = encoded.side
+        results = model.caption_side(side, [v["file"] for v in test], options=options)
+        rows = [(i, q, a) for i, v in enumerate(test) for q, a in qa_pairs(v["scene"])]
+        pick = [r[0] for r in rows]
+        qa_side = type(side)(tuple(type(lv)(lv.tokens[pick], lv.weights[pick], lv.mask[pick]) for lv in side.levels))
+        answers = model.caption_side(qa_side, [test[i]["file"] for i in pick], [r[1] for r in rows], options)
+        caption_sha = model.manifest.sha256
+    hits = [attribute_match(r.text, v["scene"], vocabulary) for r, v in zip(results, test)]
+    return {"videos": len(test), "attribute_accuracy": float(np.mean(hits)),
+            "metrics": caption_metrics([r.text for r in results], [[v["captions"][0]] for v in test]),
+            "qa_exact_match": float(np.mean([r.text == a for (_, _, a), r in zip(rows, answers)])),
+            "qa_questions": len(rows), "caption_package_sha256": caption_sha,
+            "captions": [{"video": v["file"], "caption": r.text, "match": h} for v, r, h in zip(test, results, hits)]}
+
+
+def caption_readme(summary: dict[str, Any], figures: dict[str, Any], command: str) -> str:
+    s, m = summary["settings"], figures["metrics"]
+    return "\n".join([
+        "caption/: the demo caption / open-ended QA decoder (a caption package).",
+        "",
+        "It reads the video side of the demo retrieval package (../package, referenced by its manifest_sha256 in",
+        "manifest.json; its video_encoder.onnx is reused, nothing here duplicates it). Design: docs/captioning.md.",
+        "",
+        "Trained jointly with the retrieval model (hbi_training.joint): the retrieval objective plus "
+        f"{s['caption_weight']} x the decoder's",
+        "caption / QA cross entropy, back-propagated through the video side into the video tower, so that the side",
+        "carries the colours, shapes and motions the captions name.",
+        "",
+        "Regenerate (with the retrieval package, the checkpoint and the samples):",
+        f"    {command}",
+        "",
+        f"Decoder: width {s['width']}, {s['layers']} layers, {s['heads']} heads, "
+        f"{summary['decoder_parameters'] / 1000:.0f} k parameters; joint fine-tune of {s['steps']} steps "
+        f"(batch {s['batch_size']}), {summary['train_seconds']:.0f} s on CPU ({s['threads']} thread).",
+        "",
+        f"Held-out ({figures['videos']} test videos, greedy, this package through hbi_runtime):",
+        f"    BLEU-4 {m['bleu4']:.3f}   ROUGE-L {m['rouge_l']:.3f}   CIDEr-D {m['cider_d']:.2f}   "
+        "(METEOR: not available offline)",
+        f"    every attribute (colours, shapes, motions, order of events) named: "
+        f"{100 * figures['attribute_accuracy']:.1f} % of videos (goal: 80 %)",
+        f"    open-ended QA exact match {100 * figures['qa_exact_match']:.1f} % of {figures['qa_questions']} questions",
+        "",
+    ])
+
+
+def write_joint_artifacts(run: Path, dest: Path, data_dir: Path, *, seed: int = 0,
+                          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """A finished joint run -> ``dest`` laid out like ``hbi_runtime/data/demo`` (package/, checkpoint/, samples/,
+    queries.json, README.txt from ``hbi_training.demo.write_artifacts``; caption/ from ``export_run``, with its
+    README.txt). Returns the report (retrieval + runtime caption figures)."""
+    from hbi_training.caption import export_run
+    from hbi_training.demo import DemoRecipe, write_artifacts
+
+    log = _log_to(progress)
+    run, dest = Path(run), Path(dest)
+    summary = json.loads((run / "summary.json").read_text())
+    command = JOINT_COMMAND.format(seed=seed)
+    report = write_artifacts(dest, data=Path(data_dir), final=run / "final", recipe=DemoRecipe(), seed=seed,
+                             summary={"validation": {"t2v_r1": summary["test_t2v_r1"]},
+                                      "train_seconds": summary["train_seconds"]},
+                             ablation=None, joint={"command": command, "steps": summary["settings"]["steps"],
+                                                   "caption_weight": summary["settings"]["caption_weight"]})
+    log(f"retrieval package: t2v R@1 {100 * report['package_t2v_r1']:.1f} %, queries "
+        f"{report['queries_first']}/{report['queries']}")
+    manifest = export_run(run / DECODER_DIR, dest / "package", dest / "caption", Path(data_dir), progress=log)
+    if manifest["status"] != "verified":
+        from hbi_runtime.errors import HbiError
+
+        raise HbiError("the caption package failed its parity check", hint=f"see {dest / 'caption/manifest.json'}")
+    figures = runtime_caption_figures(dest / "caption", Path(data_dir))
+    (dest / "caption" / "README.txt").write_text(caption_readme(summary, figures, command))
+    log(f"caption package: held-out attribute accuracy {100 * figures['attribute_accuracy']:.1f} % (runtime), "
+        f"QA exact match {100 * figures['qa_exact_match']:.1f} %")
+    from hbi_training.demo import folder_size
+
+    report.update(caption=figures, bytes=folder_size(dest))
+    return report
+
+
+JOINT_COMMAND = "python -m hbi_training.demo --out DIR --seed {seed} --caption-joint"
