@@ -227,9 +227,21 @@ def target_mask(seqs: Sequences):
             & (pos < torch.from_numpy(seqs.length)[:, None] - 1)).float()
 
 
-def teacher_forcing_loss(model, side: tuple, ids, mask):
-    """Mean cross entropy of the next tokens of ``ids`` (B, n) where ``mask`` (B, n - 1) is 1."""
-    logp = model(side, ids[:, :-1])
+def teacher_forcing_loss(model, side: tuple, ids, mask, token_dropout: float = 0.0, generator=None):
+    """Mean cross entropy of the next tokens of ``ids`` (B, n) where ``mask`` (B, n - 1) is 1.
+
+    ``token_dropout``: each *input* token that is itself a target (a caption / answer word, never SOT or a
+    question's words) is replaced by the decoder's unknown row with this probability, so that the next word must
+    come from the video more than from the words before it (train-caption combination statistics)."""
+    import torch
+
+    inputs = ids[:, :-1]
+    if token_dropout > 0:
+        is_target = torch.zeros_like(mask, dtype=torch.bool)
+        is_target[:, 1:] = mask[:, :-1] > 0  # input i is the target of position i - 1
+        drop = is_target & (torch.rand(inputs.shape, generator=generator, device=ids.device) < token_dropout)
+        inputs = torch.where(drop, torch.full_like(inputs, model.config.vocab_size), inputs)
+    logp = model(side, inputs)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
     return (nll * mask).sum() / mask.sum()
 
@@ -273,6 +285,15 @@ def evaluate(model, sides: dict, videos: list[dict], vocab, tokenizer: ClipToken
     return {"attribute_accuracy": float(np.mean(hits)), "captions": captions, "hits": hits}
 
 
+def check_decoder_start(start, config, path) -> None:
+    """Refuse to continue decoder ``start`` (loaded from ``path``) where this run builds ``config``: a different
+    vocabulary or memory shape would silently mis-read tokens."""
+    shape = ("embed_dim", "tokens_per_level", "levels", "max_positions", "vocab_ids")
+    if any(getattr(start.config, k) != getattr(config, k) for k in shape):
+        raise UsageError(f"{path}: its vocabulary or memory shape differs from this run's",
+                         hint="continue a decoder trained on the same data set and retrieval model family")
+
+
 def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Features once, then the decoder (module docstring). Returns the summary (also ``OUT/summary.json``)."""
     import torch
@@ -311,10 +332,7 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
                           max_positions=config.max_positions)
     model = CaptionDecoder(config)
     if start is not None:
-        shape = ("embed_dim", "tokens_per_level", "levels", "max_positions", "vocab_ids")
-        if any(getattr(start.config, k) != getattr(config, k) for k in shape):
-            raise UsageError(f"{s.init_decoder}: its vocabulary or memory shape differs from this run's",
-                             hint="continue a decoder trained on the same data set and retrieval model family")
+        check_decoder_start(start, config, s.init_decoder)
         model, config = start, start.config
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]

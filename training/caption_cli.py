@@ -120,6 +120,8 @@ def register_joint(app: typer.Typer) -> None:
     @app.command("caption-joint", epilog=(
         "Examples:\n\n  hbi-train caption-joint --data /tmp/syn --out runs/joint --estimator runs/demo/hbi/estimator\n\n"
         "  hbi-train caption-joint --data /tmp/syn --out runs/joint --steps 200 --val-every 100 --json\n\n"
+        "  hbi-train caption-joint --data /tmp/syn --out runs/j2 --init runs/joint/final --init-decoder runs/joint/decoder"
+        " --aux-weight 1\n\n"
         "  hbi-train caption-joint --data /tmp/syn --out runs/joint --export /tmp/demo-artifacts"))
     def caption_joint(
         data: Annotated[Path, typer.Option(help="Synthetic set (python -m hbi_training.data.synthetic).",
@@ -136,6 +138,14 @@ def register_joint(app: typer.Typer) -> None:
         lr: Annotated[float, typer.Option(help="HBI heads and decoder; CLIP towers at lr x --clip-lr-coef.")] = 1e-3,
         clip_lr_coef: Annotated[float, typer.Option(min=0.0)] = 1.0,
         caption_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the caption cross entropy.")] = 1.0,
+        aux_weight: Annotated[float, typer.Option(min=0.0, help=(
+            "Weight of the per-frame attribute loss (shape -> absent/colour + position from the scene metadata, "
+            "training-only head on the frame tokens); 0: off."))] = 0.0,
+        init_decoder: Annotated[Optional[Path], typer.Option(
+            help="Start the decoder from this folder (e.g. RUN/decoder of an earlier caption-joint run).",
+            show_default=False)] = None,
+        token_dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help=(
+            "Probability that a caption word fed to the decoder is replaced by 'unknown' (training only)."))] = 0.0,
         qa: Annotated[bool, typer.Option(help="Also train open-ended QA (question as prefix).")] = True,
         width: Annotated[int, typer.Option(min=8)] = 128,
         layers: Annotated[int, typer.Option(min=1)] = 2,
@@ -157,7 +167,8 @@ def register_joint(app: typer.Typer) -> None:
             check_data(data)
             s = JointSettings(data_dir=data, out_dir=out, init=init or _demo_checkpoint(), estimator=estimator,
                               steps=steps, batch_size=batch_size, lr=lr, clip_lr_coef=clip_lr_coef,
-                              caption_weight=caption_weight, qa=qa, width=width, layers=layers, heads=heads,
+                              caption_weight=caption_weight, aux_weight=aux_weight, init_decoder=init_decoder,
+                              token_dropout=token_dropout, qa=qa, width=width, layers=layers, heads=heads,
                               val_every=val_every, seed=seed, threads=threads, progress=not json_output)
             log = None if json_output else _log
             summary = run_joint(s, progress=log)

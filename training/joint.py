@@ -63,6 +63,9 @@ class JointSettings:
     weight_decay: float = 0.05
     warmup: float = 0.1
     caption_weight: float = 1.0
+    aux_weight: float = 0.0  # per-frame attribute loss (training-only head, never exported); 0: off
+    token_dropout: float = 0.0  # decoder input words replaced by "unknown" with this probability (training)
+    init_decoder: Path | None = None  # continue this decoder folder (e.g. an earlier run's RUN/decoder)
     qa: bool = True
     width: int = 128
     layers: int = 2
@@ -100,6 +103,88 @@ def side_arrays(model, frames, mask, batch: int = 128) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# per-frame attribute supervision (training only; the head is never saved with the model or exported)
+
+
+def frame_times(config: dict[str, Any], max_frames: int) -> np.ndarray:
+    """The time (s) each sampled frame shows, from the data set's config (fps, seconds) through the runtime's own
+    sampling (``hbi_runtime.video.sample_indices``), i.e. the frames the frame cache holds."""
+    from hbi_runtime.video import sample_indices
+
+    fps = float(config["fps"])
+    return sample_indices(int(round(fps * config["seconds"])), fps, max_frames) / fps
+
+
+def frame_targets(videos: list[dict], times: np.ndarray, max_frames: int, colours: list[str], shapes: list[str]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per video, sampled frame and shape (``scenes.object_state`` at that frame's time): the class
+    (0 absent / not visible, 1 + colour index) as int64 ``(N, T, S)`` (-100: no such frame) and the (x, y)
+    centre as float32 ``(N, T, S, 2)`` (meaningful where the class is > 0)."""
+    from hbi_training.data.scenes import Scene, object_state
+
+    cls = np.full((len(videos), max_frames, len(shapes)), -100, dtype=np.int64)
+    pos = np.zeros((len(videos), max_frames, len(shapes), 2), dtype=np.float32)
+    for n, v in enumerate(videos):
+        scene = Scene.from_dict(v["scene"])
+        for k, t in enumerate(times):
+            cls[n, k] = 0
+            for i, obj in enumerate(scene.objects):
+                state, j = object_state(scene, i, float(t)), shapes.index(obj.shape)
+                if state.visible:
+                    cls[n, k, j] = 1 + colours.index(state.colour)
+                    pos[n, k, j] = (state.x, state.y)
+    return cls, pos
+
+
+class FrameAttributeHead(nn.Module):
+    """A linear map from each entity-level (frame) token to, per shape, 1 + colours logits and an (x, y).
+
+    The tokens are unit vectors; they are scaled by sqrt(D) first (unit variance per component). The head is new
+    while the model it reads is already trained, and the loop gives every non-CLIP parameter one learning rate:
+    its output is multiplied by ``gain`` with weights initialised ``gain`` times smaller, which leaves the start
+    unchanged and makes each AdamW step move the head's outputs ``gain`` times further (measured: at gain 1 and lr
+    1e-3 the position output had not even reached the targets' mean after 500 steps)."""
+
+    def __init__(self, embed_dim: int, n_shapes: int, n_classes: int, gain: float = 10.0) -> None:
+        super().__init__()
+        self.n_shapes, self.n_classes, self.scale, self.gain = n_shapes, n_classes, math.sqrt(embed_dim), gain
+        self.proj = nn.Linear(embed_dim, n_shapes * (n_classes + 2))
+        with torch.no_grad():
+            self.proj.weight /= gain
+            self.proj.bias /= gain
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> class logits (B, T, S, C) and positions (B, T, S, 2)."""
+        out = (self.gain * self.proj(tokens * self.scale)).unflatten(-1, (self.n_shapes, self.n_classes + 2))
+        return out[..., :self.n_classes], out[..., self.n_classes:]
+
+
+def frame_attribute_loss(head: FrameAttributeHead, tokens: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross entropy of the per-shape class, smooth-L1 of the position where the shape is visible)."""
+    logits, where = head(tokens)
+    ce = nn.functional.cross_entropy(logits.reshape(-1, head.n_classes), cls.reshape(-1), ignore_index=-100)
+    visible = cls > 0
+    reg = (nn.functional.smooth_l1_loss(where[visible], pos[visible], beta=0.1) if bool(visible.any())
+           else where.sum() * 0.0)
+    return ce, reg
+
+
+@torch.no_grad()
+def frame_attribute_accuracy(head: FrameAttributeHead, entity_tokens: np.ndarray, cls: np.ndarray
+                             ) -> dict[str, float]:
+    """The head's per-(frame, shape) class accuracy (every class, and on present shapes only) on ``entity_tokens``
+    (N, T, D) - whether shape + colour are linearly present per frame of, e.g., the held-out videos."""
+    head.eval()
+    logits, _ = head(torch.from_numpy(np.asarray(entity_tokens, dtype=np.float32)))
+    head.train(True)
+    pred, cls = logits.argmax(-1).numpy(), np.asarray(cls)
+    valid, present = cls >= 0, cls > 0
+    return {"frame_class_accuracy": float((pred == cls)[valid].mean()),
+            "frame_present_accuracy": float((pred == cls)[present].mean())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the task the common loop trains
 
 
@@ -109,8 +194,14 @@ class JointTask:
     name = "hbi-caption-joint"
 
     def __init__(self, model: nn.Module, loss: HBILoss, decoder: nn.Module, seqs: Sequences,
-                 video_index: dict[str, int], *, caption_weight: float, seed: int, evaluator=None) -> None:
+                 video_index: dict[str, int], *, caption_weight: float, seed: int, evaluator=None,
+                 aux: tuple[FrameAttributeHead, np.ndarray, np.ndarray] | None = None, aux_weight: float = 0.0,
+                 token_dropout: float = 0.0) -> None:
         self.model, self.criterion, self.decoder = model, loss, decoder
+        # aux: (head, class targets, position targets) in dataset row order (``frame_targets``)
+        self.aux_head = aux[0] if aux is not None else None
+        self.aux_targets = (torch.from_numpy(aux[1]), torch.from_numpy(aux[2])) if aux is not None else None
+        self.aux_weight, self.token_dropout = aux_weight, token_dropout
         self.seqs, self.video_index, self.caption_weight, self.seed = seqs, video_index, caption_weight, seed
         self.evaluator = evaluator  # (task) -> dict of caption metrics, at validation
         self.steps_done = 0
@@ -124,17 +215,22 @@ class JointTask:
             (self.qa_rows if q else self.caption_rows)[int(v)].append(r)
 
     def to(self, device: torch.device) -> "JointTask":
-        for m in (self.model, self.criterion, self.decoder):
+        for m in self.modules():
             m.to(device)
         return self
 
     def train(self, mode: bool = True) -> None:
-        for m in (self.model, self.criterion, self.decoder):
+        for m in self.modules():
             m.train(mode)
 
+    def modules(self) -> list[nn.Module]:
+        return [self.model, self.criterion, self.decoder] + ([self.aux_head] if self.aux_head is not None else [])
+
     def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        aux = self.aux_head.named_parameters() if self.aux_head is not None else ()
         return itertools.chain(self.model.named_parameters(), self.criterion.named_parameters(),
-                               ((f"decoder.{n}", p) for n, p in self.decoder.named_parameters()))
+                               ((f"decoder.{n}", p) for n, p in self.decoder.named_parameters()),
+                               ((f"aux.{n}", p) for n, p in aux))
 
     def decoder_rows(self, videos: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Per batch video: its canonical caption row and one QA row (drawn from (seed, step)).
@@ -156,15 +252,25 @@ class JointTask:
         levels = level_outputs(text, video, self.criterion.config.levels)
         with torch.autocast(ids.device.type, enabled=False):
             out = self.criterion(levels, self.model.clip.logit_scale.float().exp())
-            rows, owner = self.decoder_rows([self.video_index[str(v)] for v in vids])
+            index = [self.video_index[str(v)] for v in vids]
+            rows, owner = self.decoder_rows(index)
             width = int(self.seqs.length[rows].max())
             pick = torch.from_numpy(owner).to(ids.device)
             side = tuple(t.float()[pick] for t in side_tuple(video))
             rows_t = torch.from_numpy(rows)
             caption = teacher_forcing_loss(self.decoder, side, self.ids[rows_t, :width].to(ids.device),
-                                           self.mask[rows_t, :width - 1].to(ids.device))
+                                           self.mask[rows_t, :width - 1].to(ids.device),
+                                           self.token_dropout if self.decoder.training else 0.0,
+                                           torch.Generator().manual_seed(self.seed * 100003 + self.steps_done))
         parts = {**out.parts, "caption": caption}
-        return LossOutput(out.total + self.caption_weight * caption, parts)
+        total = out.total + self.caption_weight * caption
+        if self.aux_head is not None:
+            pick = torch.tensor(index)
+            cls, pos = (t[pick].to(ids.device) for t in self.aux_targets)
+            ce, reg = frame_attribute_loss(self.aux_head, video.levels[0].tokens.float(), cls, pos)
+            parts.update(aux_class=ce, aux_position=reg)
+            total = total + self.aux_weight * (ce + reg)
+        return LossOutput(total, parts)
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -187,11 +293,16 @@ class JointTask:
         self.decoder.load_state_dict(decoder.state_dict(), strict=True)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"criterion": self.criterion.state_dict(), "steps_done": self.steps_done}
+        state = {"criterion": self.criterion.state_dict(), "steps_done": self.steps_done}
+        if self.aux_head is not None:
+            state["aux_head"] = self.aux_head.state_dict()
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.criterion.load_state_dict(state["criterion"], strict=True)
         self.steps_done = int(state["steps_done"])
+        if self.aux_head is not None and "aux_head" in state:
+            self.aux_head.load_state_dict(state["aux_head"], strict=True)
 
     def validate(self, dataset, batch_size: int, device: torch.device) -> dict[str, float]:
         from hbi_training.evaluate import retrieval_recall
@@ -214,9 +325,10 @@ def caption_accuracy(task: JointTask, frames, mask, videos: list[dict], vocab, t
                      ) -> dict[str, Any]:
     """PyTorch greedy captions of ``videos`` on the task's current model side -> attribute accuracy + captions."""
     task.decoder.eval()
-    result = evaluate(task.decoder, side_arrays(task.model, frames, mask), videos, vocab, tokenizer, vocabulary)
+    sides = side_arrays(task.model, frames, mask)
+    result = evaluate(task.decoder, sides, videos, vocab, tokenizer, vocabulary)
     task.train(True)
-    return result
+    return {**result, "sides": sides}
 
 
 def qa_accuracy(decoder, sides: dict[str, np.ndarray], videos: list[dict], vocab, tokenizer,
@@ -283,6 +395,22 @@ def run_joint(s: JointSettings, progress: Callable[[str], None] | None = None) -
     seqs = make_sequences(train_v, tokenizer, vocab, captions="canonical", qa=s.qa,
                           max_positions=config.max_positions)
     decoder = CaptionDecoder(config)
+    if s.init_decoder is not None:
+        from hbi_export.tasks.decoder import load_decoder
+        from hbi_training.caption import check_decoder_start
+
+        start, _ = load_decoder(s.init_decoder)
+        check_decoder_start(start, config, s.init_decoder)
+        decoder.load_state_dict(start.state_dict(), strict=True)
+    aux = test_aux = None
+    if s.aux_weight > 0:
+        from hbi_training.data.manifest import read_manifest
+
+        times = frame_times(read_manifest(s.data_dir)["config"], s.max_frames)
+        colours, shapes = list(vocabulary["colours"]), list(vocabulary["shapes"])
+        aux = (FrameAttributeHead(model.config.embed_dim, len(shapes), 1 + len(colours)),
+               *frame_targets(train_v, times, s.max_frames, colours, shapes))
+        test_aux = frame_targets(test_v, times, s.max_frames, colours, shapes)[0]
 
     n_train_eval = min(s.train_eval_videos, len(train_v))
 
@@ -290,17 +418,24 @@ def run_joint(s: JointSettings, progress: Callable[[str], None] | None = None) -
         t0 = time.monotonic()
         held = caption_accuracy(task, test.frames, test.frame_mask, test_v, vocab, tokenizer, vocabulary)
         metrics = {"attribute_accuracy": 100 * held["attribute_accuracy"]}
+        if task.aux_head is not None:
+            entity = held["sides"][SIDE_NAMES[0]]
+            metrics.update({f"test_{k}": 100 * v for k, v in
+                            frame_attribute_accuracy(task.aux_head, entity, test_aux).items()})
         if n_train_eval:
             seen = caption_accuracy(task, train.frames[:n_train_eval], train.frame_mask[:n_train_eval],
                                     train_v[:n_train_eval], vocab, tokenizer, vocabulary)
             metrics["train_attribute_accuracy"] = 100 * seen["attribute_accuracy"]
         log(f"step {task.steps_done}: held-out attribute accuracy {metrics['attribute_accuracy']:.1f} %"
             + (f", train {metrics['train_attribute_accuracy']:.1f} %" if n_train_eval else "")
+            + (f", held-out per-frame shape/colour {metrics['test_frame_present_accuracy']:.1f} % of present"
+               if task.aux_head is not None else "")
             + f" ({time.monotonic() - t0:.0f} s)")
         return metrics
 
     task = JointTask(model, criterion, decoder, seqs, train.video_index, caption_weight=s.caption_weight,
-                     seed=s.seed, evaluator=evaluator)
+                     seed=s.seed, evaluator=evaluator, aux=aux, aux_weight=s.aux_weight,
+                     token_dropout=s.token_dropout)
     loop = LoopConfig(steps=s.steps, batch_size=s.batch_size, seed=s.seed, device="cpu",
                       optim=OptimConfig(lr=s.lr, clip_lr_coef=s.clip_lr_coef, weight_decay=s.weight_decay, warmup=s.warmup),
                       log_every=s.log_every, val_every=s.val_every, progress=s.progress)

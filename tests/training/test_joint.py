@@ -140,3 +140,134 @@ def test_the_decoder_alone_continues_from_a_joint_run(data, tmp_path):
     with pytest.raises(UsageError, match="vocabulary or memory shape"):
         train_caption(CaptionTrainSettings(data_dir=data, out_dir=tmp_path / "bad", package=demo, steps=1,
                                            batch_size=4, qa=False, init_decoder=tmp_path / "joint" / "decoder"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-frame attribute supervision
+
+
+def test_frame_times_are_the_times_the_decoded_frames_show(data):
+    """Target k must describe cached frame k: the runtime's decode of a video samples exactly these times."""
+    from hbi_runtime.package import Preprocessing
+    from hbi_runtime.video import decode_video
+    from hbi_training.data import read_manifest
+    from hbi_training.joint import frame_times
+
+    manifest = read_manifest(data)
+    decoded = decode_video(data / manifest["videos"][0]["file"], Preprocessing(max_frames=8, image_size=32))
+    times = frame_times(manifest["config"], 8)
+    np.testing.assert_allclose(times, decoded.indices / decoded.fps)
+    assert len(times) == manifest["config"]["seconds"]  # 1 fps: one frame per second, none dropped
+
+
+def test_frame_targets_name_what_each_cached_frame_shows(data):
+    """Independent check through the pixels: at each target position the decoded frame has the target colour;
+    a scene object marked absent (not yet appeared / gone) leaves background at its own position."""
+    from hbi_runtime.package import CLIP_MEAN, CLIP_STD
+    from hbi_training.data import SyntheticVideoDataset, read_manifest
+    from hbi_training.data.scenes import BACKGROUND, COLOURS, SHAPES, Scene
+    from hbi_training.joint import frame_targets, frame_times
+
+    manifest = read_manifest(data)
+    videos = _videos(data, "train")
+    colours = list(manifest["vocabulary"]["colours"])
+    cls, pos = frame_targets(videos, frame_times(manifest["config"], 8), 8, colours, list(SHAPES))
+    ds = SyntheticVideoDataset(data, "train", max_frames=8, image_size=32)
+    pixels = (ds.frames.transpose(0, 1, 3, 4, 2) * np.array(CLIP_STD) + np.array(CLIP_MEAN)) * 255
+    checked = {"present": 0, "absent": 0}
+    for n, v in enumerate(videos):
+        objects = {o.shape: o for o in Scene.from_dict(v["scene"]).objects}
+        for k in range(8):
+            for j, shape in enumerate(SHAPES):
+                if cls[n, k, j] > 0:
+                    x, y = pos[n, k, j]
+                    want = COLOURS[colours[cls[n, k, j] - 1]]
+                    assert np.abs(pixels[n, k, int(y * 32), int(x * 32)] - want).max() < 60, (n, k, shape)
+                    checked["present"] += 1
+                elif shape in objects:  # in the scene but not visible at this frame: its start spot is empty
+                    # (absent shapes here only appear / disappear, which never move)
+                    o = objects[shape]
+                    assert np.abs(pixels[n, k, int(o.y * 32), int(o.x * 32)] - BACKGROUND).max() < 60, (n, k, shape)
+                    checked["absent"] += 1
+                else:
+                    assert cls[n, k, j] == 0
+    assert checked["present"] > 100 and checked["absent"] > 0
+    assert (cls >= 0).all()  # every sampled frame of these 8-second videos is a real frame
+
+
+def test_aux_loss_reaches_the_video_tower_and_adds_to_the_total(data):
+    from hbi_training.data import read_manifest
+    from hbi_training.data.scenes import SHAPES
+    from hbi_training.joint import FrameAttributeHead, frame_targets, frame_times
+
+    task, seqs, videos = _task(data)
+    manifest = read_manifest(data)
+    colours = list(manifest["vocabulary"]["colours"])
+    cls, pos = frame_targets(videos, frame_times(manifest["config"], 8), 8, colours, list(SHAPES))
+    head = FrameAttributeHead(64, len(SHAPES), 1 + len(colours))
+    aux_task = JointTask(task.model, task.criterion, task.decoder, seqs, task.video_index, caption_weight=1.0,
+                         seed=0, aux=(head, cls, pos), aux_weight=0.5)
+    batch = _batch(data)
+    aux_task.train(False)  # no dropout: the two losses see the same forward pass
+    out = aux_task.loss(batch)
+    base = task.loss(batch)
+    assert out.parts["aux_class"] > 0 and out.parts["aux_position"] > 0
+    assert torch.isclose(out.total, base.total + 0.5 * (out.parts["aux_class"] + out.parts["aux_position"]))
+    out.parts["aux_class"].backward()
+    grad = task.model.clip.visual.conv1.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert all(p.grad is None for p in task.decoder.parameters())  # the head reads the side, not the decoder
+    assert {n for n, _ in aux_task.named_trainable()} >= {"aux.proj.weight", "aux.proj.bias"}
+    assert "aux_head" in aux_task.extra_state()
+
+
+def test_joint_run_with_aux_continues_a_decoder(data, tmp_path):
+    """--init-decoder starts from that decoder's weights; --aux-weight reports the held-out per-frame accuracy;
+    the head is training-only (the saved checkpoint and decoder have no aux weights)."""
+    from hbi_export.tasks.decoder import load_decoder
+    from hbi_runtime.errors import UsageError
+
+    common = dict(data_dir=data, model_preset="tiny", batch_size=4, width=32, layers=1, heads=2,
+                  train_eval_videos=0, progress=False)
+    run_joint(JointSettings(out_dir=tmp_path / "a", steps=1, **common))
+    start, _ = load_decoder(tmp_path / "a" / "decoder")
+    summary = run_joint(JointSettings(out_dir=tmp_path / "b", steps=2, init=tmp_path / "a" / "final",
+                                      init_decoder=tmp_path / "a" / "decoder", aux_weight=1.0, **common))
+    val = summary["validations"][-1]
+    assert 0 <= val["test_frame_present_accuracy"] <= 100 and 0 <= val["test_frame_class_accuracy"] <= 100
+    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["aux_class"] > 0 for r in lines if r["kind"] == "train")
+    after, _ = load_decoder(tmp_path / "b" / "decoder")
+    assert after.config == start.config
+    assert any(not torch.equal(a, b) for a, b in zip(after.state_dict().values(), start.state_dict().values()))
+    names = json.dumps(sorted(p.name for p in (tmp_path / "b").rglob("*")))
+    assert "aux" not in names
+    with pytest.raises(UsageError, match="vocabulary or memory shape"):
+        run_joint(JointSettings(out_dir=tmp_path / "c", steps=1, qa=False, init_decoder=tmp_path / "a" / "decoder",
+                                **common))
+
+
+def test_token_dropout_hides_only_caption_and_answer_words(data):
+    """token_dropout=1: every input word that is itself a target reads as 'unknown'; SOT and question words stay."""
+    from hbi_training.caption import teacher_forcing_loss
+
+    task, seqs, _ = _task(data)
+    task.decoder.eval()
+    rows = np.array([0, 1, 2, 3])
+    assert (seqs.prefix[rows] > 1).any() and (seqs.prefix[rows] == 1).any()  # captions and questions
+    width = int(seqs.length[rows].max())
+    ids, mask = task.ids[rows, :width], task.mask[rows, :width - 1]
+    _, _, frames, fmask, _ = _batch(data, 4)
+    with torch.no_grad():
+        side = side_tuple(task.model.encode_video(frames, fmask))
+        dropped = teacher_forcing_loss(task.decoder, side, ids, mask, token_dropout=1.0)
+        manual = ids.clone()
+        unknown = task.decoder.config.vocab_size
+        for b, r in enumerate(rows):
+            # inputs from the prefix's end up to EOT are caption / answer words (then EOT padding)
+            manual[b, int(seqs.prefix[r]):int(seqs.length[r])] = unknown
+        logp = task.decoder(side, manual[:, :-1])
+        want = (-logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask).sum() / mask.sum()
+        plain = teacher_forcing_loss(task.decoder, side, ids, mask)
+    assert torch.isclose(dropped, want, atol=1e-5)
+    assert not torch.isclose(dropped, plain)
