@@ -16,7 +16,7 @@ import typer
 
 from hbi_runtime import __version__, doctor as doctor_lib
 from hbi_runtime.bench.cli import register as _register_bench
-from hbi_runtime.cli_support import OutputFormat, emit_json, guarded
+from hbi_runtime.cli_support import OutputFormat, TableFormat, csv_text, emit_json, guarded
 from hbi_runtime.tasks.cli import register as _register_tasks
 
 
@@ -248,13 +248,6 @@ def index(
         raise SystemExit(3)
 
 
-class RetrieveFormat(str, enum.Enum):
-    table = "table"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
-
-
 def _read_lines(path: Path, what: str) -> list[str]:
     from hbi_runtime.errors import BadInputError
 
@@ -289,25 +282,18 @@ def _fmt_time(seconds) -> str:
     return f"{int(m)}:{s:04.1f}"
 
 
-def _render_hits(results: list, fmt: RetrieveFormat, header: dict) -> str:
-    import csv
-    import io
+def _render_hits(results: list, fmt: TableFormat, header: dict) -> str:
     import json
 
-    if fmt is RetrieveFormat.json:
+    if fmt is TableFormat.json:
         return json.dumps({**header, "queries": [r.to_dict() for r in results]}, indent=2, ensure_ascii=False) + "\n"
-    if fmt is RetrieveFormat.jsonl:
+    if fmt is TableFormat.jsonl:
         return "".join(json.dumps({**header, "query": r.query, **h}, ensure_ascii=False) + "\n"
                        for r in results for h in r.to_dict()["hits"])
-    if fmt is RetrieveFormat.csv:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["query", "rank", "score", "path", "start_s", "end_s", "best_frame_s", "words"])
-        for r in results:
-            for h in r.hits:
-                words = " ".join(f"{w.word}@{w.time_s}" for w in h.words)
-                writer.writerow([r.query, h.rank, h.score, h.path, h.start_s, h.end_s, h.best_frame_s, words])
-        return buf.getvalue()
+    if fmt is TableFormat.csv:
+        return csv_text(["query", "rank", "score", "path", "start_s", "end_s", "best_frame_s", "words"],
+                        ([r.query, h.rank, h.score, h.path, h.start_s, h.end_s, h.best_frame_s,
+                          " ".join(f"{w.word}@{w.time_s}" for w in h.words)] for r in results for h in r.hits))
     lines = []
     for r in results:
         lines.append(f'query: "{r.query}"' + ("  (truncated)" if r.truncated else ""))
@@ -356,14 +342,14 @@ def retrieve(
     allow_unverified: UnverifiedOption = False,
     backend: BackendOption = BackendName.onnxruntime,
     engine_precision: EnginePrecisionOption = None,
-    output_format: Annotated[RetrieveFormat, typer.Option("--format", "-f", case_sensitive=False,
-                                                          help="table, json, jsonl or csv.")] = RetrieveFormat.table,
+    output_format: Annotated[TableFormat, typer.Option("--format", "-f", case_sensitive=False,
+                                                       help="table, json, jsonl or csv.")] = TableFormat.table,
 ) -> None:
     """Search videos with text (exact HBI score), or rank captions for one video (--video --captions).
 
     Each hit says why: the timestamp of its best-matching frame, and for every query word its best frame.
     """
-    json_mode = output_format in (RetrieveFormat.json, RetrieveFormat.jsonl)
+    json_mode = output_format.is_json
     with guarded(json_mode=json_mode, debug=ctx.obj.debug):
         from hbi_runtime.errors import UsageError
         from hbi_runtime.index import Index

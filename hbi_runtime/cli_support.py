@@ -24,6 +24,32 @@ class OutputFormat(str, enum.Enum):
     json = "json"
 
 
+class TableFormat(str, enum.Enum):
+    """``--format`` of the commands that print result rows: a table for people, one JSON document, JSON lines
+    (one row each) or CSV. ``json`` and ``jsonl`` are the JSON modes (errors as JSON on stdout)."""
+
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+
+    @property
+    def is_json(self) -> bool:
+        return self in (TableFormat.json, TableFormat.jsonl)
+
+
+def csv_text(header: list[str], rows) -> str:
+    """``header`` and ``rows`` (iterables of cells) as CSV text."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def emit_json(payload: dict) -> None:
     """Write one JSON document to stdout (sorted keys, UTF-8, newline-terminated)."""
     sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

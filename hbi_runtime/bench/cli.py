@@ -6,7 +6,6 @@ The command is thin: it parses options into a :class:`~hbi_runtime.bench.stages.
 
 from __future__ import annotations
 
-import enum
 import json
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import emit_json, guarded
+from hbi_runtime.cli_support import OutputFormat, emit_json, guarded
 
 EPILOG = """Examples:
 
@@ -28,11 +27,6 @@ EPILOG = """Examples:
 
   hbi-run bench -m pkg/b32 --stages text,video --plot both.png --include cpu.json --include gpu.json
 """
-
-
-class BenchFormat(str, enum.Enum):
-    text = "text"
-    json = "json"
 
 
 def parse_int_list(value: str, option: str) -> tuple[int, ...]:
@@ -108,9 +102,9 @@ def register(app: typer.Typer) -> None:
             show_default=False)] = None,
         allow_unverified: Annotated[bool, typer.Option(
             "--allow-unverified", help="Use a package whose parity check failed or never ran.")] = False,
-        output_format: Annotated[BenchFormat, typer.Option("--format", "-f", case_sensitive=False,
+        output_format: Annotated[OutputFormat, typer.Option("--format", "-f", case_sensitive=False,
                                                            help="text (a table) or json (the record).")] = (
-            BenchFormat.text),
+            OutputFormat.text),
     ) -> None:
         """Measure latency (p50/p90/p99) and throughput per stage: text encoding (texts/s), video encoding
         (frames/s), scoring (query x video pairs/s), decoding (videos/s) and one retrieval end to end.
@@ -119,7 +113,7 @@ def register(app: typer.Typer) -> None:
         Jetson model and power mode), library versions, precision, batch sizes, shapes and results, so runs on
         different machines compare directly (docs/bench.md).
         """
-        json_mode = output_format is BenchFormat.json
+        json_mode = output_format is OutputFormat.json
         with guarded(json_mode=json_mode, debug=ctx.obj.debug if ctx.obj else False):
             from hbi_runtime.bench.plot import plot_records
             from hbi_runtime.bench.records import write_record

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import enum
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import emit_json, guarded
+from hbi_runtime.cli_support import TableFormat, csv_text, emit_json, guarded
 
 CAPTION_SCHEMA = "hbi.caption/1"
 EVAL_SCHEMA = "hbi.eval-caption/1"
-
-
-class CaptionFormat(str, enum.Enum):
-    table = "table"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
 
 
 CaptionModelOption = Annotated[Optional[Path], typer.Option(
@@ -66,23 +58,16 @@ def _check_files(paths: list[Path]) -> None:
             raise BadInputError(f"{p} is a folder, not a video file", hint=f"pass the files, e.g. {p}/*.mp4")
 
 
-def _render(rows: list[dict], fmt: CaptionFormat, header: dict) -> str:
-    import csv
-    import io
+def _render(rows: list[dict], fmt: TableFormat, header: dict) -> str:
     import json
 
-    if fmt is CaptionFormat.json:
+    if fmt is TableFormat.json:
         return json.dumps({**header, "results": rows}, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    if fmt is CaptionFormat.jsonl:
+    if fmt is TableFormat.jsonl:
         return "".join(json.dumps({**header, **r}, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
     keys = ["path", "question", "text", "logprob", "error"]
-    if fmt is CaptionFormat.csv:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(keys)
-        for r in rows:
-            writer.writerow([r.get(k) if r.get(k) is not None else "" for k in keys])
-        return buf.getvalue()
+    if fmt is TableFormat.csv:
+        return csv_text(keys, ([r.get(k) if r.get(k) is not None else "" for k in keys] for r in rows))
     lines = []
     for r in rows:
         name = Path(r["path"]).name
@@ -118,8 +103,8 @@ def register(app: typer.Typer) -> None:
         workers: WorkersOption = 1,
         strict: Annotated[bool, typer.Option(help="Exit 3 when any file failed.")] = False,
         allow_unverified: UnverifiedOption = False,
-        output_format: Annotated[CaptionFormat, typer.Option(
-            "--format", "-f", case_sensitive=False, help="table, json, jsonl or csv.")] = CaptionFormat.table,
+        output_format: Annotated[TableFormat, typer.Option(
+            "--format", "-f", case_sensitive=False, help="table, json, jsonl or csv.")] = TableFormat.table,
     ) -> None:
         """Caption videos (or answer --question about them) with the encoder-decoder on the retrieval backbone.
 
@@ -127,7 +112,7 @@ def register(app: typer.Typer) -> None:
         action and event tokens. Greedy by default; --beam-size for beam search. Bad files are reported and
         never stop the run.
         """
-        json_mode = output_format in (CaptionFormat.json, CaptionFormat.jsonl)
+        json_mode = output_format.is_json
         failed = False
         with guarded(json_mode=json_mode, debug=_debug(ctx)):
             options = _options(beam_size, max_length, length_penalty, no_repeat_ngram)
@@ -171,11 +156,11 @@ def register(app: typer.Typer) -> None:
         no_repeat_ngram: NgramOption = 0,
         workers: WorkersOption = 1,
         allow_unverified: UnverifiedOption = False,
-        output_format: Annotated[CaptionFormat, typer.Option(
-            "--format", "-f", case_sensitive=False, help="table or json.")] = CaptionFormat.table,
+        output_format: Annotated[TableFormat, typer.Option(
+            "--format", "-f", case_sensitive=False, help="table or json.")] = TableFormat.table,
     ) -> None:
         """Caption every referenced video and score the captions: BLEU-4, ROUGE-L, CIDEr-D (METEOR: not offline)."""
-        json_mode = output_format in (CaptionFormat.json, CaptionFormat.jsonl)
+        json_mode = output_format.is_json
         with guarded(json_mode=json_mode, debug=_debug(ctx)):
             from hbi_runtime.tasks.caption import evaluate_captions, read_references
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import enum
-import io
 import json
 import sys
 from pathlib import Path
@@ -12,18 +9,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import emit_json, guarded
+from hbi_runtime.cli_support import TableFormat, csv_text, emit_json, guarded
 from hbi_runtime.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED
 
 DEMO_QA_PACKAGE = Path(__file__).resolve().parent.parent / "data" / "demo" / "qa" / "package"
 SCHEMA = "hbi.qa/1"
-
-
-class QAFormat(str, enum.Enum):
-    table = "table"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
 
 
 def _parse_weights(text: Optional[str]):
@@ -58,23 +48,18 @@ def _rows(video: Optional[str], question: Optional[str], questions: Optional[Pat
     return [(video, question, None)]
 
 
-def render(payload: dict, fmt: QAFormat) -> str:
+def render(payload: dict, fmt: TableFormat) -> str:
     """The answered rows in one of the output formats (``payload`` = the JSON document)."""
     rows = payload["results"]
-    if fmt is QAFormat.json:
+    if fmt is TableFormat.json:
         return json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    if fmt is QAFormat.jsonl:
+    if fmt is TableFormat.jsonl:
         head = {"schema": payload["schema"], "model_sha256": payload["model_sha256"]}
         return "".join(json.dumps({**head, **r}, ensure_ascii=False) + "\n" for r in rows)
-    if fmt is QAFormat.csv:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["video", "question", "rank", "answer", "probability", "expected", "correct"])
-        for r in rows:
-            for a in r["answers"]:
-                writer.writerow([r["video"], r["question"], a["rank"], a["answer"], a["probability"],
-                                 r.get("expected", ""), "" if "correct" not in r else int(r["correct"])])
-        return buf.getvalue()
+    if fmt is TableFormat.csv:
+        return csv_text(["video", "question", "rank", "answer", "probability", "expected", "correct"],
+                        ([r["video"], r["question"], a["rank"], a["answer"], a["probability"], r.get("expected", ""),
+                          "" if "correct" not in r else int(r["correct"])] for r in rows for a in r["answers"]))
     lines = []
     for r in rows:
         mark = "" if "correct" not in r else ("  [ok]" if r["correct"] else f"  [expected {r['expected']}]")
@@ -121,14 +106,14 @@ def register(app: typer.Typer) -> None:
             "--min-accuracy", help="Exit 5 when top-1 accuracy (0..1) is below this.", show_default=False)] = None,
         allow_unverified: Annotated[bool, typer.Option(
             "--allow-unverified", help="Use a package whose parity check failed or never ran.")] = False,
-        output_format: Annotated[QAFormat, typer.Option("--format", "-f", case_sensitive=False,
-                                                        help="table, json, jsonl or csv.")] = QAFormat.table,
+        output_format: Annotated[TableFormat, typer.Option("--format", "-f", case_sensitive=False,
+                                                           help="table, json, jsonl or csv.")] = TableFormat.table,
     ) -> None:
         """Answer questions about videos (classifier over the package's answer vocabulary).
 
         Each video is decoded and encoded once, however many questions it has; answers come with probabilities.
         """
-        json_mode = output_format in (QAFormat.json, QAFormat.jsonl)
+        json_mode = output_format.is_json
         failed = gate_failed = False
         with guarded(json_mode=json_mode, debug=ctx.obj.debug if ctx.obj else False):
             from hbi_runtime.errors import UsageError
@@ -164,7 +149,7 @@ def register(app: typer.Typer) -> None:
                 if r.truncated and not json_mode:
                     sys.stderr.write(f'warning: question "{r.question[:60]}" was truncated to the model\'s '
                                      "text length\n")
-            if output_format is QAFormat.json:
+            if output_format is TableFormat.json:
                 emit_json(payload)
             else:
                 sys.stdout.write(render(payload, output_format))
