@@ -29,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
+    from hbi_runtime.cli_support import guarded
+
+    with guarded():  # a missing or wrong --data: a message and exit 3, not a traceback
+        return _probe(args)
+
+
+def _probe(args: argparse.Namespace) -> int:
     import torch
     from torch import nn
 
