@@ -62,6 +62,8 @@ class CaptionTrainSettings:
     threads: int = 1
     log_every: int = 100
     init_decoder: Path | None = None  # continue this decoder (same vocabulary and memory shape) instead of a new one
+    token_dropout: float = 0.0  # caption / answer input words replaced by "unknown" with this probability
+    frame_deltas: bool = False  # DecoderConfig.frame_deltas: consecutive-frame difference tokens in the memory
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,7 +241,8 @@ def teacher_forcing_loss(model, side: tuple, ids, mask, token_dropout: float = 0
     if token_dropout > 0:
         is_target = torch.zeros_like(mask, dtype=torch.bool)
         is_target[:, 1:] = mask[:, :-1] > 0  # input i is the target of position i - 1
-        drop = is_target & (torch.rand(inputs.shape, generator=generator, device=ids.device) < token_dropout)
+        # drawn on the CPU (the generator's device), so a run draws the same words on any device
+        drop = is_target & (torch.rand(inputs.shape, generator=generator).to(ids.device) < token_dropout)
         inputs = torch.where(drop, torch.full_like(inputs, model.config.vocab_size), inputs)
     logp = model(side, inputs)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -253,15 +256,16 @@ def torch_greedy(model, side: tuple, prefix: list[int], eot: int, max_new: int) 
     with torch.no_grad():
         cross, bias = model.cross_cache(side)
         b = side[0].shape[0]
-        ids = torch.tensor([prefix] * b)
+        ids = torch.tensor([prefix] * b, device=side[0].device)
         logp, past = model.decode(ids, None, cross, bias)
         out = [[] for _ in range(b)]
-        done = torch.zeros(b, dtype=torch.bool)
+        done = torch.zeros(b, dtype=torch.bool, device=side[0].device)
         for _ in range(max_new):
             nxt = logp.argmax(-1)
+            picked, live = nxt.tolist(), done.tolist()
             for i in range(b):
-                if not done[i]:
-                    out[i].append(int(nxt[i]))
+                if not live[i]:
+                    out[i].append(picked[i])
             done |= nxt == eot
             if bool(done.all()):
                 break
@@ -274,7 +278,8 @@ def evaluate(model, sides: dict, videos: list[dict], vocab, tokenizer: ClipToken
     """Greedy captions of ``videos`` (PyTorch) -> attribute accuracy and the captions."""
     import torch
 
-    side = tuple(torch.from_numpy(sides[n]) for n in SIDE_NAMES)
+    device = next(model.parameters()).device
+    side = tuple(torch.from_numpy(sides[n]).to(device) for n in SIDE_NAMES)
     model.eval()
     captions = []
     for i in range(0, len(videos), 128):
@@ -288,7 +293,7 @@ def evaluate(model, sides: dict, videos: list[dict], vocab, tokenizer: ClipToken
 def check_decoder_start(start, config, path) -> None:
     """Refuse to continue decoder ``start`` (loaded from ``path``) where this run builds ``config``: a different
     vocabulary or memory shape would silently mis-read tokens."""
-    shape = ("embed_dim", "tokens_per_level", "levels", "max_positions", "vocab_ids")
+    shape = ("embed_dim", "tokens_per_level", "levels", "max_positions", "vocab_ids", "frame_deltas")
     if any(getattr(start.config, k) != getattr(config, k) for k in shape):
         raise UsageError(f"{path}: its vocabulary or memory shape differs from this run's",
                          hint="continue a decoder trained on the same data set and retrieval model family")
@@ -326,7 +331,7 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
     texts = training_texts(train_v, s.captions, s.qa)
     config = DecoderConfig(embed_dim=embed_dim, tokens_per_level=tokens_per_level, levels=s.levels, width=s.width,
                            layers=s.layers, heads=s.heads, vocab_ids=build_vocab(texts, tokenizer),
-                           dropout=s.dropout)
+                           dropout=s.dropout, frame_deltas=s.frame_deltas)
     vocab = VocabMap(config)
     seqs = make_sequences(train_v, tokenizer, vocab, captions=s.captions, qa=s.qa,
                           max_positions=config.max_positions)
@@ -356,7 +361,8 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
         ids = ids_t[rows, :width]
         vid = video_t[rows]
         side = tuple(t[vid] for t in side_t)
-        loss = teacher_forcing_loss(model, side, ids, loss_mask_all[rows, :width - 1])
+        loss = teacher_forcing_loss(model, side, ids, loss_mask_all[rows, :width - 1], s.token_dropout,
+                                    torch.Generator().manual_seed(s.seed * 100003 + step))
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, s)
         opt.zero_grad(set_to_none=True)
@@ -379,7 +385,8 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
              f"of {len(test_v)} videos")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
     summary = {"retrieval_manifest_sha256": pkg_hash, "settings": settings, "train_seconds": train_seconds,
-               "train_rows": int(len(seqs.video)), "test_attribute_accuracy": result["attribute_accuracy"],
+               "train_rows": int(len(seqs.video)), "train_videos": len(train_v),
+               "test_attribute_accuracy": result["attribute_accuracy"],
                "test_videos": len(test_v), "parameters": sum(p.numel() for p in model.parameters())}
     save_decoder(model.eval(), out / "decoder", extra={"training": summary})
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

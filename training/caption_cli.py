@@ -32,7 +32,8 @@ def register(app: typer.Typer) -> None:
     @app.command("caption", epilog=(
         "Examples:\n\n  hbi-train caption --data /tmp/syn --out runs/caption\n\n"
         "  hbi-train caption --data /tmp/syn --out runs/cap --steps 500 --no-qa --json\n\n"
-        "  hbi-train caption --data /tmp/syn --out runs/cap --export hbi_runtime/data/demo/caption"))
+        "  hbi-train caption --data /tmp/syn --out runs/cap --export hbi_runtime/data/demo/caption\n\n"
+        "  hbi-train caption --data /tmp/syn20k --out runs/cap --frame-deltas --token-dropout 0.3 --steps 10000"))
     def caption(
         data: Annotated[Path, typer.Option(help="Synthetic set (python -m hbi_training.data.synthetic).",
                                            show_default=False)],
@@ -55,6 +56,11 @@ def register(app: typer.Typer) -> None:
         init_decoder: Annotated[Optional[Path], typer.Option(
             help="Continue this decoder folder (e.g. RUN/decoder of `hbi-train caption-joint`) instead of a new one.",
             show_default=False)] = None,
+        token_dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help=(
+            "Probability that a caption word fed to the decoder is replaced by 'unknown' (training only)."))] = 0.0,
+        frame_deltas: Annotated[bool, typer.Option(help=(
+            "Add one memory token per pair of consecutive frames (their difference), so that events are single "
+            "tokens (docs/captioning.md)."))] = False,
         export: Annotated[Optional[Path], typer.Option(
             help="Also write a caption package here (parity-checked).", show_default=False)] = None,
         json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -73,7 +79,8 @@ def register(app: typer.Typer) -> None:
             s = CaptionTrainSettings(data_dir=data, out_dir=out, package=package or _demo_package(), steps=steps,
                                      batch_size=batch_size, lr=lr, seed=seed, captions=captions, qa=qa,
                                      width=width, layers=layers, heads=heads, levels=lv, threads=threads,
-                                     init_decoder=init_decoder)
+                                     init_decoder=init_decoder, token_dropout=token_dropout,
+                                     frame_deltas=frame_deltas)
             summary = train_caption(s, progress=None if json_output else _log)
             if export is not None:
                 summary["package"] = export_run(Path(summary["decoder"]), s.package, export, data,
@@ -122,7 +129,9 @@ def register_joint(app: typer.Typer) -> None:
         "  hbi-train caption-joint --data /tmp/syn --out runs/joint --steps 200 --val-every 100 --json\n\n"
         "  hbi-train caption-joint --data /tmp/syn --out runs/j2 --init runs/joint/final --init-decoder runs/joint/decoder"
         " --aux-weight 1\n\n"
-        "  hbi-train caption-joint --data /tmp/syn --out runs/joint --export /tmp/demo-artifacts"))
+        "  hbi-train caption-joint --data /tmp/syn --out runs/joint --export /tmp/demo-artifacts\n\n"
+        "  hbi-train caption-joint --data /tmp/syn --out runs/scratch --scratch --estimator runs/est --aux-weight 4"
+        " --token-dropout 0.3 --device cuda"))
     def caption_joint(
         data: Annotated[Path, typer.Option(help="Synthetic set (python -m hbi_training.data.synthetic).",
                                            show_default=False)],
@@ -130,6 +139,8 @@ def register_joint(app: typer.Typer) -> None:
                                           show_default=False)],
         init: Annotated[Optional[Path], typer.Option(
             help="Retrieval checkpoint to start from (default: the demo's).", show_default=False)] = None,
+        scratch: Annotated[bool, typer.Option(
+            "--scratch", help="Start from a random 'demo' preset model instead (not with --init).")] = False,
         estimator: Annotated[Optional[Path], typer.Option(
             help="Banzhaf estimator (the frozen teacher); without it the Banzhaf KL term is off.",
             show_default=False)] = None,
@@ -141,6 +152,10 @@ def register_joint(app: typer.Typer) -> None:
         aux_weight: Annotated[float, typer.Option(min=0.0, help=(
             "Weight of the per-frame attribute loss (shape -> absent/colour + position from the scene metadata, "
             "training-only head on the frame tokens); 0: off."))] = 0.0,
+        aux_events: Annotated[bool, typer.Option(help=(
+            "The per-frame loss also names the event each frame shows (shape -> action + colour before)."))] = True,
+        frame_deltas: Annotated[bool, typer.Option(help=(
+            "Decoder memory gets one token per pair of consecutive frames (their difference)."))] = False,
         init_decoder: Annotated[Optional[Path], typer.Option(
             help="Start the decoder from this folder (e.g. RUN/decoder of an earlier caption-joint run).",
             show_default=False)] = None,
@@ -153,6 +168,7 @@ def register_joint(app: typer.Typer) -> None:
         val_every: Annotated[int, typer.Option(min=0, help="Validation interval in steps (0: at the end).")] = 500,
         seed: Annotated[int, typer.Option()] = 0,
         threads: Annotated[int, typer.Option(min=1)] = 1,
+        device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (CUDA runs train in fp32).")] = "cpu",
         export: Annotated[Optional[Path], typer.Option(
             help="Also write demo-style artifacts here (package/, checkpoint/, caption/, samples/ ...).",
             show_default=False)] = None,
@@ -164,12 +180,18 @@ def register_joint(app: typer.Typer) -> None:
             from hbi_training.caption import check_data
             from hbi_training.joint import JointSettings, run_joint, write_joint_artifacts
 
+            from hbi_runtime.errors import UsageError
+
             check_data(data)
-            s = JointSettings(data_dir=data, out_dir=out, init=init or _demo_checkpoint(), estimator=estimator,
-                              steps=steps, batch_size=batch_size, lr=lr, clip_lr_coef=clip_lr_coef,
-                              caption_weight=caption_weight, aux_weight=aux_weight, init_decoder=init_decoder,
+            if scratch and init is not None:
+                raise UsageError("--scratch and --init exclude each other", hint="give one of them")
+            s = JointSettings(data_dir=data, out_dir=out, init=None if scratch else (init or _demo_checkpoint()),
+                              estimator=estimator, steps=steps, batch_size=batch_size, lr=lr,
+                              clip_lr_coef=clip_lr_coef, caption_weight=caption_weight, aux_weight=aux_weight,
+                              aux_events=aux_events, frame_deltas=frame_deltas, init_decoder=init_decoder,
                               token_dropout=token_dropout, qa=qa, width=width, layers=layers, heads=heads,
-                              val_every=val_every, seed=seed, threads=threads, progress=not json_output)
+                              val_every=val_every, seed=seed, threads=threads, device=device,
+                              progress=not json_output)
             log = None if json_output else _log
             summary = run_joint(s, progress=log)
             if export is not None:

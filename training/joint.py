@@ -64,6 +64,7 @@ class JointSettings:
     warmup: float = 0.1
     caption_weight: float = 1.0
     aux_weight: float = 0.0  # per-frame attribute loss (training-only head, never exported); 0: off
+    aux_events: bool = True  # the per-frame loss also names the event each frame shows (with aux_weight > 0)
     token_dropout: float = 0.0  # decoder input words replaced by "unknown" with this probability (training)
     init_decoder: Path | None = None  # continue this decoder folder (e.g. an earlier run's RUN/decoder)
     qa: bool = True
@@ -71,8 +72,10 @@ class JointSettings:
     layers: int = 2
     heads: int = 4
     dropout: float = 0.1
+    frame_deltas: bool = False  # DecoderConfig.frame_deltas (consecutive-frame difference tokens in the memory)
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"  # auto, cpu, cuda, cuda:N (hbi_training.runs.resolve_device); CUDA runs use fp32
     max_frames: int = 8
     max_words: int = 32
     val_every: int = 500  # 0: only at the end (validation draws DataLoader seeds: it is part of the recipe)
@@ -94,11 +97,12 @@ def side_tuple(side) -> tuple[torch.Tensor, ...]:
 def side_arrays(model, frames, mask, batch: int = 128) -> dict[str, np.ndarray]:
     """The video side of ``frames`` (N, T, 3, S, S) through ``model.encode_video``, as ``SIDE_NAMES`` arrays."""
     model.eval()
+    device = next(model.parameters()).device
     parts = []
     for i in range(0, len(frames), batch):
-        side = model.encode_video(torch.from_numpy(np.array(frames[i:i + batch])),
-                                  torch.from_numpy(np.array(mask[i:i + batch])))
-        parts.append([t.numpy() for t in side_tuple(side)])
+        side = model.encode_video(torch.from_numpy(np.array(frames[i:i + batch])).to(device),
+                                  torch.from_numpy(np.array(mask[i:i + batch])).to(device))
+        parts.append([t.float().cpu().numpy() for t in side_tuple(side)])
     return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(SIDE_NAMES)}
 
 
@@ -136,6 +140,28 @@ def frame_targets(videos: list[dict], times: np.ndarray, max_frames: int, colour
     return cls, pos
 
 
+def frame_event_targets(videos: list[dict], times: np.ndarray, max_frames: int, colours: list[str],
+                        shapes: list[str], actions: list[str]) -> np.ndarray:
+    """Per video, sampled frame and shape: the event that frame shows happening to that shape, as int64
+    ``(N, T, S)``: 0 none, else ``1 + action index * len(colours) + colour index`` with the object's colour in
+    the frame before (the colour a caption names, also for a "turn"); -100 where there is no such frame. A frame
+    shows an event when the object's state (``scenes.object_state``: visible, colour, position) differs from the
+    frame before; the first frame shows none."""
+    from hbi_training.data.scenes import Scene, object_state
+
+    out = np.full((len(videos), max_frames, len(shapes)), -100, dtype=np.int64)
+    for n, v in enumerate(videos):
+        scene = Scene.from_dict(v["scene"])
+        out[n, :len(times)] = 0
+        for e in scene.events:
+            j = shapes.index(scene.objects[e.obj].shape)
+            states = [object_state(scene, e.obj, float(t)) for t in times]
+            for k in range(1, len(times)):
+                if states[k] != states[k - 1]:
+                    out[n, k, j] = 1 + actions.index(e.action) * len(colours) + colours.index(states[k - 1].colour)
+    return out
+
+
 class FrameAttributeHead(nn.Module):
     """A linear map from each entity-level (frame) token to, per shape, 1 + colours logits and an (x, y).
 
@@ -145,43 +171,59 @@ class FrameAttributeHead(nn.Module):
     unchanged and makes each AdamW step move the head's outputs ``gain`` times further (measured: at gain 1 and lr
     1e-3 the position output had not even reached the targets' mean after 500 steps)."""
 
-    def __init__(self, embed_dim: int, n_shapes: int, n_classes: int, gain: float = 10.0) -> None:
+    def __init__(self, embed_dim: int, n_shapes: int, n_classes: int, gain: float = 10.0, n_events: int = 0
+                 ) -> None:
         super().__init__()
         self.n_shapes, self.n_classes, self.scale, self.gain = n_shapes, n_classes, math.sqrt(embed_dim), gain
-        self.proj = nn.Linear(embed_dim, n_shapes * (n_classes + 2))
+        self.n_events = n_events  # per-shape event classes (``frame_event_targets``); 0: no event output
+        self.proj = nn.Linear(embed_dim, n_shapes * (n_classes + 2 + n_events))
         with torch.no_grad():
             self.proj.weight /= gain
             self.proj.bias /= gain
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, D) -> class logits (B, T, S, C) and positions (B, T, S, 2)."""
-        out = (self.gain * self.proj(tokens * self.scale)).unflatten(-1, (self.n_shapes, self.n_classes + 2))
-        return out[..., :self.n_classes], out[..., self.n_classes:]
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> class logits (B, T, S, C), positions (B, T, S, 2), event logits (B, T, S, E)."""
+        c = self.n_classes
+        out = (self.gain * self.proj(tokens * self.scale)).unflatten(-1, (self.n_shapes, c + 2 + self.n_events))
+        return out[..., :c], out[..., c:c + 2], out[..., c + 2:]
 
 
-def frame_attribute_loss(head: FrameAttributeHead, tokens: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross entropy of the per-shape class, smooth-L1 of the position where the shape is visible)."""
-    logits, where = head(tokens)
-    ce = nn.functional.cross_entropy(logits.reshape(-1, head.n_classes), cls.reshape(-1), ignore_index=-100)
+def frame_attribute_loss(head: FrameAttributeHead, tokens: torch.Tensor, cls: torch.Tensor, pos: torch.Tensor,
+                         events: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Cross entropy of the per-shape class (``class``), smooth-L1 of the position where the shape is visible
+    (``position``) and, when the head has event outputs and ``events`` is given, cross entropy of the per-shape
+    event (``event``)."""
+    logits, where, event_logits = head(tokens)
+    parts = {"class": nn.functional.cross_entropy(logits.reshape(-1, head.n_classes), cls.reshape(-1),
+                                                  ignore_index=-100)}
     visible = cls > 0
-    reg = (nn.functional.smooth_l1_loss(where[visible], pos[visible], beta=0.1) if bool(visible.any())
-           else where.sum() * 0.0)
-    return ce, reg
+    parts["position"] = (nn.functional.smooth_l1_loss(where[visible], pos[visible], beta=0.1)
+                         if bool(visible.any()) else where.sum() * 0.0)
+    if head.n_events and events is not None:
+        parts["event"] = nn.functional.cross_entropy(event_logits.reshape(-1, head.n_events), events.reshape(-1),
+                                                     ignore_index=-100)
+    return parts
 
 
 @torch.no_grad()
-def frame_attribute_accuracy(head: FrameAttributeHead, entity_tokens: np.ndarray, cls: np.ndarray
-                             ) -> dict[str, float]:
+def frame_attribute_accuracy(head: FrameAttributeHead, entity_tokens: np.ndarray, cls: np.ndarray,
+                             events: np.ndarray | None = None) -> dict[str, float]:
     """The head's per-(frame, shape) class accuracy (every class, and on present shapes only) on ``entity_tokens``
-    (N, T, D) - whether shape + colour are linearly present per frame of, e.g., the held-out videos."""
+    (N, T, D) - whether shape + colour are linearly present per frame of, e.g., the held-out videos - and, with
+    ``events`` (``frame_event_targets``) and an event output, its accuracy on the (frame, shape) cells that show
+    an event."""
     head.eval()
-    logits, _ = head(torch.from_numpy(np.asarray(entity_tokens, dtype=np.float32)))
+    device = next(head.parameters()).device
+    logits, _, event_logits = head(torch.from_numpy(np.asarray(entity_tokens, dtype=np.float32)).to(device))
     head.train(True)
-    pred, cls = logits.argmax(-1).numpy(), np.asarray(cls)
+    pred, cls = logits.argmax(-1).cpu().numpy(), np.asarray(cls)
     valid, present = cls >= 0, cls > 0
-    return {"frame_class_accuracy": float((pred == cls)[valid].mean()),
-            "frame_present_accuracy": float((pred == cls)[present].mean())}
+    out = {"frame_class_accuracy": float((pred == cls)[valid].mean()),
+           "frame_present_accuracy": float((pred == cls)[present].mean())}
+    if events is not None and head.n_events:
+        happening = np.asarray(events) > 0
+        out["frame_event_accuracy"] = float((event_logits.argmax(-1).cpu().numpy() == events)[happening].mean())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,12 +237,13 @@ class JointTask:
 
     def __init__(self, model: nn.Module, loss: HBILoss, decoder: nn.Module, seqs: Sequences,
                  video_index: dict[str, int], *, caption_weight: float, seed: int, evaluator=None,
-                 aux: tuple[FrameAttributeHead, np.ndarray, np.ndarray] | None = None, aux_weight: float = 0.0,
+                 aux: tuple[FrameAttributeHead, np.ndarray, ...] | None = None, aux_weight: float = 0.0,
                  token_dropout: float = 0.0) -> None:
         self.model, self.criterion, self.decoder = model, loss, decoder
-        # aux: (head, class targets, position targets) in dataset row order (``frame_targets``)
+        # aux: (head, class targets, position targets[, event targets]) in dataset row order (``frame_targets``,
+        # ``frame_event_targets``)
         self.aux_head = aux[0] if aux is not None else None
-        self.aux_targets = (torch.from_numpy(aux[1]), torch.from_numpy(aux[2])) if aux is not None else None
+        self.aux_targets = tuple(torch.from_numpy(t) for t in aux[1:]) if aux is not None else None
         self.aux_weight, self.token_dropout = aux_weight, token_dropout
         self.seqs, self.video_index, self.caption_weight, self.seed = seqs, video_index, caption_weight, seed
         self.evaluator = evaluator  # (task) -> dict of caption metrics, at validation
@@ -266,10 +309,11 @@ class JointTask:
         total = out.total + self.caption_weight * caption
         if self.aux_head is not None:
             pick = torch.tensor(index)
-            cls, pos = (t[pick].to(ids.device) for t in self.aux_targets)
-            ce, reg = frame_attribute_loss(self.aux_head, video.levels[0].tokens.float(), cls, pos)
-            parts.update(aux_class=ce, aux_position=reg)
-            total = total + self.aux_weight * (ce + reg)
+            targets = [t[pick].to(ids.device) for t in self.aux_targets]
+            with torch.autocast(ids.device.type, enabled=False):
+                aux = frame_attribute_loss(self.aux_head, video.levels[0].tokens.float(), *targets)
+            parts.update({f"aux_{k}": v for k, v in aux.items()})
+            total = total + self.aux_weight * sum(aux.values())
         return LossOutput(total, parts)
 
     @torch.no_grad()
@@ -344,7 +388,7 @@ def qa_accuracy(decoder, sides: dict[str, np.ndarray], videos: list[dict], vocab
     hits: dict[str, list[bool]] = {}
     for q, items in by_question.items():
         pick = np.array([i for i, _ in items])
-        side = tuple(torch.from_numpy(sides[n][pick]) for n in SIDE_NAMES)
+        side = tuple(torch.from_numpy(sides[n][pick]).to(next(decoder.parameters()).device) for n in SIDE_NAMES)
         prefix = [vocab.sot] + vocab.to_local(tokenizer.encode(q))
         answers = torch_greedy(decoder, side, prefix, vocab.eot, max_new)
         kind = q.split(" the ")[0] if q.startswith("what does") else q
@@ -362,12 +406,14 @@ def run_joint(s: JointSettings, progress: Callable[[str], None] | None = None) -
     from hbi_training.caption import read_splits
     from hbi_training.loop import LoopConfig, fit, seed_everything
     from hbi_training.optim import OptimConfig
-    from hbi_training.runs import FitSettings, _train_data, build_start_model, open_split, resolve_estimator
+    from hbi_training.runs import (FitSettings, _train_data, build_start_model, open_split, resolve_device,
+                                   resolve_estimator)
 
     log = _log_to(progress)
     if s.steps < 1 or s.batch_size < 2 or s.caption_weight < 0:
         raise UsageError("need --steps >= 1, --batch-size >= 2 and --caption-weight >= 0")
     torch.set_num_threads(s.threads)
+    device = resolve_device(s.device)
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocabulary, train_v, test_v = read_splits(s.data_dir)
@@ -390,6 +436,7 @@ def run_joint(s: JointSettings, progress: Callable[[str], None] | None = None) -
     config = DecoderConfig(embed_dim=model.config.embed_dim,
                            tokens_per_level=(s.max_frames, *model.config.cluster_counts(s.max_frames, "video")),
                            width=s.width, layers=s.layers, heads=s.heads, dropout=s.dropout,
+                           frame_deltas=s.frame_deltas,
                            vocab_ids=build_vocab(training_texts(train_v, "canonical", s.qa), tokenizer))
     vocab = VocabMap(config)
     seqs = make_sequences(train_v, tokenizer, vocab, captions="canonical", qa=s.qa,
@@ -408,9 +455,13 @@ def run_joint(s: JointSettings, progress: Callable[[str], None] | None = None) -
 
         times = frame_times(read_manifest(s.data_dir)["config"], s.max_frames)
         colours, shapes = list(vocabulary["colours"]), list(vocabulary["shapes"])
-        aux = (FrameAttributeHead(model.config.embed_dim, len(shapes), 1 + len(colours)),
-               *frame_targets(train_v, times, s.max_frames, colours, shapes))
-        test_aux = frame_targets(test_v, times, s.max_frames, colours, shapes)[0]
+        actions = list(vocabulary["actions"])
+        n_events = 1 + len(actions) * len(colours) if s.aux_events else 0
+        aux = (FrameAttributeHead(model.config.embed_dim, len(shapes), 1 + len(colours), n_events=n_events),
+               *frame_targets(train_v, times, s.max_frames, colours, shapes),
+               *([frame_event_targets(train_v, times, s.max_frames, colours, shapes, actions)] if n_events else []))
+        test_aux = (frame_targets(test_v, times, s.max_frames, colours, shapes)[0],
+                    frame_event_targets(test_v, times, s.max_frames, colours, shapes, actions) if n_events else None)
 
     n_train_eval = min(s.train_eval_videos, len(train_v))
 
@@ -421,7 +472,7 @@ def run_joint(s: JointSettings, progress: Callable[[str], None] | None = None) -
         if task.aux_head is not None:
             entity = held["sides"][SIDE_NAMES[0]]
             metrics.update({f"test_{k}": 100 * v for k, v in
-                            frame_attribute_accuracy(task.aux_head, entity, test_aux).items()})
+                            frame_attribute_accuracy(task.aux_head, entity, *test_aux).items()})
         if n_train_eval:
             seen = caption_accuracy(task, train.frames[:n_train_eval], train.frame_mask[:n_train_eval],
                                     train_v[:n_train_eval], vocab, tokenizer, vocabulary)
@@ -430,13 +481,15 @@ def run_joint(s: JointSettings, progress: Callable[[str], None] | None = None) -
             + (f", train {metrics['train_attribute_accuracy']:.1f} %" if n_train_eval else "")
             + (f", held-out per-frame shape/colour {metrics['test_frame_present_accuracy']:.1f} % of present"
                if task.aux_head is not None else "")
+            + (f", events {metrics['test_frame_event_accuracy']:.1f} %" if "test_frame_event_accuracy" in metrics
+               else "")
             + f" ({time.monotonic() - t0:.0f} s)")
         return metrics
 
     task = JointTask(model, criterion, decoder, seqs, train.video_index, caption_weight=s.caption_weight,
                      seed=s.seed, evaluator=evaluator, aux=aux, aux_weight=s.aux_weight,
                      token_dropout=s.token_dropout)
-    loop = LoopConfig(steps=s.steps, batch_size=s.batch_size, seed=s.seed, device="cpu",
+    loop = LoopConfig(steps=s.steps, batch_size=s.batch_size, seed=s.seed, device=device, amp=False,
                       optim=OptimConfig(lr=s.lr, clip_lr_coef=s.clip_lr_coef, weight_decay=s.weight_decay, warmup=s.warmup),
                       log_every=s.log_every, val_every=s.val_every, progress=s.progress)
     started = time.monotonic()
@@ -501,25 +554,34 @@ def runtime_caption_figures(caption_dir: Path, data_dir: Path, max_length: int =
             "captions": [{"video": v["file"], "caption": r.text, "match": h} for v, r, h in zip(test, results, hits)]}
 
 
-def caption_readme(summary: dict[str, Any], figures: dict[str, Any], command: str) -> str:
-    s, m = summary["settings"], figures["metrics"]
+def joint_history(summary: dict[str, Any]) -> list[str]:
+    """README lines saying how a single joint run trained (the default history of :func:`write_joint_artifacts`)."""
+    s = summary["settings"]
+    start = f"from {s['init']}" if s.get("init") else f"from a random '{s['model_preset']}' model"
+    return [f"Trained jointly with the caption decoder (hbi_training.joint) {start}: {s['steps']} steps, batch "
+            f"{s['batch_size']}, lr {s['lr']}, caption weight {s['caption_weight']}, per-frame aux weight "
+            f"{s['aux_weight']}, token dropout {s['token_dropout']}; {summary['train_seconds']:.0f} s on "
+            f"{s.get('device', 'cpu')}."]
+
+
+def caption_readme(history: list[str], decoder: dict[str, Any], figures: dict[str, Any], command: str) -> str:
+    m = figures["metrics"]
+    decoder_line = (f"Decoder: width {decoder['width']}, {decoder['layers']} layers, {decoder['heads']} heads, "
+                    f"frame-difference memory tokens {'on' if decoder.get('frame_deltas') else 'off'}, "
+                    f"{decoder['parameters'] / 1000:.0f} k parameters.")
     return "\n".join([
         "caption/: the demo caption / open-ended QA decoder (a caption package).",
         "",
         "It reads the video side of the demo retrieval package (../package, referenced by its manifest_sha256 in",
         "manifest.json; its video_encoder.onnx is reused, nothing here duplicates it). Design: docs/captioning.md.",
         "",
-        "Trained jointly with the retrieval model (hbi_training.joint): the retrieval objective plus "
-        f"{s['caption_weight']} x the decoder's",
-        "caption / QA cross entropy, back-propagated through the video side into the video tower, so that the side",
-        "carries the colours, shapes and motions the captions name.",
+        "How the retrieval model and this decoder were trained:",
+        *(f"    {line}" for line in history),
         "",
         "Regenerate (with the retrieval package, the checkpoint and the samples):",
         f"    {command}",
         "",
-        f"Decoder: width {s['width']}, {s['layers']} layers, {s['heads']} heads, "
-        f"{summary['decoder_parameters'] / 1000:.0f} k parameters; joint fine-tune of {s['steps']} steps "
-        f"(batch {s['batch_size']}), {summary['train_seconds']:.0f} s on CPU ({s['threads']} thread).",
+        decoder_line,
         "",
         f"Held-out ({figures['videos']} test videos, greedy, this package through hbi_runtime):",
         f"    BLEU-4 {m['bleu4']:.3f}   ROUGE-L {m['rouge_l']:.3f}   CIDEr-D {m['cider_d']:.2f}   "
@@ -532,36 +594,71 @@ def caption_readme(summary: dict[str, Any], figures: dict[str, Any], command: st
 
 
 def write_joint_artifacts(run: Path, dest: Path, data_dir: Path, *, seed: int = 0,
-                          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                          progress: Callable[[str], None] | None = None, decoder_stage: dict[str, Any] | None = None,
+                          decoder_data: Path | None = None, decoder_run: Path | None = None,
+                          history: list[str] | None = None, command: str | None = None,
+                          recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """A finished joint run -> ``dest`` laid out like ``hbi_runtime/data/demo`` (package/, checkpoint/, samples/,
     queries.json, README.txt from ``hbi_training.demo.write_artifacts``; caption/ from ``export_run``, with its
-    README.txt). Returns the report (retrieval + runtime caption figures)."""
-    from hbi_training.caption import export_run
-    from hbi_training.demo import DemoRecipe, write_artifacts
+    README.txt). Returns the report (retrieval + runtime caption figures).
+
+    ``decoder_stage``: settings of ``hbi_training.caption.CaptionTrainSettings`` (not the folders): after the
+    retrieval package is written, a decoder trains alone on its frozen video side (``train_caption``, run folder
+    ``RUN/decoder-stage``) and that decoder is shipped instead of the run's; ``decoder_data``: the synthetic set
+    it trains on (default ``data_dir``; a larger set of the same seed has the same held-out triples and test
+    videos, ``hbi_training.data.scenes.plan_split``). ``decoder_run``: instead, ship the decoder of this finished
+    ``hbi-train caption`` run folder (trained on the side of an identical export of this run's model).
+    ``history``: README lines saying
+    how the model was trained (default: :func:`joint_history` of the run); ``command``: the regenerate command;
+    ``recipe``: the caption recipe to name in README.txt (``hbi_training.demo.CaptionDemoRecipe``)."""
+    from hbi_training.caption import CaptionTrainSettings, export_run, train_caption
+    from hbi_training.demo import DemoRecipe, pick_samples, readme, write_artifacts
 
     log = _log_to(progress)
     run, dest = Path(run), Path(dest)
     summary = json.loads((run / "summary.json").read_text())
-    command = JOINT_COMMAND.format(seed=seed)
+    command = command or JOINT_COMMAND.format(seed=seed)
+    history = list(history or joint_history(summary))
     report = write_artifacts(dest, data=Path(data_dir), final=run / "final", recipe=DemoRecipe(), seed=seed,
                              summary={"validation": {"t2v_r1": summary["test_t2v_r1"]},
                                       "train_seconds": summary["train_seconds"]},
-                             ablation=None, joint={"command": command, "steps": summary["settings"]["steps"],
-                                                   "caption_weight": summary["settings"]["caption_weight"]})
+                             ablation=None, joint={"command": command, "history": history, "recipe": recipe})
     log(f"retrieval package: t2v R@1 {100 * report['package_t2v_r1']:.1f} %, queries "
         f"{report['queries_first']}/{report['queries']}")
-    manifest = export_run(run / DECODER_DIR, dest / "package", dest / "caption", Path(data_dir), progress=log)
+    decoder_dir = run / DECODER_DIR
+    if decoder_stage is not None or decoder_run is not None:
+        if decoder_run is not None:
+            stage = json.loads((Path(decoder_run) / "summary.json").read_text())
+            stage["decoder"] = str(Path(decoder_run) / DECODER_DIR)
+        else:
+            stage = train_caption(CaptionTrainSettings(data_dir=Path(decoder_data or data_dir),
+                                                       out_dir=run / "decoder-stage", package=dest / "package",
+                                                       **decoder_stage), progress=log)
+        decoder_dir = Path(stage["decoder"])
+        st = stage["settings"]
+        history.append(f"Then the caption decoder alone, new, on the frozen video side of that package "
+                       f"(hbi-train caption) over {stage['train_videos']} train videos: {st['steps']} steps, "
+                       f"batch {st['batch_size']}, lr {st['lr']}, token "
+                       f"dropout {st['token_dropout']}, frame-difference tokens {'on' if st['frame_deltas'] else 'off'}; "
+                       f"{stage['train_seconds']:.0f} s on cpu.")
+        report["joint"] = {**report["joint"], "history": history}  # README.txt names the decoder stage too
+        (dest / "README.txt").write_text(readme(report, pick_samples(Path(data_dir), DemoRecipe().n_samples, seed)))
+    manifest = export_run(decoder_dir, dest / "package", dest / "caption", Path(data_dir), progress=log)
     if manifest["status"] != "verified":
         from hbi_runtime.errors import HbiError
 
         raise HbiError("the caption package failed its parity check", hint=f"see {dest / 'caption/manifest.json'}")
     figures = runtime_caption_figures(dest / "caption", Path(data_dir))
-    (dest / "caption" / "README.txt").write_text(caption_readme(summary, figures, command))
+    from hbi_export.tasks.decoder import load_decoder
+
+    decoder, _ = load_decoder(decoder_dir)
+    info = {**decoder.config.to_dict(), "parameters": sum(p.numel() for p in decoder.parameters())}
+    (dest / "caption" / "README.txt").write_text(caption_readme(history, info, figures, command))
     log(f"caption package: held-out attribute accuracy {100 * figures['attribute_accuracy']:.1f} % (runtime), "
         f"QA exact match {100 * figures['qa_exact_match']:.1f} %")
     from hbi_training.demo import folder_size
 
-    report.update(caption=figures, bytes=folder_size(dest))
+    report.update(caption=figures, bytes=folder_size(dest), history=history)
     return report
 
 

@@ -38,7 +38,7 @@ def preset_config(name: str):
     if name == "tiny":
         return HBIConfig.tiny()
     if name == "demo":
-        return HBIConfig.tiny(vision=VisionConfig(width=64, layers=2, heads=2, patch_size=8, image_size=32),
+        return HBIConfig.tiny(vision=VisionConfig(width=128, layers=4, heads=4, patch_size=4, image_size=32),
                               text=TextConfig(width=32, layers=2, heads=2, context_length=32, vocab_size=49408),
                               temporal_layers=1)
     if name == "vit-b-32":

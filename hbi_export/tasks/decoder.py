@@ -8,6 +8,10 @@ Our design after the TPAMI paper's description (its layer details are not public
   slot_embedding[slot]`` (slot: its position in the concatenation, so entity tokens keep their frame order) and
   the three levels are concatenated into ``M = N_0 + N_1 + N_2`` memory tokens; the valid mask becomes an
   additive attention bias. ``levels`` in the config selects which levels the memory uses (ablation switch).
+  ``frame_deltas`` adds ``N_0 - 1`` more memory tokens, one per pair of consecutive frames:
+  ``Linear(sqrt(D) * (token_k - token_{k-1})) + delta_embedding`` (valid when both frames are), so that what
+  *changes* between two frames - the events a caption names - is one token the decoder can attend to, instead
+  of a comparison it must assemble from two.
 * **Decoder.** ``layers`` pre-LayerNorm blocks: causal self-attention (with a key/value cache), cross-attention
   to the memory (its keys / values computed once per video), a GELU MLP; learned positions; the output head is
   tied to the token embedding.
@@ -54,6 +58,7 @@ class DecoderConfig:
     max_positions: int = 48  # prefix + generated tokens
     vocab_ids: tuple[int, ...] | None = None  # CLIP ids the decoder knows (None: all 49408)
     dropout: float = 0.1
+    frame_deltas: bool = False  # add consecutive-frame difference tokens to the memory (module docstring)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokens_per_level", tuple(self.tokens_per_level))
@@ -75,7 +80,8 @@ class DecoderConfig:
 
     @property
     def memory_tokens(self) -> int:
-        return sum(self.tokens_per_level[lv] for lv in self.levels)
+        deltas = self.tokens_per_level[0] - 1 if self.frame_deltas else 0
+        return sum(self.tokens_per_level[lv] for lv in self.levels) + deltas
 
     @property
     def head_dim(self) -> int:
@@ -191,6 +197,9 @@ class CaptionDecoder(nn.Module):
         self.memory_proj = nn.Linear(d + 1, w)
         self.level_embedding = nn.Parameter(torch.zeros(3, w))
         self.slot_embedding = nn.Parameter(torch.zeros(config.memory_tokens, w))
+        if config.frame_deltas:
+            self.delta_proj = nn.Linear(config.embed_dim, w)
+            self.delta_embedding = nn.Parameter(torch.zeros(w))
         self.memory_ln = nn.LayerNorm(w)
         self.token_embedding = nn.Embedding(config.vocab_size + 1, w)  # + unknown
         self.position_embedding = nn.Parameter(torch.zeros(config.max_positions, w))
@@ -198,6 +207,8 @@ class CaptionDecoder(nn.Module):
         self.ln_final = nn.LayerNorm(w)
         for p in (self.level_embedding, self.slot_embedding, self.position_embedding):
             nn.init.normal_(p, std=0.02)
+        if config.frame_deltas:
+            nn.init.normal_(self.delta_embedding, std=0.02)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     # ------------------------------------------------------------------ memory (once per video)
@@ -210,6 +221,12 @@ class CaptionDecoder(nn.Module):
             x = self.memory_proj(torch.cat([tokens, weights[..., None] * n], dim=-1))
             parts.append(x + self.level_embedding[lv])
             masks.append(mask)
+        if self.config.frame_deltas:
+            tokens, mask = side[0], side[2]
+            both = mask[:, 1:] * mask[:, :-1]
+            delta = (tokens[:, 1:] - tokens[:, :-1]) * both[..., None].to(tokens.dtype)
+            parts.append(self.delta_proj(delta * self.config.embed_dim ** 0.5) + self.delta_embedding)
+            masks.append(both)
         mem = self.memory_ln(torch.cat(parts, dim=1) + self.slot_embedding)
         mask = torch.cat(masks, dim=1)
         bias = torch.where(mask > 0, torch.zeros_like(mask), torch.full_like(mask, MASK_NEG))
@@ -235,10 +252,10 @@ class CaptionDecoder(nn.Module):
         x = self.token_embedding(ids) + self.position_embedding[start:start + n]
         if n > 1:
             # causal bias over [past, new]: new position i sees past and new positions <= i
-            i = torch.arange(n)[:, None]
-            j = torch.arange(start + n)[None, :]
-            self_bias = torch.where(j <= i + start, torch.zeros((), dtype=x.dtype),
-                                    torch.full((), MASK_NEG, dtype=x.dtype))
+            i = torch.arange(n, device=x.device)[:, None]
+            j = torch.arange(start + n, device=x.device)[None, :]
+            self_bias = torch.where(j <= i + start, torch.zeros((), dtype=x.dtype, device=x.device),
+                                    torch.full((), MASK_NEG, dtype=x.dtype, device=x.device))
         else:
             self_bias = None
         present = []

@@ -20,13 +20,14 @@ DEMO = Path(__file__).resolve().parents[2] / "hbi_runtime" / "data" / "demo"
 pytestmark = pytest.mark.slow  # one export of three graphs (~15-30 s on a shared 2-core CPU)
 
 
-def _model() -> CaptionDecoder:
+def _model(frame_deltas: bool = False) -> CaptionDecoder:
     """A random decoder with widely spread logits (every matrix of std 0.3, embeddings of std 1), so that decoding
     depends on the video and position and has no near-ties that fp32 rounding differences between PyTorch and
     ONNX Runtime could flip."""
     torch.manual_seed(0)
     config = DecoderConfig(embed_dim=64, tokens_per_level=(8, 2, 1), width=32, layers=2, heads=2,
-                           vocab_ids=tuple(range(100, 130)) + (SOT_ID, EOT_ID), max_positions=24, dropout=0.0)
+                           vocab_ids=tuple(range(100, 130)) + (SOT_ID, EOT_ID), max_positions=24, dropout=0.0,
+                           frame_deltas=frame_deltas)
     model = CaptionDecoder(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -119,3 +120,18 @@ def test_decoder_folder_roundtrip(tmp_path):
     ids = torch.zeros(2, 3, dtype=torch.long)
     with torch.no_grad():
         torch.testing.assert_close(loaded(side, ids), model(side, ids))
+
+
+def test_frame_delta_decoder_exports_with_parity(tmp_path):
+    """DecoderConfig.frame_deltas: 7 more memory tokens (one per consecutive frame pair) in the exported graphs
+    too, graph and whole-decode parity, and the package's decoder reloads with the switch on."""
+    model = _model(frame_deltas=True)
+    manifest = write_caption_package(model, DEMO / "package", tmp_path / "caption")
+    assert manifest["status"] == "verified", manifest["parity"]
+    assert manifest["decoder"]["frame_deltas"] is True
+    with load_caption(tmp_path / "caption") as cm:
+        side = _random_side(model.config, 4)
+        _, bias = model.cross_cache(side_tensors(side))
+        assert bias.shape[-1] == 8 + 2 + 1 + 7
+        report = decode_parity(model, cm, side, settings=((1, 1.0, 0), (3, 1.0, 2)))
+        assert report["ok"], report

@@ -33,8 +33,9 @@ def test_demo_files_are_complete_and_small():
     assert (DEMO / "checkpoint" / "model.safetensors").is_file() and (DEMO / "checkpoint" / "config.json").is_file()
     assert "python -m hbi_training.demo" in (DEMO / "README.txt").read_text()
     total = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
-    # retrieval package + its checkpoint (~17 MiB), the QA package (~5 MiB) and the caption decoder (~4.3 MiB)
-    assert total <= 28 * 2**20, f"demo artifacts take {total / 2**20:.1f} MiB"
+    # retrieval package + its checkpoint (~23 MiB: a 4-layer, 4-pixel-patch vision tower since the caption-joint
+    # demo), the QA package (~5 MiB) and the caption decoder (~4.4 MiB)
+    assert total <= 34 * 2**20, f"demo artifacts take {total / 2**20:.1f} MiB"
 
 
 def test_demo_queries_retrieve_their_sample_first(tmp_path):

@@ -195,6 +195,60 @@ def test_frame_targets_name_what_each_cached_frame_shows(data):
     assert (cls >= 0).all()  # every sampled frame of these 8-second videos is a real frame
 
 
+def test_frame_event_targets_follow_the_scene_timing(data):
+    """Independent of ``object_state``: with one frame per second (frame k shows second k), an appear / disappear
+    / turn in segment [start, end) switches at start + 0.5, so frame start + 1 alone shows it; a move runs from
+    start to end - 1, so frames start + 1 .. end - 1 show it. The class names the action and the object's colour
+    (each object has one event, so its start colour is the colour before)."""
+    from hbi_training.data import read_manifest
+    from hbi_training.data.scenes import ACTIONS, MOVES, SHAPES
+    from hbi_training.joint import frame_event_targets, frame_times
+
+    manifest = read_manifest(data)
+    videos = _videos(data, "train") + _videos(data, "test")
+    colours = list(manifest["vocabulary"]["colours"])
+    events = frame_event_targets(videos, frame_times(manifest["config"], 8), 8, colours, list(SHAPES),
+                                 list(ACTIONS))
+    expected = np.zeros_like(events)
+    kinds = set()
+    for n, v in enumerate(videos):
+        for e in v["scene"]["events"]:
+            obj = v["scene"]["objects"][e["obj"]]
+            frames = range(e["start"] + 1, e["end"]) if e["action"] in MOVES else [e["start"] + 1]
+            for k in frames:
+                expected[n, k, SHAPES.index(obj["shape"])] = (1 + ACTIONS.index(e["action"]) * len(colours)
+                                                              + colours.index(obj["colour"]))
+            kinds.add(e["action"] if e["action"] not in MOVES else "move")
+    assert np.array_equal(events, expected)
+    assert kinds >= {"move", "appear", "disappear", "turn"}  # every kind of timing was checked
+    assert (events[:, 0] == 0).all()
+
+
+def test_aux_head_with_events_adds_the_event_term(data):
+    from hbi_training.data import read_manifest
+    from hbi_training.data.scenes import ACTIONS, SHAPES
+    from hbi_training.joint import FrameAttributeHead, frame_attribute_accuracy, frame_event_targets, \
+        frame_targets, frame_times
+
+    task, seqs, videos = _task(data)
+    manifest = read_manifest(data)
+    colours, times = list(manifest["vocabulary"]["colours"]), frame_times(manifest["config"], 8)
+    cls, pos = frame_targets(videos, times, 8, colours, list(SHAPES))
+    ev = frame_event_targets(videos, times, 8, colours, list(SHAPES), list(ACTIONS))
+    head = FrameAttributeHead(64, len(SHAPES), 1 + len(colours), n_events=1 + len(ACTIONS) * len(colours))
+    aux_task = JointTask(task.model, task.criterion, task.decoder, seqs, task.video_index, caption_weight=1.0,
+                         seed=0, aux=(head, cls, pos, ev), aux_weight=2.0)
+    aux_task.train(False)
+    batch = _batch(data)
+    out, base = aux_task.loss(batch), task.loss(batch)
+    terms = [out.parts[k] for k in ("aux_class", "aux_position", "aux_event")]
+    assert all(t > 0 for t in terms)
+    assert torch.isclose(out.total, base.total + 2.0 * sum(terms))
+    tokens = side_arrays(task.model, *(t.numpy() for t in batch[2:4]))[SIDE_NAMES[0]]
+    acc = frame_attribute_accuracy(head, tokens, cls[:4], ev[:4])
+    assert 0.0 <= acc["frame_event_accuracy"] <= 1.0 and "frame_present_accuracy" in acc
+
+
 def test_aux_loss_reaches_the_video_tower_and_adds_to_the_total(data):
     from hbi_training.data import read_manifest
     from hbi_training.data.scenes import SHAPES

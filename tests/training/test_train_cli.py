@@ -71,3 +71,14 @@ def test_estimator_then_fit_then_resume(tmp_path, data_dir):
     steps = [json.loads(line)["step"] for line in (tmp_path / "hbi" / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == [2, 3]  # log_every 10: the last step of each run is logged
+
+
+def test_caption_joint_scratch_excludes_init_and_a_missing_gpu_is_a_usage_error(tmp_path, data_dir):
+    both = _invoke("caption-joint", "--data", data_dir, "--out", tmp_path / "a", "--scratch", "--init", tmp_path)
+    assert both.exit_code == 2 and "--scratch and --init exclude each other" in both.output
+    import torch
+
+    if not torch.cuda.is_available():
+        gpu = _invoke("caption-joint", "--data", data_dir, "--out", tmp_path / "b", "--scratch", "--device", "cuda",
+                      "--steps", 1, "--batch-size", 4)
+        assert gpu.exit_code == 2 and "no CUDA GPU" in gpu.output and "--device cpu" in gpu.output
