@@ -387,9 +387,8 @@ def caption_demo(data: Path, out: Path, artifacts: Path, recipe: DemoRecipe, cap
     device = resolve_device(caption.device)
     estimator = train_estimator(data, out / "estimator", recipe, seed, progress, device)
     common = dict(data_dir=data, model_preset=recipe.model_preset, estimator=estimator, batch_size=caption.batch_size,
-                  aux_weight=caption.aux_weight,
-                  token_dropout=caption.token_dropout, device=device, seed=seed, threads=recipe.threads,
-                  progress=progress)
+                  aux_weight=caption.aux_weight, token_dropout=caption.token_dropout, device=device, seed=seed,
+                  threads=recipe.threads, progress=progress)
     first = run_joint(JointSettings(out_dir=out / "joint1", steps=caption.stage1_steps, lr=caption.stage1_lr,
                                     **common), progress=_log)
     second = run_joint(JointSettings(out_dir=out / "joint2", steps=caption.stage2_steps, lr=caption.stage2_lr,
@@ -400,10 +399,10 @@ def caption_demo(data: Path, out: Path, artifacts: Path, recipe: DemoRecipe, cap
     decoder_data = data
     if caption.decoder_train_videos != recipe.n_train:
         decoder_data = make_data(out / "data-decoder", replace(recipe, n_train=caption.decoder_train_videos), seed)
+    stage = dict(steps=caption.decoder_steps, seed=seed, threads=recipe.threads,
+                 token_dropout=caption.decoder_token_dropout, frame_deltas=caption.frame_deltas)
     return write_joint_artifacts(out / "joint2", artifacts, data, seed=seed, progress=_log, history=history,
-                                 recipe=asdict(caption), decoder_data=decoder_data, decoder_stage=dict(steps=caption.decoder_steps, seed=seed, threads=recipe.threads,
-                                                    token_dropout=caption.decoder_token_dropout,
-                                                    frame_deltas=caption.frame_deltas))
+                                 recipe=asdict(caption), decoder_data=decoder_data, decoder_stage=stage)
 
 
 def run_demo(out: Path, seed: int = 0, *, artifacts: Path = DEMO_DIR, recipe: DemoRecipe = DemoRecipe(),
@@ -459,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if recipe.steps < 1 or recipe.threads < 1:
             raise UsageError("--steps and --threads must be >= 1")
+        if args.caption_joint and (args.ablation or args.steps is not None):
+            raise UsageError("--ablation and --steps belong to the retrieval-only demo, not to --caption-joint",
+                             hint="the caption demo's steps are in hbi_training.demo.CaptionDemoRecipe")
+        if args.device and not args.caption_joint:
+            raise UsageError("--device applies to --caption-joint (the retrieval-only demo trains on the CPU)")
         report = run_demo(args.out, args.seed, artifacts=args.artifacts, recipe=recipe, ablation=args.ablation,
                           progress=args.progress, caption_joint=args.caption_joint,
                           caption=CaptionDemoRecipe(**({"device": args.device} if args.device else {})))

@@ -46,3 +46,16 @@ def test_caption_demo_writes_loadable_artifacts_with_their_history(tmp_path):
         samples = sorted((art / "samples").iterdir())
         results, errors = model.caption_videos([str(samples[0])])
     assert not errors and results[0].text.strip()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--caption-joint", "--ablation"], "belong to the retrieval-only demo"),
+    (["--caption-joint", "--steps", "5"], "belong to the retrieval-only demo"),
+    (["--device", "cuda"], "--device applies to --caption-joint"),
+])
+def test_demo_command_refuses_options_of_the_other_demo(tmp_path, capsys, argv, message):
+    from hbi_training.demo import main
+
+    assert main(["--out", str(tmp_path / "w"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # refused before anything was rendered or trained
