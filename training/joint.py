@@ -305,14 +305,13 @@ class JointTask:
                                            self.mask[rows_t, :width - 1].to(ids.device),
                                            self.token_dropout if self.decoder.training else 0.0,
                                            torch.Generator().manual_seed(self.seed * 100003 + self.steps_done))
-        parts = {**out.parts, "caption": caption}
-        total = out.total + self.caption_weight * caption
-        if self.aux_head is not None:
-            pick = torch.tensor(index)
-            targets = [t[pick].to(ids.device) for t in self.aux_targets]
-            with torch.autocast(ids.device.type, enabled=False):
+            aux = {}
+            if self.aux_head is not None:
+                targets = [t[torch.tensor(index)].to(ids.device) for t in self.aux_targets]
                 aux = frame_attribute_loss(self.aux_head, video.levels[0].tokens.float(), *targets)
-            parts.update({f"aux_{k}": v for k, v in aux.items()})
+        parts = {**out.parts, "caption": caption, **{f"aux_{k}": v for k, v in aux.items()}}
+        total = out.total + self.caption_weight * caption
+        if aux:
             total = total + self.aux_weight * sum(aux.values())
         return LossOutput(total, parts)
 

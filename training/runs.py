@@ -27,10 +27,11 @@ def preset_config(name: str):
     """The :class:`~hbi_export.model.HBIConfig` of a model preset (see :data:`MODEL_PRESETS`).
 
     ``tiny``: the test-sized model (``HBIConfig.tiny()``, 16-pixel patches: 4 per 32x32 frame). ``demo``: the
-    model of the synthetic-data demo (``hbi_training.demo``): ``tiny`` with 8-pixel patches (16 per frame, fine
-    enough for the position and colour of the small shapes), one temporal layer and a 32-wide text tower;
-    ~1.9 M parameters, 1.6 M of them the CLIP token-embedding table (49408 x 32), so that the fp32 checkpoint
-    and fp32 package together stay under 20 MB. ``vit-b-32``: the official retrieval model.
+    model of the synthetic-data demo (``hbi_training.demo``): ``tiny`` with a vision tower of 4-pixel patches (64
+    per frame), width 128, 4 layers and 4 heads (the 8-pixel, 2-layer, 64-wide tower before it could not tell the
+    small shapes apart, docs/captioning.md), one temporal layer and a 32-wide text tower; ~3.0 M parameters, 1.6 M
+    of them the CLIP token-embedding table (49408 x 32), so that the fp32 checkpoint and fp32 package together
+    stay under 24 MB. ``vit-b-32``: the official retrieval model.
     """
     from hbi_export.model import HBIConfig
     from hbi_export.model.config import TextConfig, VisionConfig
