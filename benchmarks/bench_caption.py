@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 import hbi_runtime
 from hbi_runtime.tasks.caption import DEMO_CAPTION_PACKAGE, load_caption
 from hbi_runtime.tasks.generate import SearchOptions
@@ -51,11 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         test = test[:args.videos]
     model = load_caption(args.caption_model)
     started = time.perf_counter()
-    encoded = model.retrieval.encode_videos([str(args.data / v["file"]) for v in test], workers=1)
-    if encoded.errors:
-        raise SystemExit(f"could not decode {encoded.errors[0]}")
+    side, _, errors = model.encode_videos([str(args.data / v["file"]) for v in test], workers=1)
+    if errors:
+        raise SystemExit(f"could not decode {errors[0]}")
     encode_s = time.perf_counter() - started
-    side = encoded.side
     report: dict = {"caption_package": str(args.caption_model), "videos": len(test),
                     "caption_package_sha256": model.manifest.sha256,
                     "model_sha256": model.retrieval.package.manifest_sha256,
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---------------------------------------------------------------- speed
     n = min(args.speed_videos, len(test))
-    sub = type(side)(tuple(type(lv)(lv.tokens[:n], lv.weights[:n], lv.mask[:n]) for lv in side.levels))
+    sub = side.take(np.arange(n))
     for beam in (1, 3):
         o = SearchOptions(beam_size=beam, max_length=args.max_length)
         row = {"beam_size": beam, "videos": n}
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [(i, q, a) for i, v in enumerate(test) for q, a in qa_pairs(v["scene"])]
     pick = [r[0] for r in rows]
-    qa_side = type(side)(tuple(type(lv)(lv.tokens[pick], lv.weights[pick], lv.mask[pick]) for lv in side.levels))
-    answers = model.caption_side(qa_side, [test[i]["file"] for i in pick], [r[1] for r in rows],
+    answers = model.caption_side(side.take(pick), [test[i]["file"] for i in pick], [r[1] for r in rows],
                                  SearchOptions(max_length=args.max_length))
     per_kind: dict = {}
     for (_, q, a), r in zip(rows, answers):

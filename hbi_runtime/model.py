@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 
@@ -201,7 +201,8 @@ class Model:
 
     def encode_videos(self, paths: Iterable[str | bytes | os.PathLike], batch_size: int = VIDEO_BATCH, *,
                       workers: int = 2, timeout_s: float = 120.0,
-                      video_decoder: VideoDecoder | None = None) -> EncodedVideos:
+                      video_decoder: VideoDecoder | None = None,
+                      frames_hook: Callable[[np.ndarray, np.ndarray], None] | None = None) -> EncodedVideos:
         """Decode, preprocess (``manifest.preprocessing``) and encode video files; a bad file never stops the rest.
 
         Files decode in worker processes (:class:`hbi_runtime.video.VideoDecoder`) while earlier batches are
@@ -214,6 +215,8 @@ class Model:
             timeout_s: per-file decoding limit (ignored when ``video_decoder`` is given).
             video_decoder: an open ``VideoDecoder`` to reuse across calls (its preprocessing must be this package's);
                 default: one opened and closed by this call.
+            frames_hook: called with each encoded batch's ``(frames [B, T, 3, S, S], frame_mask [B, T])``, batches
+                in row order (e.g. a caption model's patch map of the same frames).
         Returns:
             :class:`EncodedVideos`: the side of the decoded files (rows in input order), their paths, and one
             :class:`~hbi_runtime.video.VideoDecodeError` per file that could not be decoded.
@@ -236,13 +239,13 @@ class Model:
                 decoded.append(path)
                 pending.append(result)
                 if len(pending) == batch_size:
-                    parts.append(self._encode_decoded(pending))
+                    parts.append(self._encode_decoded(pending, frames_hook))
                     pending = []
         finally:
             if own:
                 pool.close()
         if pending:
-            parts.append(self._encode_decoded(pending))
+            parts.append(self._encode_decoded(pending, frames_hook))
         if not parts:
             return EncodedVideos(VideoSide(_levels(_empty_outputs(self._backends["video_encoder"]), "video")),
                                  decoded, errors)
@@ -304,11 +307,14 @@ class Model:
                  for start in range(0, n, batch_size)]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
-    def _encode_decoded(self, videos: Sequence) -> dict[str, np.ndarray]:
+    def _encode_decoded(self, videos: Sequence, frames_hook=None) -> dict[str, np.ndarray]:
         """One video-encoder call on decoded videos (``DecodedVideo``: frames (T, 3, S, S), mask (T,))."""
         feed = {"frames": np.stack([v.frames for v in videos]),  # (B, T, 3, S, S)
                 "frame_mask": np.stack([v.mask for v in videos])}  # (B, T)
-        return self._graph("video_encoder").infer(feed)
+        out = self._graph("video_encoder").infer(feed)
+        if frames_hook is not None:
+            frames_hook(feed["frames"], feed["frame_mask"])
+        return out
 
     def _level_weights(self, level_weights: Sequence[float] | None) -> np.ndarray:
         if level_weights is None:

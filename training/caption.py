@@ -64,6 +64,8 @@ class CaptionTrainSettings:
     init_decoder: Path | None = None  # continue this decoder (same vocabulary and memory shape) instead of a new one
     token_dropout: float = 0.0  # caption / answer input words replaced by "unknown" with this probability
     frame_deltas: bool = False  # DecoderConfig.frame_deltas: consecutive-frame difference tokens in the memory
+    patch_grid: int = 0  # DecoderConfig.patch_grid: > 0 adds the spatial memory (needs ``checkpoint``)
+    checkpoint: Path | None = None  # the retrieval checkpoint ``package`` was exported from (its patch tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,6 +159,70 @@ def video_sides(package: Path, data_dir: Path, split: str, cache_dir: Path,
     path.with_suffix(".tmp.npz").replace(path)
     progress(f"video sides of {split}: {len(frames)} videos in {time.monotonic() - started:.0f} s")
     return out
+
+
+def patch_encoder(checkpoint: Path, package: Path, grid: int, embed_dim: int):
+    """The decoder's :class:`~hbi_export.tasks.decoder.PatchEncoder` with the vision tower of the retrieval
+    ``checkpoint``, checked against ``package``: the package's video side of two random frame stacks must equal
+    the checkpoint's (1e-3), so that the patch tokens come from the very model whose video side the decoder
+    reads. Returns (encoder, the tower's VisionConfig fields)."""
+    import torch
+    from hbi_export.checkpoints.loader import load_checkpoint
+    from hbi_export.model.hbi import HBIModel
+    from hbi_export.tasks.decoder import DecoderConfig, PatchEncoder
+
+    import hbi_runtime
+
+    sd, config, _ = load_checkpoint(checkpoint)
+    model = HBIModel(config)
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    with hbi_runtime.load(package) as retrieval:
+        pre = retrieval.manifest.preprocessing
+        frames = np.random.default_rng(0).normal(size=(2, pre.max_frames, 3, pre.image_size, pre.image_size))
+        frames = frames.astype(np.float32)
+        mask = np.ones((2, pre.max_frames), dtype=np.int64)
+        want = retrieval.encode_frames(frames, mask).levels[0].tokens
+    with torch.no_grad():
+        got = model.encode_video(torch.from_numpy(frames), torch.from_numpy(mask)).levels[0].tokens.numpy()
+    if want.shape != got.shape or float(np.abs(want - got).max()) > 1e-3:
+        raise UsageError(f"{checkpoint} is not the checkpoint {package} was exported from (their video sides "
+                         "differ)", hint="pass the checkpoint the retrieval package was exported from (--checkpoint)")
+    vision = asdict(config.vision)
+    encoder = PatchEncoder(DecoderConfig(embed_dim=embed_dim, patch_grid=grid, patch_vision=vision))
+    encoder.load_tower(model.clip.visual)
+    return encoder.eval(), vision
+
+
+def video_patches(encoder, checkpoint: Path, data_dir: Path, split: str, cache_dir: Path, max_frames: int,
+                  image_size: int, progress: Callable[[str], None] = lambda _: None) -> np.ndarray:
+    """``encoder`` (a PatchEncoder) on every video of a split: float16 ``(N, T, grid * grid, width)``, cached
+    by checkpoint + frames + grid (float16 halves the cache; the decoder reads them in float32)."""
+    import torch
+    from hbi_training.data import frame_cache
+
+    frames, _ = frame_cache(data_dir, split, max_frames=max_frames, image_size=image_size)
+    weights = Path(checkpoint)
+    weights = weights / "model.safetensors" if weights.is_dir() else weights
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    key = hashlib.sha256(f"{digest}|{frames.shape}|{float(np.asarray(frames[:4]).sum())}|{encoder.grid}".encode()
+                         ).hexdigest()[:16]
+    path = Path(cache_dir) / f"patches-{split}-{key}.npy"
+    if not path.is_file():
+        started = time.monotonic()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                        shape=(len(frames), frames.shape[1], encoder.grid ** 2,
+                                               encoder.conv1.out_channels))
+        for i in range(0, len(frames), 128):
+            with torch.no_grad():
+                out[i:i + 128] = encoder(torch.from_numpy(np.array(frames[i:i + 128], dtype=np.float32))).numpy()
+        out.flush()
+        del out
+        tmp.replace(path)
+        progress(f"patch tokens of {split}: {len(frames)} videos in {time.monotonic() - started:.0f} s")
+    return np.load(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,7 +345,7 @@ def evaluate(model, sides: dict, videos: list[dict], vocab, tokenizer: ClipToken
     import torch
 
     device = next(model.parameters()).device
-    side = tuple(torch.from_numpy(sides[n]).to(device) for n in SIDE_NAMES)
+    side = tuple(torch.from_numpy(np.asarray(sides[n], dtype=np.float32)).to(device) for n in side_names(sides))
     model.eval()
     captions = []
     for i in range(0, len(videos), 128):
@@ -290,10 +356,16 @@ def evaluate(model, sides: dict, videos: list[dict], vocab, tokenizer: ClipToken
     return {"attribute_accuracy": float(np.mean(hits)), "captions": captions, "hits": hits}
 
 
+def side_names(sides: dict) -> tuple[str, ...]:
+    """The decoder's side arrays in input order: the 9 of ``SIDE_NAMES``, then ``video_patches`` if present."""
+    return SIDE_NAMES + (("video_patches",) if "video_patches" in sides else ())
+
+
 def check_decoder_start(start, config, path) -> None:
     """Refuse to continue decoder ``start`` (loaded from ``path``) where this run builds ``config``: a different
     vocabulary or memory shape would silently mis-read tokens."""
-    shape = ("embed_dim", "tokens_per_level", "levels", "max_positions", "vocab_ids", "frame_deltas")
+    shape = ("embed_dim", "tokens_per_level", "levels", "max_positions", "vocab_ids", "frame_deltas", "patch_grid",
+             "patch_vision")
     if any(getattr(start.config, k) != getattr(config, k) for k in shape):
         raise UsageError(f"{path}: its vocabulary or memory shape differs from this run's",
                          hint="continue a decoder trained on the same data set and retrieval model family")
@@ -328,10 +400,21 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
         tokenizer = retrieval.tokenizer
         tokens_per_level = tuple(pm.tokens_per_level["video"])
         embed_dim = pm.embed_dim
+    encoder, vision = None, None
+    if s.patch_grid:
+        if s.checkpoint is None:
+            raise UsageError("a spatial memory (--patch-grid) needs the retrieval checkpoint",
+                             hint="pass --checkpoint DIR (the one the retrieval package was exported from)")
+        encoder, vision = patch_encoder(s.checkpoint, s.package, s.patch_grid, embed_dim)
+        for split in ("train", "test"):
+            sides[split]["video_patches"] = video_patches(encoder, s.checkpoint, s.data_dir, split, out / "cache",
+                                                          pm.preprocessing.max_frames, pm.preprocessing.image_size,
+                                                          progress)
     texts = training_texts(train_v, s.captions, s.qa)
     config = DecoderConfig(embed_dim=embed_dim, tokens_per_level=tokens_per_level, levels=s.levels, width=s.width,
                            layers=s.layers, heads=s.heads, vocab_ids=build_vocab(texts, tokenizer),
-                           dropout=s.dropout, frame_deltas=s.frame_deltas)
+                           dropout=s.dropout, frame_deltas=s.frame_deltas, patch_grid=s.patch_grid,
+                           patch_vision=vision)
     vocab = VocabMap(config)
     seqs = make_sequences(train_v, tokenizer, vocab, captions=s.captions, qa=s.qa,
                           max_positions=config.max_positions)
@@ -339,11 +422,14 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
     if start is not None:
         check_decoder_start(start, config, s.init_decoder)
         model, config = start, start.config
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    if encoder is not None:  # the frozen copy of the retrieval tower (exported as frame_patches)
+        model.patch_encoder.load_state_dict(encoder.state_dict(), strict=True)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2 and "embedding" not in n]
+    other = [p for n, p in trainable if not (p.dim() >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=s.lr)
-    side_t = [torch.from_numpy(sides["train"][n]) for n in SIDE_NAMES]
+    side_t = [torch.from_numpy(sides["train"][n]) for n in side_names(sides["train"])]
     ids_t, video_t = torch.from_numpy(seqs.ids), torch.from_numpy(seqs.video)
     loss_mask_all = target_mask(seqs)
     rng = np.random.default_rng(s.seed)
@@ -360,7 +446,7 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
         width = int(seqs.length[rows.numpy()].max())
         ids = ids_t[rows, :width]
         vid = video_t[rows]
-        side = tuple(t[vid] for t in side_t)
+        side = tuple(t[vid].float() for t in side_t)
         loss = teacher_forcing_loss(model, side, ids, loss_mask_all[rows, :width - 1], s.token_dropout,
                                     torch.Generator().manual_seed(s.seed * 100003 + step))
         for g in opt.param_groups:
@@ -387,7 +473,8 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
     summary = {"retrieval_manifest_sha256": pkg_hash, "settings": settings, "train_seconds": train_seconds,
                "train_rows": int(len(seqs.video)), "train_videos": len(train_v),
                "test_attribute_accuracy": result["attribute_accuracy"],
-               "test_videos": len(test_v), "parameters": sum(p.numel() for p in model.parameters())}
+               "test_videos": len(test_v), "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+               "frozen_parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
     save_decoder(model.eval(), out / "decoder", extra={"training": summary})
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "test_captions.json").write_text(json.dumps(

@@ -33,7 +33,8 @@ def register(app: typer.Typer) -> None:
         "Examples:\n\n  hbi-train caption --data /tmp/syn --out runs/caption\n\n"
         "  hbi-train caption --data /tmp/syn --out runs/cap --steps 500 --no-qa --json\n\n"
         "  hbi-train caption --data /tmp/syn --out runs/cap --export hbi_runtime/data/demo/caption\n\n"
-        "  hbi-train caption --data /tmp/syn20k --out runs/cap --frame-deltas --token-dropout 0.3 --steps 10000"))
+        "  hbi-train caption --data /tmp/syn20k --out runs/cap --frame-deltas --token-dropout 0.3 --steps 10000\n\n"
+        "  hbi-train caption --data /tmp/syn20k --out runs/cap --frame-deltas --patch-grid 4 --token-dropout 0.3"))
     def caption(
         data: Annotated[Path, typer.Option(help="Synthetic set (python -m hbi_training.data.synthetic).",
                                            show_default=False)],
@@ -61,6 +62,12 @@ def register(app: typer.Typer) -> None:
         frame_deltas: Annotated[bool, typer.Option(help=(
             "Add one memory token per pair of consecutive frames (their difference), so that events are single "
             "tokens (docs/captioning.md)."))] = False,
+        patch_grid: Annotated[int, typer.Option(min=0, help=(
+            "Spatial memory: also read each frame's patch tokens pooled to an N x N map (where things are), "
+            "through a frozen copy of the retrieval vision tower; 0: off (docs/captioning.md)."))] = 0,
+        checkpoint: Annotated[Optional[Path], typer.Option(
+            help="With --patch-grid: the retrieval checkpoint the package was exported from (default: the demo's "
+                 "when --package is the demo's).", show_default=False)] = None,
         export: Annotated[Optional[Path], typer.Option(
             help="Also write a caption package here (parity-checked).", show_default=False)] = None,
         json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -76,11 +83,15 @@ def register(app: typer.Typer) -> None:
                 lv = tuple(int(x) for x in levels.split(","))
             except ValueError:
                 raise UsageError(f"--levels must be comma-separated level numbers, got {levels!r}") from None
+            if patch_grid and checkpoint is None and package is not None:
+                raise UsageError("--patch-grid with --package needs the checkpoint that package was exported from",
+                                 hint="pass --checkpoint DIR")
             s = CaptionTrainSettings(data_dir=data, out_dir=out, package=package or _demo_package(), steps=steps,
                                      batch_size=batch_size, lr=lr, seed=seed, captions=captions, qa=qa,
                                      width=width, layers=layers, heads=heads, levels=lv, threads=threads,
                                      init_decoder=init_decoder, token_dropout=token_dropout,
-                                     frame_deltas=frame_deltas)
+                                     frame_deltas=frame_deltas, patch_grid=patch_grid,
+                                     checkpoint=(checkpoint or _demo_checkpoint()) if patch_grid else None)
             summary = train_caption(s, progress=None if json_output else _log)
             if export is not None:
                 summary["package"] = export_run(Path(summary["decoder"]), s.package, export, data,

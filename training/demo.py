@@ -92,7 +92,8 @@ class CaptionDemoRecipe:
     The retrieval model trains *with* the caption decoder from the start (``hbi_training.joint``: the HBI objective
     + the decoder's caption / QA cross entropy through the video side + the per-frame attribute and event loss),
     in two stages (the second restarts the schedule at a lower rate with a new per-frame head), then a new decoder
-    with frame-difference memory tokens trains alone on the frozen side of the exported package. The step counts
+    with frame-difference memory tokens and a spatial memory (each frame's patch tokens, pooled 4 x 4) trains
+    alone on the frozen side of the exported package. The step counts
     are the ones the shipped run used (each stage filled a fixed time on one H200)."""
 
     stage1_steps: int = 1857
@@ -106,6 +107,7 @@ class CaptionDemoRecipe:
     decoder_token_dropout: float = 0.3
     decoder_train_videos: int = 20000  # the decoder stage's set: same seed (same held-out triples and test videos)
     frame_deltas: bool = True
+    decoder_patch_grid: int = 4  # the decoder's spatial memory: a 4 x 4 map of patch tokens per frame
     device: str = "auto"  # a GPU takes minutes; one CPU thread, hours
 
 
@@ -400,7 +402,8 @@ def caption_demo(data: Path, out: Path, artifacts: Path, recipe: DemoRecipe, cap
     if caption.decoder_train_videos != recipe.n_train:
         decoder_data = make_data(out / "data-decoder", replace(recipe, n_train=caption.decoder_train_videos), seed)
     stage = dict(steps=caption.decoder_steps, seed=seed, threads=recipe.threads,
-                 token_dropout=caption.decoder_token_dropout, frame_deltas=caption.frame_deltas)
+                 token_dropout=caption.decoder_token_dropout, frame_deltas=caption.frame_deltas,
+                 patch_grid=caption.decoder_patch_grid)
     return write_joint_artifacts(out / "joint2", artifacts, data, seed=seed, progress=_log, history=history,
                                  recipe=asdict(caption), decoder_data=decoder_data, decoder_stage=stage)
 

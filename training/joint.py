@@ -535,15 +535,14 @@ def runtime_caption_figures(caption_dir: Path, data_dir: Path, max_length: int =
     vocabulary, _, test = read_splits(data_dir)
     options = SearchOptions(max_length=max_length)
     with load_caption(caption_dir) as model:
-        encoded = model.retrieval.encode_videos([str(Path(data_dir) / v["file"]) for v in test], workers=1)
-        if encoded.errors:
-            raise encoded.errors[0]
-        side = encoded.side
-        results = model.caption_side(side, [v["file"] for v in test], options=options)
+        videos, _, errors = model.encode_videos([str(Path(data_dir) / v["file"]) for v in test], workers=1)
+        if errors:
+            raise errors[0]
+        results = model.caption_side(videos, [v["file"] for v in test], options=options)
         rows = [(i, q, a) for i, v in enumerate(test) for q, a in qa_pairs(v["scene"])]
         pick = [r[0] for r in rows]
-        qa_side = type(side)(tuple(type(lv)(lv.tokens[pick], lv.weights[pick], lv.mask[pick]) for lv in side.levels))
-        answers = model.caption_side(qa_side, [test[i]["file"] for i in pick], [r[1] for r in rows], options)
+        answers = model.caption_side(videos.take(pick), [test[i]["file"] for i in pick], [r[1] for r in rows],
+                                     options)
         caption_sha = model.manifest.sha256
     hits = [attribute_match(r.text, v["scene"], vocabulary) for r, v in zip(results, test)]
     return {"videos": len(test), "attribute_accuracy": float(np.mean(hits)),
@@ -565,14 +564,21 @@ def joint_history(summary: dict[str, Any]) -> list[str]:
 
 def caption_readme(history: list[str], decoder: dict[str, Any], figures: dict[str, Any], command: str) -> str:
     m = figures["metrics"]
+    grid = decoder.get("patch_grid") or 0
     decoder_line = (f"Decoder: width {decoder['width']}, {decoder['layers']} layers, {decoder['heads']} heads, "
-                    f"frame-difference memory tokens {'on' if decoder.get('frame_deltas') else 'off'}, "
-                    f"{decoder['parameters'] / 1000:.0f} k parameters.")
+                    f"frame-difference memory tokens {'on' if decoder.get('frame_deltas') else 'off'}, spatial "
+                    + (f"memory {grid} x {grid} per frame" if grid else "memory off")
+                    + f", {decoder['parameters'] / 1000:.0f} k trained parameters"
+                    + (f" + {decoder['frozen_parameters'] / 1000:.0f} k frozen (the tower copy)."
+                       if decoder.get("frozen_parameters") else "."))
+    reads = ("It reads the video side of the demo retrieval package (../package, referenced by its manifest_sha256 "
+             "in\nmanifest.json; its video_encoder.onnx is reused)")
+    reads += (", and each frame's patch map through frame_patches.onnx (a frozen\ncopy of that tower's blocks but "
+              "the last, run on the same decoded frames)." if grid else ".")
     return "\n".join([
         "caption/: the demo caption / open-ended QA decoder (a caption package).",
         "",
-        "It reads the video side of the demo retrieval package (../package, referenced by its manifest_sha256 in",
-        "manifest.json; its video_encoder.onnx is reused, nothing here duplicates it). Design: docs/captioning.md.",
+        reads + " Design: docs/captioning.md.",
         "",
         "How the retrieval model and this decoder were trained:",
         *(f"    {line}" for line in history),
@@ -630,16 +636,19 @@ def write_joint_artifacts(run: Path, dest: Path, data_dir: Path, *, seed: int = 
             stage = json.loads((Path(decoder_run) / "summary.json").read_text())
             stage["decoder"] = str(Path(decoder_run) / DECODER_DIR)
         else:
+            extra = {"checkpoint": dest / "checkpoint"} if decoder_stage.get("patch_grid") else {}
             stage = train_caption(CaptionTrainSettings(data_dir=Path(decoder_data or data_dir),
                                                        out_dir=run / "decoder-stage", package=dest / "package",
-                                                       **decoder_stage), progress=log)
+                                                       **decoder_stage, **extra), progress=log)
         decoder_dir = Path(stage["decoder"])
         st = stage["settings"]
         history.append(f"Then the caption decoder alone, new, on the frozen video side of that package "
                        f"(hbi-train caption) over {stage['train_videos']} train videos: {st['steps']} steps, "
                        f"batch {st['batch_size']}, lr {st['lr']}, token "
-                       f"dropout {st['token_dropout']}, frame-difference tokens {'on' if st['frame_deltas'] else 'off'}; "
-                       f"{stage['train_seconds']:.0f} s on cpu.")
+                       f"dropout {st['token_dropout']}, frame-difference tokens {'on' if st['frame_deltas'] else 'off'}"
+                       + (f", spatial memory ({st['patch_grid']} x {st['patch_grid']} patch map per frame)"
+                          if st.get("patch_grid") else "")
+                       + f"; {stage['train_seconds']:.0f} s on cpu.")
         report["joint"] = {**report["joint"], "history": history}  # README.txt names the decoder stage too
         (dest / "README.txt").write_text(readme(report, pick_samples(Path(data_dir), DemoRecipe().n_samples, seed)))
     manifest = export_run(decoder_dir, dest / "package", dest / "caption", Path(data_dir), progress=log)
@@ -651,7 +660,8 @@ def write_joint_artifacts(run: Path, dest: Path, data_dir: Path, *, seed: int = 
     from hbi_export.tasks.decoder import load_decoder
 
     decoder, _ = load_decoder(decoder_dir)
-    info = {**decoder.config.to_dict(), "parameters": sum(p.numel() for p in decoder.parameters())}
+    info = {**decoder.config.to_dict(), "parameters": sum(p.numel() for p in decoder.parameters() if p.requires_grad),
+            "frozen_parameters": sum(p.numel() for p in decoder.parameters() if not p.requires_grad)}
     (dest / "caption" / "README.txt").write_text(caption_readme(history, info, figures, command))
     log(f"caption package: held-out attribute accuracy {100 * figures['attribute_accuracy']:.1f} % (runtime), "
         f"QA exact match {100 * figures['qa_exact_match']:.1f} %")

@@ -4,7 +4,8 @@ Graphs (all fp32, opset 18, torch dynamo exporter, one dynamic batch axis each):
 
 | graph | inputs | outputs |
 |---|---|---|
-| caption_memory | the 9 video side tensors ``[video_batch, N_l, ...]`` | ``cross_key_i`` / ``cross_value_i`` ``[video_batch, heads, M, head_dim]`` per layer, ``memory_bias [video_batch, 1, 1, M]`` |
+| caption_memory | the 9 video side tensors ``[video_batch, N_l, ...]`` (+ ``video_patches [video_batch, T, cells, width]`` with a spatial memory) | ``cross_key_i`` / ``cross_value_i`` ``[video_batch, heads, M, head_dim]`` per layer, ``memory_bias [video_batch, 1, 1, M]`` |
+| frame_patches (spatial memory only) | ``frames [video_batch, T, 3, S, S]`` (the retrieval preprocessing) | ``video_patches [video_batch, T, cells, width]`` |
 | decoder_init | ``input_ids int64 [batch, prefix]`` (decoder indices), ``memory_bias``, the cross keys / values | ``logprobs [batch, V]`` (last position), ``present_key_i`` / ``present_value_i`` ``[batch, heads, prefix, head_dim]`` |
 | decoder_step | ``input_ids int64 [batch, 1]``, ``past_key_i`` / ``past_value_i`` ``[batch, heads, past, head_dim]``, ``memory_bias``, the cross keys / values | ``logprobs [batch, V]``, ``present_key_i`` / ``present_value_i`` ``[batch, heads, past + 1, head_dim]`` |
 
@@ -37,7 +38,7 @@ from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig
 from hbi_runtime.errors import UsageError
 from hbi_runtime.package import GraphSpec, TensorSpec, sha256_file
 
-GRAPHS = ("caption_memory", "decoder_init", "decoder_step")
+GRAPHS = ("caption_memory", "decoder_init", "decoder_step")  # + frame_patches with a spatial memory
 
 
 def cache_names(config: DecoderConfig, kind: str) -> tuple[str, ...]:
@@ -46,9 +47,18 @@ def cache_names(config: DecoderConfig, kind: str) -> tuple[str, ...]:
 
 
 def caption_graph_defs(config: DecoderConfig) -> dict[str, GraphDef]:
-    """The three graphs' specs (module docstring)."""
+    """The graphs' specs (module docstring)."""
     h, dh, m, v = config.heads, config.head_dim, config.memory_tokens, config.vocab_size
     side = side_defs("video", config.tokens_per_level, config.embed_dim)
+    extra = {}
+    if config.patch_grid:
+        t, vis = config.tokens_per_level[0], config.patch_vision
+        patches = TensorDef("video_patches", "float32", ("video_batch", t, config.patch_cells, vis["width"]))
+        side = side + (patches,)
+        extra["frame_patches"] = GraphDef(
+            "frame_patches", (TensorDef("frames", "float32", ("video_batch", t, 3, vis["image_size"],
+                                                               vis["image_size"])),),
+            (patches,), _Patches)
     cross = tuple(TensorDef(n, "float32", ("batch", h, m, dh)) for n in cache_names(config, "cross"))
     bias = TensorDef("memory_bias", "float32", ("batch", 1, 1, m))
     logp = TensorDef("logprobs", "float32", ("batch", v))
@@ -71,6 +81,7 @@ def caption_graph_defs(config: DecoderConfig) -> dict[str, GraphDef]:
             (logp,) + tuple(TensorDef(n, "float32", ("batch", h, "present", dh))
                             for n in cache_names(config, "present")),
             _Step),
+        **extra,
     }
 
 
@@ -84,6 +95,17 @@ class _Memory(nn.Module):
     def forward(self, *side):
         kv, bias = self.model.cross_cache(side)
         return (*kv, bias)
+
+
+class _Patches(nn.Module):
+    fixed = None  # no *varargs
+
+    def __init__(self, model: CaptionDecoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames):
+        return (self.model.patch_encoder(frames),)
 
 
 class _Init(nn.Module):
@@ -116,11 +138,17 @@ def example_feed(config: DecoderConfig, model: CaptionDecoder, graph: str, batch
                  past: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Deterministic inputs of one graph (also the export's example inputs and the parity fixtures)."""
     g = torch.Generator().manual_seed(seed)
+    if graph == "frame_patches":
+        s = config.patch_vision["image_size"]
+        return (torch.randn(batch, config.tokens_per_level[0], 3, s, s, generator=g),)
     side = []
     for n in config.tokens_per_level:
         tokens = torch.nn.functional.normalize(torch.randn(batch, n, config.embed_dim, generator=g), dim=-1)
         side += [tokens, torch.rand(batch, n, generator=g).softmax(-1), torch.ones(batch, n)]
     side[2][-1, config.tokens_per_level[0] // 2:] = 0  # the last video has padded frames
+    if config.patch_grid:
+        side.append(torch.randn(batch, config.tokens_per_level[0], config.patch_cells, config.patch_vision["width"],
+                                generator=g))
     if graph == "caption_memory":
         return tuple(side)
     with torch.no_grad():
@@ -143,7 +171,8 @@ def export_caption_graph(gdef: GraphDef, model: CaptionDecoder, path: str | Path
             if n in ("past", "prefix") else torch.export.Dim(n, min=1) for n in names}
     dynamic = tuple({i: dims[d] for i, d in enumerate(spec.shape) if isinstance(d, str)} or None
                     for spec in gdef.inputs)
-    dynamic = dynamic[:module.fixed] + (dynamic[module.fixed:],)
+    if module.fixed is not None:
+        dynamic = dynamic[:module.fixed] + (dynamic[module.fixed:],)
     inputs = example_feed(model.config, model, gdef.name)
     return run_export(gdef, module, inputs, dynamic, path, opset)
 
@@ -159,7 +188,7 @@ def graph_spec(gdef: GraphDef, root: Path, opset: int) -> GraphSpec:
 
 def export_graphs(model: CaptionDecoder, root: Path, opset: int = DEFAULT_OPSET,
                   progress: Callable[[str], None] = lambda _: None) -> dict[str, GraphSpec]:
-    """The three graphs into ``root`` -> their specs."""
+    """The graphs into ``root`` -> their specs."""
     model = model.eval()
     out = {}
     for name, gdef in caption_graph_defs(model.config).items():
@@ -244,10 +273,16 @@ class TorchSteps:
         return logp, (items, present)
 
 
-def side_tensors(side) -> tuple[torch.Tensor, ...]:
-    """A runtime VideoSide (numpy) -> the 9 torch tensors in graph order."""
-    return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-                 for lv in side.levels for a in (lv.tokens, lv.weights, lv.mask))
+def side_tensors(videos) -> tuple[torch.Tensor, ...]:
+    """Runtime CaptionVideos (or a VideoSide) -> the decoder's torch inputs in graph order: the 9 side tensors,
+    then the patch map if there is one."""
+    from hbi_runtime.tasks.caption import CaptionVideos
+
+    videos = videos if isinstance(videos, CaptionVideos) else CaptionVideos(videos)
+    arrays = [a for lv in videos.side.levels for a in (lv.tokens, lv.weights, lv.mask)]
+    if videos.patches is not None:
+        arrays.append(videos.patches)
+    return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays)
 
 
 def decode_parity(model: CaptionDecoder, caption_model, side, prefixes: list[list[int]] | None = None,
@@ -257,7 +292,8 @@ def decode_parity(model: CaptionDecoder, caption_model, side, prefixes: list[lis
     from hbi_runtime.tasks.caption import _Steps
     from hbi_runtime.tasks.generate import SearchOptions, generate
 
-    n = side.levels[0].tokens.shape[0]
+    side = caption_model.videos(side)
+    n = side.n
     prefixes = prefixes or [[caption_model.to_local[49406]]] * n
     eot = int(caption_model.to_local[49407])
     cross, bias = caption_model.memory(side)
@@ -327,7 +363,10 @@ def write_caption_package(model: CaptionDecoder, retrieval_pkg: str | Path, out:
         cm = CaptionModel(tmp, read_caption_manifest(tmp), retrieval)
         try:
             if fixture_videos:
-                side = retrieval.encode_videos(list(fixture_videos), workers=1).side
+                side = cm.encode_videos(list(fixture_videos), workers=1)[0]
+                if model.config.patch_grid:  # the exported frame_patches on real frames against PyTorch
+                    graph_report["frame_patches_videos"] = _patch_parity(model, cm, list(fixture_videos))
+                    graph_report["ok"] &= graph_report["frame_patches_videos"]["max_abs"] <= 1e-4
             else:
                 side = _random_side(model.config, 4)
             decode_report = decode_parity(model, cm, side)
@@ -354,9 +393,24 @@ def _write(root: Path, body: dict, digest) -> None:
 
 
 def _random_side(config: DecoderConfig, n: int):
+    """Random decoder inputs of ``n`` videos: a VideoSide, or CaptionVideos with a patch map."""
     from hbi_runtime.model import VideoSide
     from hbi_runtime.sides import SideLevel
+    from hbi_runtime.tasks.caption import CaptionVideos
 
     feed = example_feed(config, None, "caption_memory", batch=n, seed=7)
     levels = tuple(SideLevel(*(feed[3 * i + j].numpy() for j in range(3))) for i in range(3))
+    if config.patch_grid:
+        return CaptionVideos(VideoSide(levels), feed[9].numpy())
     return VideoSide(levels)
+
+
+def _patch_parity(model: CaptionDecoder, cm, videos: list[str]) -> dict:
+    """``frame_patches.onnx`` vs the PyTorch PatchEncoder on the decoded frames of ``videos``."""
+    from hbi_runtime.video import VideoDecoder
+
+    with VideoDecoder(cm.retrieval.manifest.preprocessing, workers=1) as pool:
+        frames = np.stack([r.frames for _, r in pool.decode_many(videos) if hasattr(r, "frames")])
+    with torch.no_grad():
+        want = model.patch_encoder(torch.from_numpy(frames)).numpy()
+    return {"max_abs": float(np.abs(cm.patches(frames) - want).max()), "videos": len(frames)}

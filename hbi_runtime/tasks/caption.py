@@ -3,14 +3,18 @@
 A caption package is a folder beside (or anywhere relative to) a retrieval package::
 
     manifest.json        schema "hbi.caption-package" v1 (:func:`read_caption_manifest`), manifest_sha256
-    caption_memory.onnx  video side -> per-layer cross-attention keys / values + memory bias
+    caption_memory.onnx  video side (+ patch map) -> per-layer cross-attention keys / values + memory bias
+    frame_patches.onnx   only for a decoder with a spatial memory: frames -> the pooled patch map
     decoder_init.onnx    prefix (no past) -> next-token log-probabilities + the self-attention cache
     decoder_step.onnx    one token + the cache -> log-probabilities + the longer cache
 
 Its manifest names the retrieval package (``retrieval.path``, relative to the caption package, and
 ``retrieval.manifest_sha256``); the video side comes from *that* package's ``video_encoder.onnx``, so one
-exported backbone serves retrieval, captioning and QA. Loading refuses an edited manifest, a graph whose sha256
-differs, a retrieval package with another hash, and (unless allowed) a package whose parity failed.
+exported backbone serves retrieval, captioning and QA. A decoder with a spatial memory (``patch_grid``) also reads
+where things are in each frame: ``frame_patches.onnx`` holds a frozen copy of the retrieval vision tower's blocks
+but the last and maps the same preprocessed frames to pooled patch tokens (:class:`CaptionVideos`). Loading
+refuses an edited manifest, a graph whose sha256 differs, a retrieval package with another hash, and (unless
+allowed) a package whose parity failed.
 
 Token ids inside the graphs are *decoder indices*: ``decoder.vocab_ids[i]`` is the CLIP BPE id of index ``i``
 (all 49408 when ``vocab_ids`` is null); CLIP ids outside the list map to the unknown index ``len(vocab_ids)``.
@@ -35,6 +39,7 @@ from hbi_runtime.tokenizer import EOT_ID, SOT_ID, VOCAB_SIZE
 SCHEMA = "hbi.caption-package"
 SCHEMA_VERSION = 1
 GRAPHS = ("caption_memory", "decoder_init", "decoder_step")
+PATCH_GRAPH = "frame_patches"  # only in packages whose decoder has a spatial memory (decoder.patch_grid > 0)
 SIDE_NAMES = tuple(f"video_{part}_{tag}" for tag in ("l0", "l1", "l2") for part in ("tokens", "weights", "mask"))
 DEMO_CAPTION_PACKAGE = Path(__file__).resolve().parent.parent / "data" / "demo" / "caption"
 _SPACE_BEFORE_PUNCT = re.compile(r" ([,.;:!?])")
@@ -54,6 +59,10 @@ class CaptionManifest:
     @property
     def layers(self) -> int:
         return int(self.decoder["layers"])
+
+    @property
+    def patch_grid(self) -> int:
+        return int(self.decoder.get("patch_grid") or 0)
 
 
 def _hint(root: Path) -> str:
@@ -87,8 +96,9 @@ def read_caption_manifest(root: str | os.PathLike, *, verify_hashes: bool = True
         raise MismatchError(f"{path} was edited after export (manifest_sha256 does not match its content)",
                             hint=_hint(root))
     try:
-        graphs = {name: GraphSpec.from_dict(raw["graphs"][name], f"graphs.{name}") for name in GRAPHS}
         decoder, retrieval = dict(raw["decoder"]), dict(raw["retrieval"])
+        names = GRAPHS + ((PATCH_GRAPH,) if decoder.get("patch_grid") else ())
+        graphs = {name: GraphSpec.from_dict(raw["graphs"][name], f"graphs.{name}") for name in names}
         rpath, rsha = str(retrieval["path"]), str(retrieval["manifest_sha256"])
         status = str(raw["status"])
         generation = dict(raw.get("generation", {}))
@@ -115,11 +125,20 @@ class _Steps:
     def __init__(self, owner: CaptionModel, cross: list[np.ndarray], bias: np.ndarray, cache: bool) -> None:
         self.o, self.cross, self.bias, self.cache = owner, cross, bias, cache
         self.tokens_run = 0  # decoder positions computed (for the benchmark)
+        self._rows: np.ndarray | None = None  # the rows of the last memory feed, reused while they stay the same
+        self._feed: dict[str, np.ndarray] = {}
 
     def _memory(self, items: np.ndarray) -> dict[str, np.ndarray]:
-        feed = {"memory_bias": self.bias[items]}
+        """The cross keys / values and bias of ``items``' rows. Gathering them is the largest per-step cost once
+        the memory is long (a spatial memory: 258 tokens), so the gather is reused while the rows do not change
+        (greedy: until a video finishes) and skipped when the rows are all videos in order."""
+        if self._rows is not None and np.array_equal(items, self._rows):
+            return self._feed
+        whole = len(items) == len(self.bias) and np.array_equal(items, np.arange(len(items)))
+        feed = {"memory_bias": self.bias if whole else self.bias[items]}
         for name, arr in zip(self.o.cache_names("cross"), self.cross):
-            feed[name] = arr[items]
+            feed[name] = arr if whole else arr[items]
+        self._rows, self._feed = np.array(items, copy=True), feed
         return feed
 
     def _init(self, items: np.ndarray, seq: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -143,6 +162,26 @@ class _Steps:
         out = self.o.run("decoder_step", feed)
         self.tokens_run += len(tokens)
         return out["logprobs"], (items, [out[n] for n in self.o.cache_names("present")])
+
+
+@dataclass(frozen=True)
+class CaptionVideos:
+    """What the decoder reads of some videos: the retrieval model's video side and, for a decoder with a spatial
+    memory, the pooled patch map ``[n, T, cells, width]`` (``frame_patches``; None otherwise)."""
+
+    side: Any  # hbi_runtime.model.VideoSide
+    patches: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.side.levels[0].tokens.shape[0])
+
+    def take(self, rows) -> CaptionVideos:
+        """The videos at ``rows`` (any index array; repeats allowed), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        side = type(self.side)(tuple(type(lv)(lv.tokens[rows], lv.weights[rows], lv.mask[rows])
+                                     for lv in self.side.levels))
+        return CaptionVideos(side, None if self.patches is None else self.patches[rows])
 
 
 @dataclass(frozen=True)
@@ -197,14 +236,54 @@ class CaptionModel:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # ------------------------------------------------------------------ video inputs
+    def videos(self, side, patches: np.ndarray | None = None) -> CaptionVideos:
+        """A retrieval VideoSide (+ its patch map) as decoder input; refuses a missing or misshapen patch map."""
+        if isinstance(side, CaptionVideos):
+            side, patches = side.side, side.patches
+        grid = self.manifest.patch_grid
+        if grid and patches is None:
+            raise UsageError("this caption package's decoder reads each frame's patch map as well as the video "
+                             "side", hint="encode the videos with CaptionModel.encode_videos (or .patches(frames))")
+        if patches is not None:
+            want = tuple(self.manifest.graphs[PATCH_GRAPH].outputs[0].shape[1:]) if grid else None
+            n = side.levels[0].tokens.shape[0]
+            if want is None or patches.shape != (n, *want):
+                raise BadInputError(f"patch map of shape {patches.shape}; this decoder takes "
+                                    f"{('(n, ' + ', '.join(map(str, want)) + ')') if want else 'none'}")
+        return CaptionVideos(side, patches)
+
+    def patches(self, frames: np.ndarray) -> np.ndarray:
+        """Preprocessed frames ``[B, T, 3, S, S]`` -> the patch map ``[B, T, cells, width]`` (``frame_patches``)."""
+        if not self.manifest.patch_grid:
+            raise UsageError("this caption package's decoder has no spatial memory (no frame_patches graph)")
+        return self.run(PATCH_GRAPH, {"frames": np.ascontiguousarray(frames, dtype=np.float32)})["video_patches"]
+
+    def encode_videos(self, paths: Sequence[str | os.PathLike], workers: int = 1, batch_size: int = 16):
+        """Decode and encode files through the retrieval package (and ``frame_patches`` when the decoder reads
+        patch maps, batch by batch on the same frames). Returns (CaptionVideos, decoded paths, errors)."""
+        parts: list[np.ndarray] = []
+        hook = (lambda frames, _mask: parts.append(self.patches(frames))) if self.manifest.patch_grid else None
+        encoded = self.retrieval.encode_videos([str(p) for p in paths], batch_size=batch_size, workers=workers,
+                                               frames_hook=hook)
+        patches = None
+        if hook is not None:
+            patches = np.concatenate(parts) if parts else np.zeros(
+                (0, *self.manifest.graphs[PATCH_GRAPH].outputs[0].shape[1:]), dtype=np.float32)
+        return CaptionVideos(encoded.side, patches), list(encoded.paths), list(encoded.errors)
+
     # ------------------------------------------------------------------ decoding
-    def memory(self, side) -> tuple[list[np.ndarray], np.ndarray]:
-        """A retrieval VideoSide -> the cross keys / values per layer and the memory bias."""
+    def memory(self, videos) -> tuple[list[np.ndarray], np.ndarray]:
+        """CaptionVideos (or a VideoSide, for a decoder without spatial memory) -> the cross keys / values per
+        layer and the memory bias."""
+        videos = self.videos(videos)
         feed = {}
-        for lv, tag in zip(side.levels, ("l0", "l1", "l2")):
+        for lv, tag in zip(videos.side.levels, ("l0", "l1", "l2")):
             feed[f"video_tokens_{tag}"] = np.ascontiguousarray(lv.tokens, dtype=np.float32)
             feed[f"video_weights_{tag}"] = np.ascontiguousarray(lv.weights, dtype=np.float32)
             feed[f"video_mask_{tag}"] = np.ascontiguousarray(lv.mask, dtype=np.float32)
+        if videos.patches is not None:
+            feed["video_patches"] = np.ascontiguousarray(videos.patches, dtype=np.float32)
         out = self.run("caption_memory", feed)
         return [out[n] for n in self.cache_names("cross")], out["memory_bias"]
 
@@ -226,9 +305,11 @@ class CaptionModel:
 
     def generate_side(self, side, questions: Sequence[str | None] | None = None,
                       options: SearchOptions = SearchOptions(), cache: bool = True) -> tuple[list[Hypothesis], int]:
-        """Decode every video of ``side`` (optionally each with a question). Returns hypotheses (decoder
-        indices) and the number of decoder positions computed."""
-        n = side.levels[0].tokens.shape[0]
+        """Decode every video of ``side`` (CaptionVideos, or a VideoSide for a decoder without spatial memory),
+        optionally each with a question. Returns hypotheses (decoder indices) and the decoder positions
+        computed."""
+        side = self.videos(side)
+        n = side.n
         if n == 0:
             return [], 0
         questions = list(questions) if questions is not None else [None] * n
@@ -264,14 +345,14 @@ class CaptionModel:
         paths = [str(p) for p in paths]
         if questions is not None and len(questions) != len(paths):
             raise UsageError(f"{len(questions)} questions for {len(paths)} videos")
-        encoded = self.retrieval.encode_videos(paths, batch_size=batch_size, workers=workers)
+        videos, decoded, errors = self.encode_videos(paths, workers=workers, batch_size=batch_size)
         if questions is not None:
             by_path: dict[str, list[str | None]] = {}
             for p, q in zip(paths, questions):
                 by_path.setdefault(p, []).append(q)
-            questions = [by_path[p].pop(0) for p in encoded.paths]
-        results = self.caption_side(encoded.side, [str(p) for p in encoded.paths], questions, options)
-        return results, list(encoded.errors)
+            questions = [by_path[p].pop(0) for p in decoded]
+        results = self.caption_side(videos, [str(p) for p in decoded], questions, options)
+        return results, errors
 
 
 def load_caption(caption_dir: str | os.PathLike | None = None, *, retrieval: str | os.PathLike | None = None,

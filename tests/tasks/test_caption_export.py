@@ -12,6 +12,7 @@ import torch
 
 from hbi_export.tasks.caption import TorchSteps, _random_side, decode_parity, side_tensors, write_caption_package
 from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig, load_decoder, save_decoder
+from hbi_runtime.errors import BadInputError, UsageError
 from hbi_runtime.tasks.caption import load_caption
 from hbi_runtime.tasks.generate import SearchOptions, generate
 from hbi_runtime.tokenizer import EOT_ID, SOT_ID
@@ -20,19 +21,26 @@ DEMO = Path(__file__).resolve().parents[2] / "hbi_runtime" / "data" / "demo"
 pytestmark = pytest.mark.slow  # one export of three graphs (~15-30 s on a shared 2-core CPU)
 
 
-def _model(frame_deltas: bool = False) -> CaptionDecoder:
+TINY_TOWER = {"width": 16, "layers": 2, "heads": 2, "patch_size": 4, "image_size": 32}  # the demo's frames
+
+
+def _model(frame_deltas: bool = False, patch_grid: int = 0) -> CaptionDecoder:
     """A random decoder with widely spread logits (every matrix of std 0.3, embeddings of std 1), so that decoding
     depends on the video and position and has no near-ties that fp32 rounding differences between PyTorch and
     ONNX Runtime could flip."""
     torch.manual_seed(0)
     config = DecoderConfig(embed_dim=64, tokens_per_level=(8, 2, 1), width=32, layers=2, heads=2,
                            vocab_ids=tuple(range(100, 130)) + (SOT_ID, EOT_ID), max_positions=24, dropout=0.0,
-                           frame_deltas=frame_deltas)
+                           frame_deltas=frame_deltas, patch_grid=patch_grid,
+                           patch_vision=TINY_TOWER if patch_grid else None)
     model = CaptionDecoder(config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(std=0.3)
+        if patch_grid:  # a random tower of CLIP-like scale (its residual stream stays O(1))
+            for p in model.patch_encoder.parameters():
+                p.normal_(std=0.1)
         model.position_embedding.normal_(std=1.0)
         model.token_embedding.weight.normal_(std=1.0)
     return model.eval()
@@ -135,3 +143,65 @@ def test_frame_delta_decoder_exports_with_parity(tmp_path):
         assert bias.shape[-1] == 8 + 2 + 1 + 7
         report = decode_parity(model, cm, side, settings=((1, 1.0, 0), (3, 1.0, 2)))
         assert report["ok"], report
+
+
+def test_spatial_memory_decoder_exports_and_captions_real_videos(tmp_path):
+    """DecoderConfig.patch_grid: the frame_patches graph (frozen tower copy) and the patch tokens in the memory;
+    graph parity (random frames and the fixture videos' frames), identical greedy / beam decodes, and the runtime
+    captions video files through both graphs."""
+    model = _model(frame_deltas=True, patch_grid=2)
+    samples = sorted(str(p) for p in (DEMO / "samples").glob("*.mp4"))[:3]
+    manifest = write_caption_package(model, DEMO / "package", tmp_path / "caption", fixture_videos=samples)
+    assert manifest["status"] == "verified", manifest["parity"]
+    graphs = manifest["parity"]["graphs"]
+    assert graphs["frame_patches"]["max_abs"] <= 1e-4 and graphs["frame_patches_videos"]["videos"] == 3
+    assert manifest["graphs"]["frame_patches"]["outputs"][0]["shape"] == ["video_batch", 8, 4, 16]
+    with load_caption(tmp_path / "caption") as cm:
+        videos, paths, errors = cm.encode_videos(samples)
+        assert not errors and paths == samples and videos.patches.shape == (3, 8, 4, 16)
+        _, bias = model.cross_cache(side_tensors(videos))
+        assert bias.shape[-1] == 8 + 2 + 1 + 7 + (8 + 7) * 4  # levels, frame deltas, patches and their deltas
+        report = decode_parity(model, cm, videos, settings=((1, 1.0, 0), (3, 1.0, 2)))
+        assert report["ok"], report
+        # different frames, different patch maps: the memory reads them (a zeroed map changes the decode inputs)
+        cross, _ = cm.memory(videos)
+        blank, _ = cm.memory(type(videos)(videos.side, np.zeros_like(videos.patches)))
+        assert float(np.abs(cross[0] - blank[0]).max()) > 1e-3
+        results, _ = cm.caption_videos(samples[:2])
+        assert [r.path for r in results] == samples[:2]
+        with pytest.raises(UsageError, match="patch map"):
+            cm.generate_side(videos.side)
+        with pytest.raises(BadInputError, match="patch map of shape"):
+            cm.generate_side(type(videos)(videos.side, videos.patches[:, :, :2]))
+        rows = videos.take([2, 0, 2])
+        assert rows.n == 3 and np.array_equal(rows.patches[1], videos.patches[0])
+
+
+def test_patch_encoder_reads_what_the_towers_last_block_reads():
+    """PatchEncoder = the input of the retrieval tower's last block (captured by a hook while the tower computes
+    its CLS feature), patch positions only, average-pooled: at full resolution and at 2 x 2."""
+    from hbi_export.model.clip import VisionTower
+    from hbi_export.model.config import HBIConfig, VisionConfig
+
+    torch.manual_seed(1)
+    tower = VisionTower(HBIConfig(embed_dim=8, vision=VisionConfig(**TINY_TOWER))).eval()
+    seen = {}
+    tower.transformer.resblocks[-1].register_forward_pre_hook(lambda _m, args: seen.update(x=args[0].clone()))
+    frames = torch.randn(2, 3, 3, 32, 32)
+    with torch.no_grad():
+        tower(frames.flatten(0, 1))
+    full = seen["x"][:, 1:].reshape(2, 3, 8, 8, 16)  # (B, T, rows, cols, width)
+    for grid in (8, 2):
+        config = DecoderConfig(embed_dim=8, patch_grid=grid, patch_vision=TINY_TOWER)
+        from hbi_export.tasks.decoder import PatchEncoder
+
+        enc = PatchEncoder(config)
+        enc.load_tower(tower)
+        with torch.no_grad():
+            got = enc(frames)
+        k = 8 // grid
+        want = full.reshape(2, 3, grid, k, grid, k, 16).mean(dim=(3, 5)).reshape(2, 3, grid * grid, 16)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for p in enc.parameters())  # frozen: training never moves the copy
+    with pytest.raises(BadInputError, match="does not divide"):
+        DecoderConfig(embed_dim=8, patch_grid=3, patch_vision=TINY_TOWER)

@@ -38,6 +38,10 @@ def test_caption_demo_writes_loadable_artifacts_with_their_history(tmp_path):
     # the shipped decoder is the decoder stage's (frame deltas on), not the joint run's
     manifest = json.loads((art / "caption" / "manifest.json").read_text())
     assert manifest["status"] == "verified" and manifest["decoder"]["frame_deltas"] is True
+    # ... with the spatial memory: the frozen tower copy is the shipped checkpoint's, exported as frame_patches
+    assert stage["settings"]["patch_grid"] == 4 and stage["settings"]["checkpoint"].endswith("artifacts/checkpoint")
+    assert manifest["decoder"]["patch_grid"] == 4 and "frame_patches" in manifest["graphs"]
+    assert manifest["parity"]["graphs"]["frame_patches_videos"]["max_abs"] <= 1e-4
     readme = (art / "caption" / "README.txt").read_text()
     assert "from a random 'demo' model" in readme and "joint1/final" in readme and "decoder alone" in readme
     assert "python -m hbi_training.demo" in (art / "README.txt").read_text()

@@ -82,3 +82,25 @@ def test_caption_joint_scratch_excludes_init_and_a_missing_gpu_is_a_usage_error(
         gpu = _invoke("caption-joint", "--data", data_dir, "--out", tmp_path / "b", "--scratch", "--device", "cuda",
                       "--steps", 1, "--batch-size", 4)
         assert gpu.exit_code == 2 and "no CUDA GPU" in gpu.output and "--device cpu" in gpu.output
+
+
+def test_caption_patch_grid_needs_the_packages_checkpoint(tmp_path, data_dir):
+    """--patch-grid with another --package and no --checkpoint is refused before training; a checkpoint that is
+    not the package's (the demo's with its patch embedding perturbed) is refused by comparing their video sides."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hbi_training.caption_cli import _demo_checkpoint, _demo_package
+
+    alone = _invoke("caption", "--data", data_dir, "--out", tmp_path / "a", "--patch-grid", 2,
+                    "--package", _demo_package())
+    assert alone.exit_code == 2 and "--checkpoint" in alone.output
+    assert not (tmp_path / "a").exists()
+    shutil.copytree(_demo_checkpoint(), tmp_path / "rand")
+    weights = load_file(str(tmp_path / "rand" / "model.safetensors"))
+    weights["clip.visual.conv1.weight"] = weights["clip.visual.conv1.weight"] * 1.5
+    save_file(weights, str(tmp_path / "rand" / "model.safetensors"))
+    wrong = _invoke("caption", "--data", data_dir, "--out", tmp_path / "b", "--patch-grid", 2, "--steps", 1,
+                    "--checkpoint", tmp_path / "rand")
+    assert wrong.exit_code == 2 and "is not the checkpoint" in wrong.output
