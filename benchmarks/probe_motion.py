@@ -97,12 +97,12 @@ def _probe(args: argparse.Namespace) -> int:
 
     import hbi_runtime
     from hbi_training.caption import patch_encoder, read_splits, video_patches, video_sides
-    from hbi_training.caption_cli import _demo_checkpoint, _demo_package
     from hbi_training.data import read_manifest
+    from hbi_training.demo import DEMO_DIR
     from hbi_training.joint import frame_times
 
     torch.set_num_threads(args.threads)
-    package, checkpoint = args.package or _demo_package(), args.checkpoint or _demo_checkpoint()
+    package, checkpoint = args.package or DEMO_DIR / "package", args.checkpoint or DEMO_DIR / "checkpoint"
     test_data = args.test_data or args.data
     _, train, _ = read_splits(args.data)
     _, _, test = read_splits(test_data)
@@ -122,10 +122,8 @@ def _probe(args: argparse.Namespace) -> int:
     sources = {
         "side": (video_sides(package, args.data, "train", args.cache, print)["video_tokens_l0"],
                  video_sides(package, test_data, "test", args.cache, print)["video_tokens_l0"]),
-        "patches": (video_patches(encoder, checkpoint, args.data, "train", args.cache, pre.max_frames,
-                                  pre.image_size, print),
-                    video_patches(encoder, checkpoint, test_data, "test", args.cache, pre.max_frames,
-                                  pre.image_size, print)),
+        "patches": (video_patches(encoder, args.data, "train", args.cache, pre.max_frames, pre.image_size, print),
+                    video_patches(encoder, test_data, "test", args.cache, pre.max_frames, pre.image_size, print)),
     }
     report = {"train_events": len(train_ev), "test_events": len(test_ev), "unseen_test_events": int(unseen.sum()),
               "grid": args.grid, "probes": {}}

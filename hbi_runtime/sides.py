@@ -120,6 +120,13 @@ class Side:
     def __len__(self) -> int:
         return self.n
 
+    def select(self, rows) -> Side:
+        """The side of the rows ``rows`` (an index array, repeats allowed, or a slice), in that order; same type."""
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows, dtype=np.int64)
+        return type(self)(tuple(SideLevel(lv.tokens[rows], lv.weights[rows], lv.mask[rows]) for lv in self.levels),
+                          self.kind)
+
 
 def _check_pair(text: SideLevel, video: SideLevel, level: str) -> None:
     if text.dim != video.dim:

@@ -189,24 +189,31 @@ def patch_encoder(checkpoint: Path, package: Path, grid: int, embed_dim: int):
         raise UsageError(f"{checkpoint} is not the checkpoint {package} was exported from (their video sides "
                          "differ)", hint="pass the checkpoint the retrieval package was exported from (--checkpoint)")
     vision = asdict(config.vision)
-    encoder = PatchEncoder(DecoderConfig(embed_dim=embed_dim, patch_grid=grid, patch_vision=vision))
+    try:
+        decoder_config = DecoderConfig(embed_dim=embed_dim, patch_grid=grid, patch_vision=vision)
+    except BadInputError as exc:  # here the grid is an option of this run, not a field of a file
+        side = config.vision.grid
+        raise UsageError(f"--patch-grid: {exc}", hint="use one of "
+                         + ", ".join(str(g) for g in range(1, side + 1) if side % g == 0)) from None
+    encoder = PatchEncoder(decoder_config)
     encoder.load_tower(model.clip.visual)
     return encoder.eval(), vision
 
 
-def video_patches(encoder, checkpoint: Path, data_dir: Path, split: str, cache_dir: Path, max_frames: int,
-                  image_size: int, progress: Callable[[str], None] = lambda _: None) -> np.ndarray:
+def video_patches(encoder, data_dir: Path, split: str, cache_dir: Path, max_frames: int, image_size: int,
+                  progress: Callable[[str], None] = lambda _: None) -> np.ndarray:
     """``encoder`` (a PatchEncoder) on every video of a split: float16 ``(N, T, grid * grid, width)``, cached
-    by checkpoint + frames + grid (float16 halves the cache; the decoder reads them in float32)."""
+    by the encoder's weights + frames + grid (float16 halves the cache; the decoder reads them in float32)."""
     import torch
     from hbi_training.data import frame_cache
 
     frames, _ = frame_cache(data_dir, split, max_frames=max_frames, image_size=image_size)
-    weights = Path(checkpoint)
-    weights = weights / "model.safetensors" if weights.is_dir() else weights
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    key = hashlib.sha256(f"{digest}|{frames.shape}|{float(np.asarray(frames[:4]).sum())}|{encoder.grid}".encode()
-                         ).hexdigest()[:16]
+    weights = hashlib.sha256()
+    for name, tensor in encoder.state_dict().items():
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().numpy().tobytes())
+    key = hashlib.sha256(f"{weights.hexdigest()}|{frames.shape}|{float(np.asarray(frames[:4]).sum())}|"
+                         f"{encoder.grid}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"patches-{split}-{key}.npy"
     if not path.is_file():
         started = time.monotonic()
@@ -393,7 +400,6 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
         from hbi_export.tasks.decoder import load_decoder
 
         start, _ = load_decoder(s.init_decoder)  # before the features: a wrong folder fails at once
-    sides = {split: video_sides(s.package, s.data_dir, split, out / "cache", progress) for split in ("train", "test")}
     with hbi_runtime.load(s.package) as retrieval:
         pkg_hash = retrieval.package.manifest_sha256
         pm = retrieval.manifest
@@ -401,13 +407,15 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
         tokens_per_level = tuple(pm.tokens_per_level["video"])
         embed_dim = pm.embed_dim
     encoder, vision = None, None
-    if s.patch_grid:
+    if s.patch_grid:  # before the features: a wrong checkpoint or grid fails at once
         if s.checkpoint is None:
             raise UsageError("a spatial memory (--patch-grid) needs the retrieval checkpoint",
                              hint="pass --checkpoint DIR (the one the retrieval package was exported from)")
         encoder, vision = patch_encoder(s.checkpoint, s.package, s.patch_grid, embed_dim)
+    sides = {split: video_sides(s.package, s.data_dir, split, out / "cache", progress) for split in ("train", "test")}
+    if encoder is not None:
         for split in ("train", "test"):
-            sides[split]["video_patches"] = video_patches(encoder, s.checkpoint, s.data_dir, split, out / "cache",
+            sides[split]["video_patches"] = video_patches(encoder, s.data_dir, split, out / "cache",
                                                           pm.preprocessing.max_frames, pm.preprocessing.image_size,
                                                           progress)
     texts = training_texts(train_v, s.captions, s.qa)

@@ -26,9 +26,10 @@ self-distillation) on the same data, model and number of steps, and reports its 
 
 ``--caption-joint`` is what the shipped demo comes from (:class:`CaptionDemoRecipe`, :func:`caption_demo`): step 2
 becomes the estimator + two stages of ``hbi_training.joint`` (the retrieval model trains from scratch *with* the
-caption decoder and the per-frame attribute / event loss), then a new decoder with frame-difference tokens
-trains alone on the exported package's frozen video side over a larger set of the same seed (20000 train
-videos, same held-out triples and test videos), and ``caption/`` ships beside the retrieval package. It wants a
+caption decoder and the per-frame attribute / event loss), then a new decoder with frame-difference tokens and
+a spatial memory (patch maps from the exported checkpoint's tower) trains alone on the exported package's frozen
+video side over a larger set of the same seed (20000 train videos, same held-out triples and test videos), and
+``caption/`` ships beside the retrieval package. It wants a
 GPU (``--device``, default auto): the shipped run took about 6 minutes of training on one H200, where one CPU
 thread would take hours; the decoder stage and the exports run on the CPU.
 

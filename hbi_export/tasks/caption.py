@@ -37,9 +37,7 @@ from hbi_export.onnx.graphs import GraphDef, TensorDef, side_defs
 from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig
 from hbi_runtime.errors import UsageError
 from hbi_runtime.package import GraphSpec, TensorSpec, sha256_file
-
-GRAPHS = ("caption_memory", "decoder_init", "decoder_step")  # + frame_patches with a spatial memory
-
+from hbi_runtime.tasks.caption import PATCH_GRAPH
 
 def cache_names(config: DecoderConfig, kind: str) -> tuple[str, ...]:
     """``kind``: ``cross`` / ``past`` / ``present`` -> [key_0, value_0, key_1, ...] names."""
@@ -55,8 +53,8 @@ def caption_graph_defs(config: DecoderConfig) -> dict[str, GraphDef]:
         t, vis = config.tokens_per_level[0], config.patch_vision
         patches = TensorDef("video_patches", "float32", ("video_batch", t, config.patch_cells, vis["width"]))
         side = side + (patches,)
-        extra["frame_patches"] = GraphDef(
-            "frame_patches", (TensorDef("frames", "float32", ("video_batch", t, 3, vis["image_size"],
+        extra[PATCH_GRAPH] = GraphDef(
+            PATCH_GRAPH, (TensorDef("frames", "float32", ("video_batch", t, 3, vis["image_size"],
                                                                vis["image_size"])),),
             (patches,), _Patches)
     cross = tuple(TensorDef(n, "float32", ("batch", h, m, dh)) for n in cache_names(config, "cross"))
@@ -138,7 +136,7 @@ def example_feed(config: DecoderConfig, model: CaptionDecoder, graph: str, batch
                  past: int = 4, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Deterministic inputs of one graph (also the export's example inputs and the parity fixtures)."""
     g = torch.Generator().manual_seed(seed)
-    if graph == "frame_patches":
+    if graph == PATCH_GRAPH:
         s = config.patch_vision["image_size"]
         return (torch.randn(batch, config.tokens_per_level[0], 3, s, s, generator=g),)
     side = []
@@ -363,10 +361,7 @@ def write_caption_package(model: CaptionDecoder, retrieval_pkg: str | Path, out:
         cm = CaptionModel(tmp, read_caption_manifest(tmp), retrieval)
         try:
             if fixture_videos:
-                side = cm.encode_videos(list(fixture_videos), workers=1)[0]
-                if model.config.patch_grid:  # the exported frame_patches on real frames against PyTorch
-                    graph_report["frame_patches_videos"] = _patch_parity(model, cm, list(fixture_videos))
-                    graph_report["ok"] &= graph_report["frame_patches_videos"]["max_abs"] <= 1e-4
+                side = _fixture_side(model, cm, list(fixture_videos), graph_report)
             else:
                 side = _random_side(model.config, 4)
             decode_report = decode_parity(model, cm, side)
@@ -405,12 +400,21 @@ def _random_side(config: DecoderConfig, n: int):
     return VideoSide(levels)
 
 
-def _patch_parity(model: CaptionDecoder, cm, videos: list[str]) -> dict:
-    """``frame_patches.onnx`` vs the PyTorch PatchEncoder on the decoded frames of ``videos``."""
-    from hbi_runtime.video import VideoDecoder
+def _fixture_side(model: CaptionDecoder, cm, videos: list[str], graph_report: dict):
+    """The decoder inputs of the fixture ``videos`` through the package (each decoded once). With a spatial
+    memory, ``frame_patches.onnx`` is also held against the PyTorch PatchEncoder on those frames
+    (``graph_report["frame_patches_videos"]``, part of ``graph_report["ok"]``)."""
+    from hbi_runtime.tasks.caption import CaptionVideos
 
-    with VideoDecoder(cm.retrieval.manifest.preprocessing, workers=1) as pool:
-        frames = np.stack([r.frames for _, r in pool.decode_many(videos) if hasattr(r, "frames")])
+    batches: list[np.ndarray] = []
+    hook = (lambda frames, _mask: batches.append(frames)) if model.config.patch_grid else None
+    encoded = cm.retrieval.encode_videos(videos, workers=1, frames_hook=hook)
+    if hook is None:
+        return CaptionVideos(encoded.side)
+    frames = np.concatenate(batches)
+    got = cm.patches(frames)
     with torch.no_grad():
         want = model.patch_encoder(torch.from_numpy(frames)).numpy()
-    return {"max_abs": float(np.abs(cm.patches(frames) - want).max()), "videos": len(frames)}
+    graph_report["frame_patches_videos"] = {"max_abs": float(np.abs(got - want).max()), "videos": len(frames)}
+    graph_report["ok"] &= graph_report["frame_patches_videos"]["max_abs"] <= 1e-4
+    return CaptionVideos(encoded.side, got)

@@ -174,14 +174,12 @@ class CaptionVideos:
 
     @property
     def n(self) -> int:
-        return int(self.side.levels[0].tokens.shape[0])
+        return self.side.n
 
     def take(self, rows) -> CaptionVideos:
         """The videos at ``rows`` (any index array; repeats allowed), in that order."""
         rows = np.asarray(rows, dtype=np.int64)
-        side = type(self.side)(tuple(type(lv)(lv.tokens[rows], lv.weights[rows], lv.mask[rows])
-                                     for lv in self.side.levels))
-        return CaptionVideos(side, None if self.patches is None else self.patches[rows])
+        return CaptionVideos(self.side.select(rows), None if self.patches is None else self.patches[rows])
 
 
 @dataclass(frozen=True)
@@ -247,8 +245,7 @@ class CaptionModel:
                              "side", hint="encode the videos with CaptionModel.encode_videos (or .patches(frames))")
         if patches is not None:
             want = tuple(self.manifest.graphs[PATCH_GRAPH].outputs[0].shape[1:]) if grid else None
-            n = side.levels[0].tokens.shape[0]
-            if want is None or patches.shape != (n, *want):
+            if want is None or patches.shape != (side.n, *want):
                 raise BadInputError(f"patch map of shape {patches.shape}; this decoder takes "
                                     f"{('(n, ' + ', '.join(map(str, want)) + ')') if want else 'none'}")
         return CaptionVideos(side, patches)

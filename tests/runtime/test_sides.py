@@ -128,6 +128,17 @@ def test_side_properties(sides):
     assert len(LEVELS) == len(text.levels) == 3
 
 
+def test_select_takes_rows_in_order_with_repeats(sides):
+    _, video = sides
+    picked = video.select([4, 0, 4])
+    assert type(picked) is Side and picked.kind == "video" and picked.n == 3
+    for lv, src in zip(picked.levels, video.levels):
+        for row, was in enumerate((4, 0, 4)):
+            assert np.array_equal(lv.tokens[row], src.tokens[was]) and np.array_equal(lv.weights[row], src.weights[was])
+            assert np.array_equal(lv.mask[row], src.mask[was])
+    assert video.select(slice(1, 3)).n == 2
+
+
 @pytest.mark.parametrize(
     ("tokens", "weights", "mask", "match"),
     [

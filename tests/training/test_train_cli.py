@@ -104,3 +104,6 @@ def test_caption_patch_grid_needs_the_packages_checkpoint(tmp_path, data_dir):
     wrong = _invoke("caption", "--data", data_dir, "--out", tmp_path / "b", "--patch-grid", 2, "--steps", 1,
                     "--checkpoint", tmp_path / "rand")
     assert wrong.exit_code == 2 and "is not the checkpoint" in wrong.output
+    odd = _invoke("caption", "--data", data_dir, "--out", tmp_path / "c", "--patch-grid", 3, "--steps", 1)
+    assert odd.exit_code == 2 and "does not divide the 8 x 8 patch map" in odd.output and "1, 2, 4, 8" in odd.output
+    assert not (tmp_path / "c" / "cache").exists()  # refused before any feature was computed
