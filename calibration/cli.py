@@ -95,7 +95,8 @@ def register(app: typer.Typer) -> None:
         strict: Annotated[bool, typer.Option("--strict", help="Gate failure is an error (exit 5, nothing "
                                                               "written) instead of a fp32/fp16 fallback.")] = False,
         workers: Annotated[int, typer.Option("--workers", min=1, help="Video decoding processes.")] = 2,
-        overwrite: Annotated[bool, typer.Option(help="Replace an existing package at --out.")] = False,
+        overwrite: Annotated[bool, typer.Option(help="Replace a model package at --out (never an input; any other "
+                                                                 "non-empty folder is refused).")] = False,
         output: Annotated[OutputFormat, typer.Option("--format", help="Output as text or JSON.")] = OutputFormat.text,
         debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
     ) -> None:
@@ -114,5 +115,5 @@ def register(app: typer.Typer) -> None:
                 overwrite=overwrite, workers=workers, progress=lambda m: typer.echo(m, err=True))
             emit_json(report) if json_mode else typer.echo(render_text(report))
             if report["outcome"] == "fallback":
-                typer.echo(f"warning: INT8 failed the accuracy gate; {out} holds the source package's "
-                           "video encoder unchanged (use --strict to make this an error)", err=True)
+                typer.echo(f"warning: INT8 failed the accuracy gate; {report['package']} holds the source "
+                           "package's video encoder unchanged (use --strict to make this an error)", err=True)

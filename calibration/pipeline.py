@@ -7,7 +7,12 @@
    videos with it through the runtime, measure and decide (:mod:`.gate`); stop at the first pass;
 5. write the new package at ``out``: INT8 when a step passed; otherwise (unless ``strict``) a copy of the source
    package, fp32 / fp16 as it was, so that ``out`` always works. The report goes into the manifest's
-   ``calibration`` field either way.
+   ``calibration`` field either way. ``out`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``model
+   package``; never the source package, the videos or the captions file) and is replaced only once the new
+   package is complete.
+
+File names are recorded (report, manifest) in :func:`hbi_runtime.names.display_path`'s printable, lossless form,
+whatever bytes they hold.
 
 What is quantized: the video encoder, where the time goes (every video of an index passes through it). The text
 encoder (one short query at a time) and the interaction graph stay as they are in the source package.
@@ -23,6 +28,8 @@ from typing import Callable, Sequence
 
 from hbi_runtime import __version__
 from hbi_runtime.errors import GateFailedError, UsageError
+from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+from hbi_runtime.names import display_path
 from hbi_runtime.package import GRAPH_NAMES, load_package, write_derived_package
 
 from hbi_calibration import data, gate, quantize
@@ -62,7 +69,7 @@ def calibrate_package(pkg_dir: str | os.PathLike, videos: str | os.PathLike, out
     """Calibrate, gate and write; returns the report (also stored in the new package's manifest).
 
     Raises:
-        UsageError: bad options, ``out`` exists, the source is already INT8.
+        UsageError: bad options, ``out`` may not be written (see the module), the source is already INT8.
         BadInputError: no videos / no decodable videos / unknown captioned videos (exit 3).
         BadInputError, MismatchError, GateFailedError: the source package (as ``load_package``).
         GateFailedError: every attempt failed the gate and ``strict`` (nothing is written).
@@ -71,8 +78,8 @@ def calibrate_package(pkg_dir: str | os.PathLike, videos: str | os.PathLike, out
 
     pkg_dir, out = Path(pkg_dir), Path(out)
     ops = quantize.check_options(target, method, exclude_ops)
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    inputs = [pkg_dir, videos, captions]
+    prepare_output_dir(out, kind="model package", inputs=inputs, overwrite=overwrite)
     source = _check_source(pkg_dir)
     split = data.plan_split(videos, captions=captions, samples=samples, holdout=holdout)
     progress(f"videos: {len(split.calibration)} to calibrate, {len(split.held_out)} held out for the gate"
@@ -104,9 +111,12 @@ def calibrate_package(pkg_dir: str | os.PathLike, videos: str | os.PathLike, out
                 hint="keep using the source package, or calibrate with more representative --videos, another "
                      "--method, or --exclude-nodes")
         graphs = {GRAPH: (work / f"{GRAPH}.{chosen}.onnx", "int8")} if chosen is not None else {}
-        written = write_derived_package(source, out, graphs=graphs, status=source.manifest.status,
-                                        calibration=report, overwrite=overwrite)
-    return {"schema": SCHEMA, **report, "package": str(out), "package_sha256": written.manifest_sha256}
+        # again: the calibration took minutes, and whatever `out` holds when the new package is swapped in goes
+        prepare_output_dir(out, kind="model package", inputs=inputs, overwrite=overwrite)
+        with staged_output_dir(out) as stage:  # (write_derived_package puts the package in place of the empty stage)
+            written = write_derived_package(source, stage, graphs=graphs, status=source.manifest.status,
+                                            calibration=report, overwrite=True)
+    return {"schema": SCHEMA, **report, "package": display_path(out), "package_sha256": written.manifest_sha256}
 
 
 def _attempts(source, held, ref, reference_model, nodes, user_excluded, ops, cache: Path, work: Path, *, target: str,
@@ -141,13 +151,13 @@ def _report(source, split, held, reader, nodes, attempts: list[dict], chosen: in
         "message": (f"INT8 video encoder kept (attempt {chosen + 1}: {attempts[chosen]['step']})" if passed else
                     f"every INT8 attempt failed the gate; this package keeps the source's "
                     f"{source.manifest.graphs[GRAPH].precision} video encoder"),
-        "source": {"package": str(source.dir), "manifest_sha256": source.manifest_sha256},
+        "source": {"package": display_path(source.dir), "manifest_sha256": source.manifest_sha256},
         "graphs": [GRAPH], "scheme": quantize.TARGETS[target].to_dict(), "method": method,
         "quantized_op_types": list(ops), "quantizable_nodes": len(nodes),
         "kept_float": "LayerNormalization, Softmax, residual and bias Add, GELU, hbi custom ops (function bodies), "
                       "the text encoder and the interaction graph",
         "data": {**split.to_dict(root), "held_out_decoded": len(held.paths), "calibration_decoded": reader.used,
-                 "decode_failures": [f"{os.path.relpath(e.path, root)}: {e.reason}"
+                 "decode_failures": [f"{display_path(os.path.relpath(e.path, root))}: {display_path(e.reason)}"
                                      for e in held.errors + reader.errors][:20]},
         "gate": {"criterion": criteria.describe(captions), "max_r1_drop": criteria.max_r1_drop,
                  "min_top1": criteria.min_top1, "passed": passed, "attempts": attempts},

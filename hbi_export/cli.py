@@ -97,7 +97,8 @@ def convert(
         help="Entity, action, event score weights. Default: the checkpoint's own, else 1 0 0 "
              "(the official retrieval evaluation).")] = None,
     temporal_layers: TemporalLayersOption = 4,
-    overwrite: Annotated[bool, typer.Option(help="Replace a model already in OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a checkpoint folder at OUT (never the checkpoint read; any "
+                                                 "other non-empty folder is refused).")] = False,
     output: FormatOption = OutputFormat.text,
     debug: DebugOption = False,
 ) -> None:
@@ -126,7 +127,8 @@ def init(
     out: Annotated[Path, typer.Argument(help="Output directory.", show_default=False)],
     preset: Annotated[str, typer.Option(help="vit-b-32, vit-b-16 or tiny.")] = "vit-b-32",
     seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace a model already in OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a checkpoint folder at OUT (any other non-empty folder is "
+                                                 "refused).")] = False,
     output: FormatOption = OutputFormat.text,
     debug: DebugOption = False,
 ) -> None:
@@ -201,7 +203,8 @@ def onnx_command(
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
     precision: Annotated[str, typer.Option(help="fp32 or fp16 (LayerNorm, softmax, reductions stay fp32).")] = "fp32",
     skip_parity: Annotated[bool, typer.Option(help="Do not run parity (the package stays unverified).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing package at --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a model package at --out (never the checkpoint; any other "
+                                                 "non-empty folder is refused).")] = False,
     output: FormatOption = OutputFormat.text,
     debug: DebugOption = False,
 ) -> None:

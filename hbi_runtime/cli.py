@@ -17,6 +17,7 @@ import typer
 from hbi_runtime import __version__, doctor as doctor_lib
 from hbi_runtime.bench.cli import register as _register_bench
 from hbi_runtime.cli_support import OutputFormat, TableFormat, csv_text, emit_json, guarded
+from hbi_runtime.names import exact_text, path_b64, printable
 from hbi_runtime.tasks.cli import register as _register_tasks
 
 
@@ -170,19 +171,29 @@ class _Progress:
             self._bar.__exit__(*exc)
 
 
+def _warn_workers(workers: int) -> None:
+    from hbi_runtime.scoring.engine import default_threads
+
+    cores = default_threads()
+    if workers > cores:
+        sys.stderr.write(f"warning: --workers {workers} is more than the {cores} CPU core(s) this process may use: "
+                         "decoding gets no faster and each worker holds frames in memory\n")
+
+
 def _index_folder(model, videos: Path, index_dir: Optional[Path], *, workers: int, batch_size: int,
-                  window: Optional[float], stride: Optional[float], rebuild: bool = False, quiet: bool = False):
-    from hbi_runtime.index import default_index_dir, update_index
-
+                  window: Optional[float], stride: Optional[float], rebuild: bool = False, quiet: bool = False,
+                  **options):
     from hbi_runtime.errors import BadInputError
-    from hbi_runtime.index import DEFAULT_EXTENSIONS
+    from hbi_runtime.index import DEFAULT_EXTENSIONS, default_index_dir, update_index
 
+    _warn_workers(workers)
     target = index_dir or default_index_dir(videos, model)
     with _Progress(enabled=not quiet) as progress:
         summary = update_index(model, videos, target, workers=workers, batch_size=batch_size, window=window,
-                               stride=stride, rebuild=rebuild, progress=progress)
-    if not (summary.new or summary.unchanged or summary.reindexed or summary.removed or summary.failed):
-        raise BadInputError(f"no video files in {videos}",
+                               stride=stride, rebuild=rebuild, progress=progress, **options)
+    if not (summary.new or summary.unchanged or summary.reindexed or summary.removed or summary.failed
+            or summary.recovered or summary.resumed):
+        raise BadInputError(f"no video files in {printable(str(videos))}",
                             hint=f"video files end in {', '.join(sorted(DEFAULT_EXTENSIONS))}")
     return summary
 
@@ -190,38 +201,87 @@ def _index_folder(model, videos: Path, index_dir: Optional[Path], *, workers: in
 def _summary_dict(summary, model) -> dict:
     return {"schema": "hbi.index/1", "model_sha256": model.package.manifest_sha256, "index": str(summary.index_dir),
             "new": summary.new, "unchanged": summary.unchanged, "reindexed": summary.reindexed,
+            "recovered": summary.recovered, "resumed": summary.resumed,
             "removed": summary.removed, "rows": summary.rows, "seconds": round(summary.seconds, 2),
-            "failed": [{"path": p, "reason": r} for p, r in summary.failed],
-            "skipped": [{"path": p, "reason": r} for p, r in summary.skipped]}
+            "failed": [f.to_dict() for f in summary.failed],
+            "skipped": [{"path": p, "reason": r} for p, r in summary.skipped],
+            "repaired": summary.repaired, "verified": summary.verified,
+            "moved_aside": None if summary.moved_aside is None else str(summary.moved_aside)}
 
 
 def _summary_text(d: dict) -> str:
-    lines = [f"index {d['index']}: {d['new']} new, {d['unchanged']} unchanged, {d['reindexed']} re-indexed, "
-             f"{d['removed']} removed, {len(d['failed'])} failed, {len(d['skipped'])} skipped "
-             f"({d['seconds']:.1f} s)"]
-    lines += [f"  failed: {f['path']}: {f['reason']}" for f in d["failed"]]
-    lines += [f"  skipped: {f['path']}: {f['reason']}" for f in d["skipped"]]
+    extra = "".join(f", {d[k]} {k}" for k in ("recovered", "resumed") if d[k])
+    tried = sum(f["attempted"] for f in d["failed"])
+    lines = [f"index {printable(d['index'])}: {d['new']} new, {d['unchanged']} unchanged, {d['reindexed']} "
+             f"re-indexed, {d['removed']} removed{extra}, {len(d['failed'])} failed ({tried} tried in this run), "
+             f"{len(d['skipped'])} skipped ({d['seconds']:.1f} s)"]
+    if d["moved_aside"]:
+        lines.append(f"  the damaged catalog was moved aside to {printable(d['moved_aside'])}")
+    lines += [f"  repaired: shard {r['shard']} was damaged ({printable(r['reason'])}); its {r['videos']} "
+              "video(s) were re-indexed" for r in d["repaired"]]
+    lines += [f"  failed: {f['path']}: {printable(f['reason'])}"
+              + ("" if f["attempted"] else f" (earlier run; {f['kind']}, retried "
+                 + ("every run)" if f["kind"] == "transient" else "when the file changes or with --retry-failed)"))
+              for f in d["failed"]]
+    lines += [f"  skipped: {f['path']}: {printable(f['reason'])}" for f in d["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def _status_text(d: dict) -> str:
+    window = "whole videos" if not d["window"] else f"windows of {d['window']['window']} s"
+    sha = (d["model_sha256"] or "?")[:12]
+    size = d["shard_bytes"] / 2**20
+    lines = [f"index {printable(d['index'])}",
+             f"  videos from {printable(str(d['video_dir']))}; model {printable(str(d['model_name']))} ({sha}), "
+             f"{d['storage_dtype']} storage, {window}",
+             f"  last commit {d['last_commit'] or 'never'}; {d['videos']} video(s) indexed, {d['failed_count']} "
+             f"failed, {d['not_indexed']} not indexed (damaged shards); {d['rows']} row(s) in {d['shards']} shard(s), "
+             f"{size:.1f} MiB; checked: {d['verified']}"]
+    lines += [f"  failed: {printable(f['path'])}: {printable(f['reason'])} ({f['kind']})" for f in d["failed"]]
+    lines += [f"  damaged: shard {x['shard']} ({x['videos']} video(s)): {printable(x['reason'])}"
+              for x in d["damaged_shards"]]
+    if d["damaged_shards"]:
+        lines.append(f"  repair: hbi-run index {printable(str(d['video_dir']))} --index {printable(d['index'])}")
+    if d["pending"]:
+        p = d["pending"]
+        lines.append(f"  an unfinished run (started {p['started']}) holds {p['videos']} encoded video(s) that "
+                     "readers do not see yet: run `hbi-run index` again to finish it")
     return "\n".join(lines) + "\n"
 
 
 @app.command(epilog="Examples:\n\n  hbi-run index ~/Videos --model pkg/b32\n\n"
-                    "  hbi-run index ~/Videos --model pkg/b32 --window 30 --index ~/Videos-index --format json")
+                    "  hbi-run index ~/Videos --model pkg/b32 --window 30 --index ~/Videos-index --format json\n\n"
+                    "  hbi-run index --status --index ~/Videos-index\n\n"
+                    "  hbi-run index ~/Videos --model pkg/b32 --retry-failed --verify --strict")
 def index(
     ctx: typer.Context,
-    videos: Annotated[Path, typer.Argument(help="Folder of videos (searched recursively, never written to).",
-                                           show_default=False)],
+    videos: Annotated[Optional[Path], typer.Argument(
+        help="Folder of videos (searched recursively, never written to). Optional with --status --index.",
+        show_default=False)] = None,
     model: ModelOption = None,
     index_dir: Annotated[Optional[Path], typer.Option(
         "--index", help="Index folder. Default: a per-folder cache directory (see README).",
         show_default=False)] = None,
     workers: WorkersOption = 2,
     batch_size: Annotated[int, typer.Option(min=1, help="Videos per encoder call and per committed shard.")] = 16,
-    window: Annotated[Optional[float], typer.Option(help="Index long videos as windows of this many seconds.",
-                                                    show_default=False)] = None,
-    stride: Annotated[Optional[float], typer.Option(help="Seconds between window starts (default: --window).",
-                                                    show_default=False)] = None,
-    rebuild: Annotated[bool, typer.Option(help="Forget the index's content and index everything again.")] = False,
-    strict: Annotated[bool, typer.Option(help="Exit 3 when any file failed.")] = False,
+    window: Annotated[Optional[float], typer.Option(
+        help="Index long videos as windows of this many seconds (at least 1).", show_default=False)] = None,
+    stride: Annotated[Optional[float], typer.Option(
+        help="Seconds between window starts (at least 1; default: --window).", show_default=False)] = None,
+    rebuild: Annotated[bool, typer.Option(
+        help="Index everything again (readers keep the old index until it is done); moves an unreadable "
+             "catalog aside.")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        help="Decode again every file that failed before (transient failures are retried anyway).")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Allow a run that drops more than half of the index (e.g. after moving most videos away).")] = False,
+    verify: Annotated[bool, typer.Option(
+        help="Hash every shard against its checksums (default: about 1 GiB of them per run).")] = False,
+    status: Annotated[bool, typer.Option(
+        help="Report the index (counts, failed files, damaged shards, model, folder, last commit); index "
+             "nothing.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit 3 while any file has failed (or, with --status, any shard "
+                                              "is damaged).")] = False,
     allow_unverified: UnverifiedOption = False,
     backend: BackendOption = BackendName.onnxruntime,
     engine_precision: EnginePrecisionOption = None,
@@ -230,34 +290,65 @@ def index(
     """Index a folder of videos: incremental (only new or changed files are encoded), crash-safe, resumable.
 
     Each video's side is stored once; deleted files are dropped. Bad files are reported with their reason and
-    never stop the run.
+    never stop the run; every summary lists all files that are not indexed. Files that failed for a passing
+    reason (permissions, I/O, timeout) are retried by every run. Readers see the index as it was until the run
+    ends. Damaged shards are found (cheap checks always, checksums within a budget or with --verify) and their
+    videos indexed again.
     """
     json_mode = output_format is OutputFormat.json
     failed = False
     with guarded(json_mode=json_mode, debug=ctx.obj.debug):
-        with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:
-            summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=batch_size, window=window,
-                                    stride=stride, rebuild=rebuild, quiet=json_mode)
-            result = _summary_dict(summary, m)
-        failed = bool(summary.failed)
-        if json_mode:
-            emit_json(result)
+        from hbi_runtime.errors import UsageError
+
+        if status:
+            result = _index_status(videos, index_dir, model, allow_unverified, verify)
+            failed = bool(result["failed"] or result["damaged_shards"])
+            if json_mode:
+                emit_json(result)
+            else:
+                sys.stdout.write(_status_text(result))
         else:
-            sys.stdout.write(_summary_text(result))
+            if videos is None:
+                raise UsageError("give the folder of videos to index", hint="hbi-run index VIDEO_DIR (or --status)")
+            with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:
+                summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=batch_size,
+                                        window=window, stride=stride, rebuild=rebuild, quiet=json_mode,
+                                        retry_failed=retry_failed, force=force, verify=verify)
+                result = _summary_dict(summary, m)
+            failed = bool(summary.failed)
+            if json_mode:
+                emit_json(result)
+            else:
+                sys.stdout.write(_summary_text(result))
     if strict and failed:
         raise SystemExit(3)
 
 
+def _index_status(videos: Optional[Path], index_dir: Optional[Path], model: Optional[Path], allow_unverified: bool,
+                  verify: bool) -> dict:
+    from hbi_runtime.errors import UsageError
+    from hbi_runtime.index import default_index_dir, index_status
+
+    if index_dir is None:
+        if videos is None:
+            raise UsageError("--status needs the folder of videos or --index DIR")
+        with _load_model(model, allow_unverified) as m:  # the default index folder depends on the model package
+            index_dir = default_index_dir(videos, m)
+    return {"schema": "hbi.index-status/1", **index_status(index_dir, verify=verify)}
+
+
+MAX_LINES_FILE_BYTES = 16 << 20  # a queries or captions file larger than this is refused, not read
+
+
 def _read_lines(path: Path, what: str) -> list[str]:
+    from hbi_runtime.inputs import read_text_capped
     from hbi_runtime.errors import BadInputError
 
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"cannot read {what} file {path}: {exc}") from None
+    text = read_text_capped(path, what, MAX_LINES_FILE_BYTES)
+    lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
     if not lines:
-        raise BadInputError(f"{what} file {path} is empty")
+        raise BadInputError(f"{what} file {printable(str(path))} is empty")
     return lines
 
 
@@ -291,26 +382,29 @@ def _render_hits(results: list, fmt: TableFormat, header: dict) -> str:
         return "".join(json.dumps({**header, "query": r.query, **h}, ensure_ascii=False) + "\n"
                        for r in results for h in r.to_dict()["hits"])
     if fmt is TableFormat.csv:
-        return csv_text(["query", "rank", "score", "path", "start_s", "end_s", "best_frame_s", "words"],
-                        ([r.query, h.rank, h.score, h.path, h.start_s, h.end_s, h.best_frame_s,
-                          " ".join(f"{w.word}@{w.time_s}" for w in h.words)] for r in results for h in r.hits))
+        columns = ["rank", "score", "path", "abs_path", "duration_s", "start_s", "end_s", "best_frame_s",
+                   "path_b64", "abs_path_b64"]
+        return csv_text(["query", *columns, "words"],
+                        ([r.query, *(getattr(h, c) for c in columns), " ".join(f"{w.word}@{w.time_s}" for w in h.words)]
+                         for r in results for h in r.hits))
     lines = []
     for r in results:
-        lines.append(f'query: "{r.query}"' + ("  (truncated)" if r.truncated else ""))
+        lines.append(f'query: "{printable(r.query)}"' + ("  (truncated)" if r.truncated else ""))
         for h in r.hits:
             span = f" [{_fmt_time(h.start_s)}-{_fmt_time(h.end_s)}]" if h.start_s > 0 or (
                 h.duration_s and h.end_s < h.duration_s - 1e-6) else ""
-            lines.append(f"  {h.rank:>3}  {h.score:8.4f}  {h.path}{span}  best frame {_fmt_time(h.best_frame_s)}")
+            lines.append(f"  {h.rank:>3}  {h.score:8.4f}  {h.display or printable(h.path)}{span}  best frame "
+                         f"{_fmt_time(h.best_frame_s)}")
             if h.words:
-                lines.append("       " + "  ".join(f"{w.word}@{_fmt_time(w.time_s)}" for w in h.words))
+                lines.append("       " + "  ".join(f"{printable(w.word)}@{_fmt_time(w.time_s)}" for w in h.words))
     return "\n".join(lines) + "\n"
 
 
 def _warn_truncated(results) -> None:
     for r in results:
         if r.truncated:
-            sys.stderr.write(f'warning: query "{r.query[:60]}" is longer than the model\'s text length and was '
-                             f"truncated\n")
+            sys.stderr.write(f'warning: query "{printable(r.query[:60])}" is longer than the model\'s text length '
+                             "and was truncated\n")
 
 
 @app.command(epilog="Examples:\n\n  hbi-run retrieve \"a dog catches a frisbee\" --videos ~/Videos --model pkg/b32\n\n"
@@ -339,6 +433,8 @@ def retrieve(
                                                     show_default=False)] = None,
     memory_limit_mb: Annotated[float, typer.Option(
         "--memory-limit-mb", min=16, help="Working memory of the scoring engine per chunk of videos.")] = 256,
+    verify: Annotated[bool, typer.Option(
+        help="Hash every byte of the index against its checksums before answering (about 0.6 s per GB).")] = False,
     allow_unverified: UnverifiedOption = False,
     backend: BackendOption = BackendName.onnxruntime,
     engine_precision: EnginePrecisionOption = None,
@@ -348,6 +444,7 @@ def retrieve(
     """Search videos with text (exact HBI score), or rank captions for one video (--video --captions).
 
     Each hit says why: the timestamp of its best-matching frame, and for every query word its best frame.
+    A damaged index is never searched: the command exits 3 naming the damaged shards and the repair command.
     """
     json_mode = output_format.is_json
     with guarded(json_mode=json_mode, debug=ctx.obj.debug):
@@ -359,17 +456,19 @@ def retrieve(
         if top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {top_k}")
         if video is not None or captions is not None:
-            if video is None or captions is None or queries or queries_file or videos or index_dir:
-                raise UsageError("--video and --captions go together, without queries, --videos or --index")
+            if video is None or captions is None or queries or queries_file or videos or index_dir or verify:
+                raise UsageError("--video and --captions go together, without queries, --videos, --index or "
+                                 "--verify")
             with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:
                 ranked = rank_captions(m, str(video), _read_lines(captions, "captions"), top_k=top_k,
                                        level_weights=weights)
                 header = {"schema": "hbi.retrieve-captions/1", "model_sha256": m.package.manifest_sha256,
-                          "video": str(video)}
+                          "video": exact_text(video), "video_b64": path_b64(video)}
             if json_mode:
                 emit_json({**header, "captions": ranked})
             else:
-                sys.stdout.write("".join(f"  {r['rank']:>3}  {r['score']:8.4f}  {r['caption']}\n" for r in ranked))
+                sys.stdout.write("".join(f"  {r['rank']:>3}  {r['score']:8.4f}  {printable(r['caption'])}\n"
+                                         for r in ranked))
             return
         texts = check_queries(list(queries or []) + (_read_lines(queries_file, "queries") if queries_file else []))
         if (videos is None) == (index_dir is None):
@@ -381,11 +480,11 @@ def retrieve(
                                         stride=None, quiet=json_mode)
                 if summary.failed:
                     sys.stderr.write(f"note: {len(summary.failed)} file(s) could not be indexed "
-                                     f"(hbi-run index {videos} lists them)\n")
+                                     f"(hbi-run index {printable(str(videos))} --status lists them)\n")
                 target = summary.index_dir
             else:
                 target = index_dir
-            idx = Index.open(target, m.package.manifest_sha256)
+            idx = Index.open(target, m.package.manifest_sha256, verify=verify)
             if 0 < len(idx.rows) < top_k:
                 sys.stderr.write(f"note: --top-k {top_k} is more than the {len(idx.rows)} indexed videos; "
                                  f"showing all\n")
@@ -418,7 +517,8 @@ def eval_command(
     json_mode = output_format is OutputFormat.json
     with guarded(json_mode=json_mode, debug=ctx.obj.debug):
         from hbi_runtime.index import Index
-        from hbi_runtime.search import evaluate, read_captions
+        from hbi_runtime.inputs import read_captions
+        from hbi_runtime.search import evaluate
 
         pairs = read_captions(captions)
         with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:

@@ -14,7 +14,8 @@ import sys
 import traceback
 from typing import Iterator
 
-from hbi_runtime.errors import EXIT_INTERNAL, HbiError
+from hbi_runtime.errors import EXIT_INTERNAL, HbiError, environment_error
+from hbi_runtime.names import printable
 
 
 class OutputFormat(str, enum.Enum):
@@ -50,10 +51,26 @@ def csv_text(header: list[str], rows) -> str:
     return buf.getvalue()
 
 
+def json_text(payload, *, indent: int | None = 2, sort_keys: bool = True) -> str:
+    """One JSON document as text: UTF-8 as it is, unless a string holds a lone surrogate (a non-UTF-8 file name
+    decoded by ``os.fsdecode``), which cannot be written as UTF-8: then ASCII with ``\\uXXXX`` escapes."""
+    text = json.dumps(payload, indent=indent, sort_keys=sort_keys, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(payload, indent=indent, sort_keys=sort_keys, ensure_ascii=True)
+    return text
+
+
 def emit_json(payload: dict) -> None:
     """Write one JSON document to stdout (sorted keys, UTF-8, newline-terminated)."""
-    sys.stdout.write(json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    sys.stdout.write(json_text(payload) + "\n")
     sys.stdout.flush()
+
+
+def _safe(text: str) -> str:
+    """A message for the terminal: control characters escaped, its own line breaks kept."""
+    return "\n".join(printable(line) for line in str(text).split("\n"))
 
 
 @contextlib.contextmanager
@@ -61,28 +78,41 @@ def guarded(*, json_mode: bool = False, debug: bool = False) -> Iterator[None]:
     """Run a command body; map exceptions to a message and ``SystemExit(code)``."""
     try:
         yield
+    except OSError as exc:  # a full disk, a size limit, a read-only folder: the machine, not a bug
+        known = environment_error(exc, "cannot complete the command")
+        if known is None:
+            _internal(exc, json_mode, debug)
+        _report(known, json_mode, debug)
     except HbiError as exc:
-        if debug:
-            traceback.print_exc()
-        if json_mode:
-            emit_json({"error": exc.to_json()})
-        else:
-            sys.stderr.write(f"error: {exc.message}\n")
-            if exc.hint:
-                sys.stderr.write(f"hint: {exc.hint}\n")
-        raise SystemExit(exc.exit_code) from None
+        _report(exc, json_mode, debug)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         raise SystemExit(130) from None
     except (SystemExit, GeneratorExit):
         raise
     except Exception as exc:  # a bug, not a user mistake: say so, keep the traceback for --debug
-        if debug:
-            traceback.print_exc()
-        message = f"internal error: {type(exc).__name__}: {exc}"
-        if json_mode:
-            emit_json({"error": {"type": "InternalError", "message": message,
-                                 "hint": "re-run with --debug and report the traceback"}})
-        else:
-            sys.stderr.write(f"error: {message}\nhint: re-run with --debug and report the traceback\n")
-        raise SystemExit(EXIT_INTERNAL) from None
+        _internal(exc, json_mode, debug)
+
+
+def _report(exc: HbiError, json_mode: bool, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    if json_mode:
+        emit_json({"error": exc.to_json()})
+    else:  # names in messages may hold terminal escapes: never let them reach the terminal raw
+        sys.stderr.write(f"error: {_safe(exc.message)}\n")
+        if exc.hint:
+            sys.stderr.write(f"hint: {_safe(exc.hint)}\n")
+    raise SystemExit(exc.exit_code) from None
+
+
+def _internal(exc: Exception, json_mode: bool, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    message = f"internal error: {type(exc).__name__}: {exc}"
+    if json_mode:
+        emit_json({"error": {"type": "InternalError", "message": message,
+                             "hint": "re-run with --debug and report the traceback"}})
+    else:
+        sys.stderr.write(f"error: {_safe(message)}\nhint: re-run with --debug and report the traceback\n")
+    raise SystemExit(EXIT_INTERNAL) from None

@@ -197,10 +197,10 @@ def read_engine_set(pkg_dir: str | os.PathLike, precision: str) -> EngineSet:
                             + (f"; it has {', '.join(built)}" if built else ""),
                             hint=f"build them on this machine: `hbi-export build-engine {pkg_dir} --precision "
                                  f"{precision}`")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"cannot read engine manifest {path}: {exc}") from None
+    from hbi_runtime.inputs import read_json
+
+    raw = read_json(path, what="engine manifest",
+                    hint=f"rebuild the engines: `hbi-export build-engine {pkg_dir} --precision {precision}`")
     return EngineSet.from_dict(raw, str(path))
 
 

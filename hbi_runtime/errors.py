@@ -8,6 +8,8 @@ next. The CLIs turn these into a one-line message (or ``{"error": ...}`` in JSON
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -69,3 +71,26 @@ class GateFailedError(HbiError):
 
 class MissingDependencyError(UsageError):
     """An optional dependency (torch, onnxruntime, tensorrt, ...) is needed but not installed."""
+
+
+# What the machine said no to, in words: an OSError with one of these errnos is the environment (a full disk, a
+# file size limit, a read-only mount), never a bug; the CLIs report it as bad input (exit 3) with the next step.
+DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EFBIG: "a file grew past the file size limit (ulimit -f)",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.EIO: "an I/O error"}
+
+
+def environment_error(exc: OSError, doing: str, hint: str | None = None) -> BadInputError | None:
+    """A :class:`BadInputError` for an OSError the machine caused (:data:`DISK_ERRNOS`), else None.
+
+    Args:
+        exc: the error. doing: what failed, e.g. "cannot write the index /x".
+        hint: the next step (default: free space or fix permissions, then run the command again).
+    """
+    what = DISK_ERRNOS.get(exc.errno)
+    if what is None:
+        return None
+    where = f": {exc.filename}" if exc.filename else ""
+    return BadInputError(f"{doing}: {what} ({exc.strerror}{where})",
+                         hint=hint or "free space or fix the permissions, then run the command again")

@@ -6,15 +6,20 @@ A package is a directory::
     text_encoder.onnx             one ONNX file per graph (GRAPH_NAMES), each listed with its sha256
     video_encoder.onnx
     interaction.onnx
+    *.onnx.data                   only where a graph keeps weights outside its file: each listed, with its sha256,
+                                  in its graph's ``external_data``
     tokenizer/...                 the tokenizer files, each listed with its sha256
-    engines/                      later: TensorRT engines with their own manifest
+    engines/                      TensorRT engines with their own manifest (hbi_runtime.engines)
 
-Integrity: every graph and tokenizer file is listed with its sha256, and the manifest carries
+Integrity: every graph, external data and tokenizer file is listed with its sha256, and the manifest carries
 ``manifest_sha256``, the sha256 of its own canonical body (every field except that one, ``json.dumps`` with
 ``sort_keys=True``, ``separators=(",", ":")``, ``ensure_ascii=False``, UTF-8). Formatting changes do not matter;
-any change of a value does. :func:`load_package` refuses a package that does not match its manifest, a schema it
-does not know, and (unless asked) a package whose export parity check failed or never ran. The only sanctioned way
-to change a written manifest is :func:`update_status` (used by ``hbi-export parity``).
+any change of a value does. :func:`load_package` refuses a package that does not match its manifest (the files
+are checked by :func:`hbi_runtime.package_files.check_package_files`, shared by every package kind: no symlink
+leading out, no external data file a graph reads that the manifest does not list), a schema it does not know, and
+(unless asked) a package whose export parity check failed or never ran. The only sanctioned way to change a written
+manifest is :func:`update_status` (used by ``hbi-export parity``). What the hashes protect against, and what they
+do not: docs/packages.md.
 
 Validation lives in the ``from_dict`` constructors: every malformed field raises :class:`BadInputError` naming
 its path (``graphs.text_encoder.opset: expected an integer, got 'x' (str)``); a value this runtime cannot serve
@@ -37,6 +42,9 @@ from typing import Any, Callable, Iterable, Mapping
 from hbi_runtime import __version__
 from hbi_runtime.errors import BadInputError, GateFailedError, MismatchError, UsageError
 from hbi_runtime.fileio import write_atomic
+# sha256_file lives with the file checks; hbi_runtime.package.sha256_file stays the name exporters import
+from hbi_runtime.inputs import read_json
+from hbi_runtime.package_files import check_package_files, onnx_external_files, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -49,7 +57,6 @@ DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_CHUNK_BYTES = 1 << 20
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CUSTOM_OP_RE = re.compile(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*")  # "domain.OpType", e.g. "hbi.TokenMerge"
 _REQUIRED = object()
@@ -92,7 +99,7 @@ def _relpath(value: Any, path: str) -> str:
     """A file inside the package: relative, POSIX separators, no ``..`` (a manifest must not point outside)."""
     text = _str(value, path)
     parts = PurePosixPath(text).parts
-    if "\\" in text or text.startswith("/") or ".." in parts or not parts:
+    if "\\" in text or "\0" in text or text.startswith("/") or ".." in parts or not parts:
         raise _wrong(path, "a relative path inside the package (POSIX separators, no '..')", value)
     return text
 
@@ -207,22 +214,35 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     custom_ops: tuple[str, ...] = ()  # "hbi.TokenMerge", ...: what a runtime must provide (or inline)
+    # the files ONNX Runtime reads the graph's external data from (relpath -> sha256, relative to the package like
+    # ``file``); empty for a graph with all weights inline, and then absent from the manifest, so manifests written
+    # before this field existed keep their hash
+    external_data: dict[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         _freeze(self, inputs=self.inputs, outputs=self.outputs, custom_ops=self.custom_ops)
+        object.__setattr__(self, "external_data", dict(self.external_data))
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "sha256": self.sha256, "opset": self.opset, "precision": self.precision,
+        body = {"file": self.file, "sha256": self.sha256, "opset": self.opset, "precision": self.precision,
                 "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
                 "custom_ops": list(self.custom_ops)}
+        if self.external_data:
+            body["external_data"] = dict(self.external_data)
+        return body
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "graph") -> GraphSpec:
-        f = _Fields(data, path, ("file", "sha256", "opset", "precision", "inputs", "outputs", "custom_ops"))
+        f = _Fields(data, path, ("file", "sha256", "opset", "precision", "inputs", "outputs", "custom_ops",
+                                 "external_data"))
         tensors = _list_of(lambda v, p: TensorSpec.from_dict(v, p))
+        external = f.get("external_data", _dict_of(_sha256), {})
+        for rel in external:
+            _relpath(rel, f"{path}.external_data (key)")
         return cls(file=f.get("file", _relpath), sha256=f.get("sha256", _sha256), opset=f.get("opset", _pos_int),
                    precision=f.get("precision", _one_of(PRECISIONS)), inputs=f.get("inputs", tensors),
-                   outputs=f.get("outputs", tensors), custom_ops=f.get("custom_ops", _list_of(_custom_op), ()))
+                   outputs=f.get("outputs", tensors), custom_ops=f.get("custom_ops", _list_of(_custom_op), ()),
+                   external_data=external)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -413,22 +433,6 @@ def manifest_sha256(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 of a file, read in 1 MiB chunks (graphs can be GBs).
-
-    Raises:
-        BadInputError: the file cannot be read.
-    """
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_CHUNK_BYTES):
-                digest.update(chunk)
-    except OSError as exc:
-        raise BadInputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return digest.hexdigest()
-
-
 def hash_files(pkg_dir: str | os.PathLike, relpaths: Iterable[str]) -> dict[str, str]:
     """``{relpath: sha256}`` for files inside ``pkg_dir`` (relpaths in POSIX form, as the manifest stores them)."""
     root = Path(pkg_dir)
@@ -500,12 +504,7 @@ def _read_manifest(root: Path) -> tuple[Path, dict]:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise BadInputError(f"{root} is not a model package: it has no {MANIFEST_NAME}", hint=_export_hint(root))
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"{path} is not valid JSON ({exc})", hint=_export_hint(root)) from None
-    except OSError as exc:
-        raise BadInputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    raw = read_json(path, what="model package manifest", hint=_export_hint(root))
     if not isinstance(raw, dict):
         raise BadInputError(f"{path} is not a JSON object", hint=_export_hint(root))
     return path, raw
@@ -532,19 +531,6 @@ def _checkpoint_of(source: Any) -> str:
     return ckpt if isinstance(ckpt, str) and ckpt else "CKPT"
 
 
-def _check_files(root: Path, manifest: Manifest, verify_hashes: bool) -> None:
-    hint = _export_hint(root, _checkpoint_of(manifest.source))
-    listed = [(f"graph {name!r}", g.file, g.sha256) for name, g in manifest.graphs.items()]
-    listed += [("tokenizer file", rel, sha) for rel, sha in manifest.tokenizer.files.items()]
-    for what, rel, expected in listed:
-        path = root / rel
-        if not path.is_file():
-            raise BadInputError(f"model package {root} is incomplete: {what} file {path} is missing", hint=hint)
-        if verify_hashes and (actual := sha256_file(path)) != expected:
-            raise MismatchError(f"{path} was modified after export: its sha256 is {actual[:12]}..., the manifest "
-                                f"says {expected[:12]}...", hint=hint)
-
-
 def _check_status(root: Path, manifest: Manifest) -> None:
     ckpt = _checkpoint_of(manifest.source)
     hint = (f"re-check it with `hbi-export parity {root} --checkpoint {ckpt}`, or pass --allow-unverified to "
@@ -561,19 +547,25 @@ def load_package(pkg_dir: str | os.PathLike, *, allow_unverified: bool = False,
                  verify_hashes: bool = True) -> Package:
     """Read and check a model package.
 
-    Checks, in order: the folder and its manifest exist and parse; the schema version is known; the manifest
-    was not edited (``manifest_sha256``); every field is valid; every graph and tokenizer file exists and
-    (``verify_hashes``) has its listed sha256; the status is ``verified`` (or ``allow_unverified``).
+    Checks, in order: the folder and its manifest exist and parse (within the limits of
+    :func:`~hbi_runtime.inputs.read_json`); the schema version is known; the manifest was not edited
+    (``manifest_sha256``); every field is valid; the files pass
+    :func:`~hbi_runtime.package_files.check_package_files` (no symlink leading out of the folder; every graph,
+    external data and tokenizer file exists and, with ``verify_hashes``, has its listed sha256; every external data
+    file a graph reads is listed); the status is ``verified`` (or ``allow_unverified``).
 
     Args:
         pkg_dir: the package folder.
         allow_unverified: accept status ``failed`` / ``unverified`` (a CLI's ``--allow-unverified``).
-        verify_hashes: hash every file (streaming; skip only where the files were just checked).
+        verify_hashes: hash every file and read the graphs' external data references (streaming; skip only where
+            the files were just checked).
     Returns:
         The :class:`Package`.
     Raises:
-        BadInputError: no folder, no manifest, invalid JSON, malformed field, missing file (exit 3).
-        MismatchError: unknown schema, edited manifest, modified graph / tokenizer file (exit 4).
+        BadInputError: no folder, no manifest, invalid / oversized / too deeply nested JSON, malformed field,
+            missing file, a symlink leading out of the package, a graph that is not ONNX (exit 3).
+        MismatchError: unknown schema, edited manifest, modified graph / external data / tokenizer file, external
+            data the manifest does not list (exit 4).
         GateFailedError: status ``failed`` or ``unverified`` without ``allow_unverified`` (exit 5).
     """
     root = Path(pkg_dir)
@@ -585,7 +577,8 @@ def load_package(pkg_dir: str | os.PathLike, *, allow_unverified: bool = False,
     except (BadInputError, MismatchError) as exc:
         hint = exc.hint or _export_hint(root, _checkpoint_of(raw.get("source")))
         raise type(exc)(f"{path}: {exc.message}", hint=hint) from None
-    _check_files(root, manifest, verify_hashes)
+    check_package_files(root, manifest.tokenizer.files, graphs=manifest.graphs, verify_hashes=verify_hashes,
+                        kind="model package", hint=_export_hint(root, _checkpoint_of(manifest.source)))
     if not allow_unverified:
         _check_status(root, manifest)
     return Package(dir=root, manifest=manifest, manifest_sha256=digest)
@@ -616,14 +609,16 @@ def write_derived_package(source: Package, out: str | os.PathLike, *, graphs: Ma
                           status: str, calibration: dict | None = None, overwrite: bool = False) -> Package:
     """Write a copy of ``source`` at ``out`` with some graphs replaced (how ``hbi-export calibrate`` writes INT8).
 
-    Every graph and tokenizer file the source lists is copied (nothing else: engines built for other graphs stay
-    behind); each graph named in ``graphs`` is replaced by the given ONNX file, with its new sha256 and precision.
+    Every graph, external data and tokenizer file the source lists is copied (nothing else: engines built for other
+    graphs stay behind); each graph named in ``graphs`` is replaced by the given ONNX file, with its new sha256 and
+    precision, and the external data files it reads (found next to it, copied next to the graph's file).
     The package is written to a temporary sibling folder and renamed into place, so ``out`` is never half-written.
 
     Args:
         source: the loaded source package.
         out: the new package folder.
-        graphs: ``{graph name: (onnx file, precision)}``.
+        graphs: ``{graph name: (onnx file, precision)}``; an ONNX file's external data ``location`` must be a
+            relative path inside its folder.
         status: the new package's status (one of STATUSES).
         calibration: the manifest's ``calibration`` report.
         overwrite: replace an existing ``out``.
@@ -632,8 +627,11 @@ def write_derived_package(source: Package, out: str | os.PathLike, *, graphs: Ma
     Raises:
         UsageError: ``out`` exists (without ``overwrite``), is the source itself, or a graph name / precision /
             status is unknown.
+        BadInputError: a replacement graph is not ONNX or reads external data from outside its folder.
     """
     import shutil
+
+    from hbi_runtime.fileio import replace_dir
 
     out = Path(out)
     if out.resolve() == source.dir.resolve():
@@ -650,20 +648,31 @@ def write_derived_package(source: Package, out: str | os.PathLike, *, graphs: Ma
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         specs = {}
-        for name, spec in source.manifest.graphs.items():
-            file, precision = graphs.get(name, (source.dir / spec.file, spec.precision))
-            (tmp / spec.file).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, tmp / spec.file)
-            specs[name] = replace(spec, sha256=sha256_file(tmp / spec.file), precision=precision)
-        for rel in source.manifest.tokenizer.files:
+
+        def copy(src: str | os.PathLike, rel: str) -> str:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source.dir / rel, tmp / rel)
+            shutil.copyfile(src, tmp / rel)
+            return sha256_file(tmp / rel)
+
+        for name, spec in source.manifest.graphs.items():
+            if name not in graphs:
+                external = {rel: copy(source.dir / rel, rel) for rel in spec.external_data}
+                specs[name] = replace(spec, sha256=copy(source.dir / spec.file, spec.file), external_data=external)
+                continue
+            file, precision = graphs[name]
+            external = {}
+            for location in onnx_external_files(file):
+                rel = (PurePosixPath(spec.file).parent / _relpath(location, f"external data of {file}")).as_posix()
+                if not (Path(file).parent / location).is_file():
+                    raise BadInputError(f"{file} reads external data from {location!r}, which is not next to it")
+                external[rel] = copy(Path(file).parent / location, rel)
+            specs[name] = replace(spec, sha256=copy(file, spec.file), precision=precision, external_data=external)
+        for rel in source.manifest.tokenizer.files:
+            copy(source.dir / rel, rel)
         write_manifest(tmp, replace(source.manifest, graphs=specs, status=status, calibration=calibration,
                                     created=_now_iso(), toolkit_version=__version__))
-        if out.exists():
-            shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)  # the old package is deleted only once the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_package(out, allow_unverified=True)

@@ -7,7 +7,6 @@ interaction: the frame with the largest weighted contribution, and for every que
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,8 @@ import numpy as np
 
 from hbi_runtime.errors import BadInputError, UsageError
 from hbi_runtime.index import Index
+from hbi_runtime.index.catalog import DamagedIndexError, repair_hint
+from hbi_runtime.names import exact_text, path_b64
 from hbi_runtime.scoring import explain, score, topk
 
 SPECIAL_IDS = (49406, 49407)
@@ -30,6 +31,10 @@ class WordFrame:
 
 @dataclass(frozen=True)
 class Hit:
+    """One ranked video (or window). ``path`` is relative to the indexed folder and ``abs_path`` opens the file;
+    both are exact text when the name is UTF-8 (else escaped, see :mod:`hbi_runtime.names`), and the ``_b64``
+    fields hold their raw bytes, lossless whatever the name. ``display`` is the escaped form for terminals."""
+
     rank: int
     score: float
     path: str
@@ -38,6 +43,15 @@ class Hit:
     end_s: float
     best_frame_s: float | None  # timestamp of the frame that contributes most to the match
     words: list[WordFrame] = field(default_factory=list)
+    abs_path: str = ""
+    path_b64: str = ""
+    abs_path_b64: str = ""
+    display: str = ""
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        del out["display"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,7 @@ class QueryResult:
     hits: list[Hit]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"query": self.query, "truncated": self.truncated, "hits": [h.to_dict() for h in self.hits]}
 
 
 def _timestamp(row, frame: int) -> float | None:
@@ -94,6 +108,7 @@ def search(model, index: Index, queries: Sequence[str], *, top_k: int = 10,
     ids, _, _ = model.tokenizer(queries)
     store = index.video_store()
     scores = score(text, store, level_weights=weights, memory_limit_mb=memory_limit_mb)  # (Q, N)
+    _check_scores(index, scores, weights)
     best, values = topk(scores, top_k)
     why = explain(text, store, best, level=0)
     results = []
@@ -101,11 +116,32 @@ def search(model, index: Index, queries: Sequence[str], *, top_k: int = 10,
         hits = []
         for rank, (video, value, ex) in enumerate(zip(best[q], values[q], why[q]), start=1):
             row = index.rows[int(video)]
-            hits.append(Hit(rank, round(float(value), 6), row.display, row.duration, row.start_s, row.end_s,
+            hits.append(Hit(rank, round(float(value), 6), exact_text(row.rel), row.duration, row.start_s, row.end_s,
                             _timestamp(row, ex.best_frame),
-                            _words(model, ids[q], ex.token_positions, ex.per_token_best_frame, row)))
+                            _words(model, ids[q], ex.token_positions, ex.per_token_best_frame, row),
+                            abs_path=exact_text(row.abs_bytes), path_b64=path_b64(row.rel),
+                            abs_path_b64=path_b64(row.abs_bytes), display=row.display))
         results.append(QueryResult(query, bool(text.truncated[q]), hits))
     return results
+
+
+# Storage rounding moves a score by little: int8 moves a cosine by at most scale / 2 x ||t||_1 <= 0.013 at D = 512
+# (fp16 far less); anything past this slack is not rounding.
+SCORE_SLACK = 0.05
+
+
+def _check_scores(index: Index, scores: np.ndarray, weights: Sequence[float]) -> None:
+    """A score no stored side can produce (non-finite, or beyond the sum of |level weights| with unit tokens and
+    softmaxed weights) comes from damaged shard bytes that the cheap checks cannot see: refuse to rank."""
+    bound = float(np.sum(np.abs(weights))) * (1 + SCORE_SLACK)
+    bad = ~np.isfinite(scores) | (np.abs(scores) > bound)
+    if not bad.any():
+        return
+    rows = np.unique(np.nonzero(bad)[1])
+    shards = sorted({index.shard_of_row(int(r)) for r in rows[:100]})
+    raise DamagedIndexError(f"index {index.dir} gives impossible scores for {len(rows)} video(s) (shard(s) "
+                            f"{', '.join(f'{s:06d}' for s in shards)}): their stored bytes are damaged",
+                            hint=repair_hint(index.dir, index.meta) + "; `--verify` checks every byte")
 
 
 def rank_captions(model, video_path: str, captions: Sequence[str], *, top_k: int | None = None,
@@ -123,31 +159,6 @@ def rank_captions(model, video_path: str, captions: Sequence[str], *, top_k: int
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def read_captions(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """``(video key, caption)`` pairs from MSR-VTT's JSFusion CSV (``key,vid_key,video_id,sentence``) or a
-    plain ``video,caption`` CSV (with that header).
-
-    Raises:
-        BadInputError: unreadable file, unknown header, empty captions file.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise BadInputError(f"cannot read captions file {path}: {exc}") from None
-    if not rows:
-        raise BadInputError(f"captions file {path} holds no caption")
-    header = set(rows[0])
-    if {"video_id", "sentence"} <= header:
-        pairs = [(r["video_id"], r["sentence"]) for r in rows]
-    elif {"video", "caption"} <= header:
-        pairs = [(r["video"], r["caption"]) for r in rows]
-    else:
-        raise BadInputError(f"captions file {path} has columns {sorted(header)}",
-                            hint="use MSR-VTT's JSFusion layout key,vid_key,video_id,sentence or video,caption")
-    return pairs
-
-
 def _video_key(row_rel: bytes) -> set[str]:
     rel = os.fsdecode(row_rel)
     return {rel, Path(rel).name, Path(rel).stem}

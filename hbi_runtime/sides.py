@@ -189,7 +189,10 @@ def score_level(text: SideLevel, video: SideLevel, *, chunk_size: int | None = N
 
 
 def check_level_weights(level_weights: Sequence[float]) -> np.ndarray:
-    """Three finite entity / action / event weights, not all zero, as float64; else UsageError."""
+    """Three finite entity / action / event weights, not all zero, as float64; else UsageError.
+
+    Any sign is allowed: a negative weight subtracts its level's score (weights summing to 0 are not all zero).
+    """
     try:
         weights = np.asarray(level_weights, dtype=np.float64)
     except (TypeError, ValueError):

@@ -66,6 +66,9 @@ class CaptionTrainSettings:
     frame_deltas: bool = False  # DecoderConfig.frame_deltas: consecutive-frame difference tokens in the memory
     patch_grid: int = 0  # DecoderConfig.patch_grid: > 0 adds the spatial memory (needs ``checkpoint``)
     checkpoint: Path | None = None  # the retrieval checkpoint ``package`` was exported from (its patch tokens)
+    # (folder, name): ``package`` / ``checkpoint`` lie in a folder being built that is renamed to ``name`` when
+    # complete (hbi_training.joint's decoder stage); summary.json and the decoder record them under ``name``
+    recorded_as: tuple[Path, Path] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -477,7 +480,7 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
     result = evaluate(model, sides["test"], test_v, vocab, tokenizer, vocabulary)
     progress(f"held-out attribute accuracy (PyTorch greedy): {100 * result['attribute_accuracy']:.1f} % "
              f"of {len(test_v)} videos")
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
+    settings = {k: _recorded(v, s.recorded_as) for k, v in asdict(s).items() if k != "recorded_as"}
     summary = {"retrieval_manifest_sha256": pkg_hash, "settings": settings, "train_seconds": train_seconds,
                "train_rows": int(len(seqs.video)), "train_videos": len(train_v),
                "test_attribute_accuracy": result["attribute_accuracy"],
@@ -490,6 +493,16 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
          for v, c, h in zip(test_v, result["captions"], result["hits"])], indent=1) + "\n")
     summary["decoder"] = str(out / "decoder")
     return summary
+
+
+def _recorded(value: Any, recorded_as: tuple[Path, Path] | None) -> Any:
+    """A setting as summary.json records it: a path as text, under ``recorded_as[1]`` when it lies in
+    ``recorded_as[0]``."""
+    if not isinstance(value, Path):
+        return value
+    if recorded_as is not None and value.is_relative_to(recorded_as[0]):
+        value = recorded_as[1] / value.relative_to(recorded_as[0])
+    return str(value)
 
 
 def read_splits(data_dir: Path) -> tuple[dict, list[dict], list[dict]]:
@@ -516,11 +529,19 @@ def check_data(data_dir: Path) -> None:
 def export_run(decoder_dir: Path, package: Path, out: Path, data_dir: Path | None, *, overwrite: bool = True,
                fixtures: int = 8, progress: Callable[[str], None] | None = None) -> dict:
     """A trained decoder folder -> caption package at ``out`` (parity on ``fixtures`` held-out videos of
-    ``data_dir``, or on the demo samples / random sides when there is no data set)."""
+    ``data_dir``, or on the demo samples / random sides when there is no data set).
+
+    ``out`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``caption package``; never the decoder
+    folder, the retrieval package or the data set; replaced only when the new package is complete).
+
+    Raises:
+        UsageError: ``out`` may not be written; BadInputError: ``decoder_dir`` is not a decoder folder."""
     import hbi_runtime
     from hbi_export.tasks.caption import write_caption_package
     from hbi_export.tasks.decoder import load_decoder
+    from hbi_runtime.fileio import prepare_output_dir
 
+    prepare_output_dir(out, kind="caption package", inputs=[decoder_dir, package, data_dir], overwrite=overwrite)
     model, meta = load_decoder(decoder_dir)
     videos = None
     if data_dir is not None:
@@ -532,4 +553,5 @@ def export_run(decoder_dir: Path, package: Path, out: Path, data_dir: Path | Non
         samples = Path(hbi_runtime.__file__).resolve().parent / "data" / "demo" / "samples"
         videos = sorted(str(p) for p in samples.glob("*.mp4"))[:fixtures] or None
     return write_caption_package(model, package, out, training=meta.get("training", {}), overwrite=overwrite,
-                                 fixture_videos=videos, progress=progress or (lambda _: None))
+                                 fixture_videos=videos, inputs=[decoder_dir, data_dir],
+                                 progress=progress or (lambda _: None))

@@ -69,7 +69,9 @@ def register(app: typer.Typer) -> None:
             help="With --patch-grid: the retrieval checkpoint the package was exported from (default: the demo's "
                  "when --package is the demo's).", show_default=False)] = None,
         export: Annotated[Optional[Path], typer.Option(
-            help="Also write a caption package here (parity-checked).", show_default=False)] = None,
+            help="Also write a caption package here (parity-checked; replaces a caption package, refuses any other "
+                 "non-empty folder, the run folder and the inputs; checked before training).",
+            show_default=False)] = None,
         json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
         debug: Annotated[bool, typer.Option("--debug")] = False,
     ) -> None:
@@ -79,6 +81,12 @@ def register(app: typer.Typer) -> None:
             from hbi_training.caption import CaptionTrainSettings, check_data, export_run, train_caption
 
             check_data(data)
+            if export is not None:  # before training: a refused --export must not cost a training run
+                from hbi_runtime.fileio import prepare_output_dir
+
+                inputs = [data, package or _demo_package(), out, init_decoder,
+                          (checkpoint or _demo_checkpoint()) if patch_grid else None]
+                prepare_output_dir(export, kind="caption package", inputs=inputs, overwrite=True, option="--export")
             try:
                 lv = tuple(int(x) for x in levels.split(","))
             except ValueError:
@@ -113,7 +121,7 @@ def register(app: typer.Typer) -> None:
         retrieval: Annotated[Optional[Path], typer.Option(
             help="The retrieval package the decoder was trained on (default: the demo's).",
             show_default=False)] = None,
-        overwrite: Annotated[bool, typer.Option()] = False,
+        overwrite: Annotated[bool, typer.Option(help="Replace a caption package at --out.")] = False,
         json_output: Annotated[bool, typer.Option("--json")] = False,
         debug: Annotated[bool, typer.Option("--debug")] = False,
     ) -> None:
@@ -181,7 +189,8 @@ def register_joint(app: typer.Typer) -> None:
         threads: Annotated[int, typer.Option(min=1)] = 1,
         device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (CUDA runs train in fp32).")] = "cpu",
         export: Annotated[Optional[Path], typer.Option(
-            help="Also write demo-style artifacts here (package/, checkpoint/, caption/, samples/ ...).",
+            help="Also write demo-style artifacts here (package/, checkpoint/, caption/, samples/ ...; replaces an "
+                 "earlier artifact folder, refuses any other non-empty folder).",
             show_default=False)] = None,
         json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
         debug: Annotated[bool, typer.Option("--debug")] = False,
@@ -196,6 +205,12 @@ def register_joint(app: typer.Typer) -> None:
             check_data(data)
             if scratch and init is not None:
                 raise UsageError("--scratch and --init exclude each other", hint="give one of them")
+            if export is not None:  # before training: a refused --export must not cost a training run
+                from hbi_runtime.fileio import prepare_output_dir
+
+                inputs = [data, out, None if scratch else (init or _demo_checkpoint()), estimator, init_decoder]
+                prepare_output_dir(export, kind="demo artifact folder", inputs=inputs, overwrite=True,
+                                   option="--export")
             s = JointSettings(data_dir=data, out_dir=out, init=None if scratch else (init or _demo_checkpoint()),
                               estimator=estimator, steps=steps, batch_size=batch_size, lr=lr,
                               clip_lr_coef=clip_lr_coef, caption_weight=caption_weight, aux_weight=aux_weight,
@@ -218,7 +233,8 @@ def register_joint(app: typer.Typer) -> None:
     def caption_joint_export(
         run: Annotated[Path, typer.Option(help="A finished `hbi-train caption-joint` run folder.", show_default=False)],
         data: Annotated[Path, typer.Option(help="The synthetic set it was trained on.", show_default=False)],
-        out: Annotated[Path, typer.Option(help="Artifact folder to write (replaced).", show_default=False)],
+        out: Annotated[Path, typer.Option(help="Artifact folder to write (an earlier artifact folder there is "
+                                               "replaced, any other non-empty folder refused).", show_default=False)],
         seed: Annotated[int, typer.Option(help="Seed of the sample / query choice.")] = 0,
         json_output: Annotated[bool, typer.Option("--json")] = False,
         debug: Annotated[bool, typer.Option("--debug")] = False,

@@ -261,62 +261,70 @@ def folder_size(path: Path) -> int:
 
 def write_artifacts(dest: Path, *, data: Path, final: Path, recipe: DemoRecipe, seed: int,
                     summary: dict[str, Any], ablation: dict[str, Any] | None,
-                    joint: dict[str, Any] | None = None) -> dict[str, Any]:
+                    joint: dict[str, Any] | None = None, overwrite: bool = True) -> dict[str, Any]:
     """Build the artifact folder next to ``dest`` and swap it in; returns the report (also in README.txt).
 
-    ``joint``: the model was trained with the caption decoder (``hbi_training.joint``): its ``command`` and
-    ``history`` (README lines), for the README."""
+    ``dest`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``demo artifact folder``: an earlier demo
+    folder is replaced, but never the data set, the checkpoint or a folder of other files), and is replaced only
+    once the new folder is complete. ``joint``: the model was trained with the caption decoder
+    (``hbi_training.joint``): its ``command`` and ``history`` (README lines), for the README."""
+    from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+
+    dest = prepare_output_dir(dest, kind="demo artifact folder", inputs=[data, final], overwrite=overwrite,
+                              option="--artifacts")
+    with staged_output_dir(dest) as tmp:
+        report, checked = build_artifacts(tmp, data=data, final=final, recipe=recipe, seed=seed, summary=summary,
+                                          ablation=ablation, joint=joint)
+    for q in checked:
+        if q["rank"] != 1:
+            _log(f"query {q['query']!r}: {q['expected']} ranked {q['rank']}, first {q['top']}")
+    return report
+
+
+def build_artifacts(tmp: Path, *, data: Path, final: Path, recipe: DemoRecipe, seed: int, summary: dict[str, Any],
+                    ablation: dict[str, Any] | None,
+                    joint: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """:func:`write_artifacts`' work, in the empty folder ``tmp``: (report, the checked queries)."""
     from hbi_export.onnx.package import export_package
 
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    save_checkpoint(final, tmp / "checkpoint", recipe.precision)
+    cwd = os.getcwd()
+    os.chdir(tmp)  # the manifest records the checkpoint path as given: "checkpoint", the folder beside it
     try:
-        save_checkpoint(final, tmp / "checkpoint", recipe.precision)
-        cwd = os.getcwd()
-        os.chdir(tmp)  # the manifest records the checkpoint path as given: "checkpoint", the folder beside it
-        try:
-            _, parity = export_package(Path("checkpoint"), Path("package"), max_words=MAX_WORDS,
-                                       max_frames=MAX_FRAMES, precision=recipe.precision,
-                                       progress=lambda m: _log(f"export: {m}"))
-        finally:
-            os.chdir(cwd)
-        if not parity.ok:
-            raise HbiError("the exported package failed its parity check", hint="see package/manifest.json")
-        recall = package_recall(tmp / "package", data)
-        _log(f"package ({recipe.precision}): t2v R@1 {100 * recall['t2v_r1']:.1f} % over {recall['videos']} videos")
-        samples = pick_samples(data, recipe.n_samples, seed)
-        (tmp / "samples").mkdir()
-        for v in samples:
-            shutil.copyfile(data / v["file"], tmp / "samples" / Path(v["file"]).name)
-        checked = check_queries(tmp / "package", tmp / "samples", make_queries(samples, seed))
-        queries = [{"query": q["query"], "expected": q["expected"], "kind": q["kind"]} for q in checked]
-        (tmp / "queries.json").write_text(json.dumps({"queries": queries}, indent=1) + "\n")
-        report = {
-            "command": joint["command"] if joint else COMMAND.format(seed=seed), "seed": seed,
-            "recipe": asdict(recipe), "joint": joint,
-            "package_t2v_r1": recall["t2v_r1"], "package_t2v_r5": recall["t2v_r5"], "gallery": recall["videos"],
-            "validation_t2v_r1": summary["validation"]["t2v_r1"] / 100,
-            "train_seconds": summary["train_seconds"],
-            "queries_first": sum(q["rank"] == 1 for q in checked), "queries": len(checked),
-            "ablation": ablation,
-        }
-        (tmp / "README.txt").write_text(readme(report, samples))
-        size = folder_size(tmp)
-        report["bytes"] = size
-        if size > SIZE_LIMIT:
-            raise HbiError(f"the demo artifacts take {size / 2**20:.1f} MiB, more than {SIZE_LIMIT / 2**20:.0f}")
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
+        _, parity = export_package(Path("checkpoint"), Path("package"), max_words=MAX_WORDS,
+                                   max_frames=MAX_FRAMES, precision=recipe.precision,
+                                   progress=lambda m: _log(f"export: {m}"))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    bad = [q for q in checked if q["rank"] != 1]
-    for q in bad:
-        _log(f"query {q['query']!r}: {q['expected']} ranked {q['rank']}, first {q['top']}")
-    return report
+        os.chdir(cwd)
+    if not parity.ok:
+        raise HbiError("the exported package failed its parity check; no artifacts written",
+                       hint=f"export {final} alone to read the parity report: `hbi-export onnx --checkpoint {final} "
+                            f"--out DIR --precision {recipe.precision} --max-words {MAX_WORDS} --max-frames "
+                            f"{MAX_FRAMES}`")
+    recall = package_recall(tmp / "package", data)
+    _log(f"package ({recipe.precision}): t2v R@1 {100 * recall['t2v_r1']:.1f} % over {recall['videos']} videos")
+    samples = pick_samples(data, recipe.n_samples, seed)
+    (tmp / "samples").mkdir()
+    for v in samples:
+        shutil.copyfile(data / v["file"], tmp / "samples" / Path(v["file"]).name)
+    checked = check_queries(tmp / "package", tmp / "samples", make_queries(samples, seed))
+    queries = [{"query": q["query"], "expected": q["expected"], "kind": q["kind"]} for q in checked]
+    (tmp / "queries.json").write_text(json.dumps({"queries": queries}, indent=1) + "\n")
+    report = {
+        "command": joint["command"] if joint else COMMAND.format(seed=seed), "seed": seed,
+        "recipe": asdict(recipe), "joint": joint,
+        "package_t2v_r1": recall["t2v_r1"], "package_t2v_r5": recall["t2v_r5"], "gallery": recall["videos"],
+        "validation_t2v_r1": summary["validation"]["t2v_r1"] / 100,
+        "train_seconds": summary["train_seconds"],
+        "queries_first": sum(q["rank"] == 1 for q in checked), "queries": len(checked),
+        "ablation": ablation,
+    }
+    (tmp / "README.txt").write_text(readme(report, samples))
+    size = folder_size(tmp)
+    report["bytes"] = size
+    if size > SIZE_LIMIT:
+        raise HbiError(f"the demo artifacts take {size / 2**20:.1f} MiB, more than {SIZE_LIMIT / 2**20:.0f}")
+    return report, checked
 
 
 def readme(report: dict[str, Any], samples: list[dict]) -> str:
@@ -416,11 +424,22 @@ def run_demo(out: Path, seed: int = 0, *, artifacts: Path = DEMO_DIR, recipe: De
 
     ``caption_joint``: instead of the retrieval fit, the caption demo (:func:`caption_demo`,
     :class:`CaptionDemoRecipe`): the retrieval model trains with the caption decoder and both ship, the decoder
-    as ``caption/`` (``hbi_training.joint.write_joint_artifacts``)."""
+    as ``caption/`` (``hbi_training.joint.write_joint_artifacts``).
+
+    ``artifacts`` is checked before anything is rendered or trained (:func:`hbi_runtime.fileio.prepare_output_dir`,
+    kind ``demo artifact folder``; never the work folder ``out``, what it holds or a folder holding it), and
+    replaced only once the new artifacts are complete.
+
+    Raises:
+        UsageError: ``artifacts`` may not be written. HbiError: an exported package failed its checks.
+    """
     import torch
 
-    torch.set_num_threads(recipe.threads)
+    from hbi_runtime.fileio import prepare_output_dir
+
     out = Path(out)
+    prepare_output_dir(artifacts, kind="demo artifact folder", inputs=[out], overwrite=True, option="--artifacts")
+    torch.set_num_threads(recipe.threads)
     data = make_data(out / "data", recipe, seed)
     if caption_joint:
         report = caption_demo(data, out, artifacts, recipe, caption, seed, progress)
@@ -444,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="work folder: data set, runs, report.json")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--artifacts", type=Path, default=DEMO_DIR, help=f"where the artifacts go ({DEMO_DIR})")
+    parser.add_argument("--artifacts", type=Path, default=DEMO_DIR,
+                        help=f"where the artifacts go ({DEMO_DIR}); an earlier demo folder there is replaced, any "
+                             "other non-empty folder refused")
     parser.add_argument("--ablation", action="store_true", help="also train the plain-WTI baseline")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's fit steps")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (recipe: 1)")

@@ -602,32 +602,57 @@ def write_joint_artifacts(run: Path, dest: Path, data_dir: Path, *, seed: int = 
                           progress: Callable[[str], None] | None = None, decoder_stage: dict[str, Any] | None = None,
                           decoder_data: Path | None = None, decoder_run: Path | None = None,
                           history: list[str] | None = None, command: str | None = None,
-                          recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+                          recipe: dict[str, Any] | None = None, overwrite: bool = True) -> dict[str, Any]:
     """A finished joint run -> ``dest`` laid out like ``hbi_runtime/data/demo`` (package/, checkpoint/, samples/,
-    queries.json, README.txt from ``hbi_training.demo.write_artifacts``; caption/ from ``export_run``, with its
+    queries.json, README.txt from ``hbi_training.demo.build_artifacts``; caption/ from ``export_run``, with its
     README.txt). Returns the report (retrieval + runtime caption figures).
+
+    ``dest`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``demo artifact folder``: an earlier
+    artifact folder is replaced, never the run, the data sets or a folder of other files). Everything is built in a
+    temporary sibling folder that replaces ``dest`` only when complete: a failure (an export, the decoder stage, a
+    parity check) leaves the previous artifacts as they were.
 
     ``decoder_stage``: settings of ``hbi_training.caption.CaptionTrainSettings`` (not the folders): after the
     retrieval package is written, a decoder trains alone on its frozen video side (``train_caption``, run folder
-    ``RUN/decoder-stage``) and that decoder is shipped instead of the run's; ``decoder_data``: the synthetic set
-    it trains on (default ``data_dir``; a larger set of the same seed has the same held-out triples and test
-    videos, ``hbi_training.data.scenes.plan_split``). ``decoder_run``: instead, ship the decoder of this finished
-    ``hbi-train caption`` run folder (trained on the side of an identical export of this run's model).
-    ``history``: README lines saying
-    how the model was trained (default: :func:`joint_history` of the run); ``command``: the regenerate command;
-    ``recipe``: the caption recipe to name in README.txt (``hbi_training.demo.CaptionDemoRecipe``)."""
-    from hbi_training.caption import CaptionTrainSettings, export_run, train_caption
-    from hbi_training.demo import DemoRecipe, pick_samples, readme, write_artifacts
+    ``RUN/decoder-stage``, reading the package and checkpoint of the folder being built, recorded under their
+    final names ``dest/package``, ``dest/checkpoint``) and that decoder is shipped instead of the run's;
+    ``decoder_data``: the synthetic set it trains on (default ``data_dir``; a larger set of the same seed has the
+    same held-out triples and test videos, ``hbi_training.data.scenes.plan_split``). ``decoder_run``: instead, ship
+    the decoder of this finished ``hbi-train caption`` run folder (trained on the side of an identical export of
+    this run's model). ``history``: README lines saying how the model was trained (default: :func:`joint_history`
+    of the run); ``command``: the regenerate command; ``recipe``: the caption recipe to name in README.txt
+    (``hbi_training.demo.CaptionDemoRecipe``).
 
-    log = _log_to(progress)
+    Raises:
+        UsageError: ``dest`` may not be written (see above). HbiError: a package failed its parity check.
+    """
+    from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+
     run, dest = Path(run), Path(dest)
+    dest = prepare_output_dir(dest, kind="demo artifact folder", inputs=[run, data_dir, decoder_data, decoder_run],
+                              overwrite=overwrite)
+    with staged_output_dir(dest) as tmp:
+        report = _build_joint_artifacts(run, tmp, dest, Path(data_dir), seed=seed, log=_log_to(progress),
+                                        decoder_stage=decoder_stage, decoder_data=decoder_data,
+                                        decoder_run=decoder_run, history=history, command=command, recipe=recipe)
+    return report
+
+
+def _build_joint_artifacts(run: Path, dest: Path, final: Path, data_dir: Path, *, seed: int,
+                           log: Callable[[str], None], decoder_stage: dict[str, Any] | None,
+                           decoder_data: Path | None, decoder_run: Path | None, history: list[str] | None,
+                           command: str | None, recipe: dict[str, Any] | None) -> dict[str, Any]:
+    """:func:`write_joint_artifacts`' work, in the empty folder ``dest`` that becomes ``final`` when complete."""
+    from hbi_training.caption import CaptionTrainSettings, export_run, train_caption
+    from hbi_training.demo import DemoRecipe, build_artifacts, pick_samples, readme
+
     summary = json.loads((run / "summary.json").read_text())
     command = command or JOINT_COMMAND.format(seed=seed)
     history = list(history or joint_history(summary))
-    report = write_artifacts(dest, data=Path(data_dir), final=run / "final", recipe=DemoRecipe(), seed=seed,
-                             summary={"validation": {"t2v_r1": summary["test_t2v_r1"]},
-                                      "train_seconds": summary["train_seconds"]},
-                             ablation=None, joint={"command": command, "history": history, "recipe": recipe})
+    report, _ = build_artifacts(dest, data=data_dir, final=run / "final", recipe=DemoRecipe(), seed=seed,
+                                summary={"validation": {"t2v_r1": summary["test_t2v_r1"]},
+                                         "train_seconds": summary["train_seconds"]},
+                                ablation=None, joint={"command": command, "history": history, "recipe": recipe})
     log(f"retrieval package: t2v R@1 {100 * report['package_t2v_r1']:.1f} %, queries "
         f"{report['queries_first']}/{report['queries']}")
     decoder_dir = run / DECODER_DIR
@@ -639,7 +664,8 @@ def write_joint_artifacts(run: Path, dest: Path, data_dir: Path, *, seed: int = 
             extra = {"checkpoint": dest / "checkpoint"} if decoder_stage.get("patch_grid") else {}
             stage = train_caption(CaptionTrainSettings(data_dir=Path(decoder_data or data_dir),
                                                        out_dir=run / "decoder-stage", package=dest / "package",
-                                                       **decoder_stage, **extra), progress=log)
+                                                       recorded_as=(dest, final), **decoder_stage, **extra),
+                                  progress=log)
         decoder_dir = Path(stage["decoder"])
         st = stage["settings"]
         history.append(f"Then the caption decoder alone, new, on the frozen video side of that package "
@@ -650,13 +676,15 @@ def write_joint_artifacts(run: Path, dest: Path, data_dir: Path, *, seed: int = 
                           if st.get("patch_grid") else "")
                        + f"; {stage['train_seconds']:.0f} s on cpu.")
         report["joint"] = {**report["joint"], "history": history}  # README.txt names the decoder stage too
-        (dest / "README.txt").write_text(readme(report, pick_samples(Path(data_dir), DemoRecipe().n_samples, seed)))
-    manifest = export_run(decoder_dir, dest / "package", dest / "caption", Path(data_dir), progress=log)
+        (dest / "README.txt").write_text(readme(report, pick_samples(data_dir, DemoRecipe().n_samples, seed)))
+    manifest = export_run(decoder_dir, dest / "package", dest / "caption", data_dir, overwrite=False, progress=log)
     if manifest["status"] != "verified":
         from hbi_runtime.errors import HbiError
 
-        raise HbiError("the caption package failed its parity check", hint=f"see {dest / 'caption/manifest.json'}")
-    figures = runtime_caption_figures(dest / "caption", Path(data_dir))
+        raise HbiError("the caption package failed its parity check; no artifacts written",
+                       hint="export the decoder alone to read the parity report: `hbi-train caption-export "
+                            f"--decoder {decoder_dir} --retrieval PKG --out DIR`")
+    figures = runtime_caption_figures(dest / "caption", data_dir)
     from hbi_export.tasks.decoder import load_decoder
 
     decoder, _ = load_decoder(decoder_dir)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -252,58 +251,74 @@ def run_demo(data: Path, out: Path, *, artifacts: Path = QA_DEMO_DIR, recipe: QA
 
     ``trained``: a finished run folder (``final/`` and ``summary.json`` written by :func:`train_demo`), exported and
     evaluated instead of training again (the same seed and recipe give the same weights).
+
+    ``artifacts`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``QA demo folder``: an earlier QA demo
+    folder is replaced; never the data set, the run folders, the retrieval demo's checkpoint and samples it reads,
+    nor a folder of other files); it is checked before anything is rendered or trained, and replaced only once
+    the new folder is complete.
+
+    Raises:
+        UsageError: ``artifacts`` may not be written. HbiError: the package failed its parity check or is too large.
     """
     from hbi_export.checkpoints.qa import build_qa_model
-    from hbi_export.tasks.qa_export import export_qa_model
-    from hbi_runtime.tasks.qa import accuracy, load_qa
+    from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
     from hbi_training.data import generate
 
+    inputs = [data, out, trained, DEMO_DIR / "samples", DEMO_DIR / "checkpoint" if trained is None else None]
+    artifacts = prepare_output_dir(artifacts, kind="QA demo folder", inputs=inputs, overwrite=True,
+                                   option="--artifacts")
     paths = generate(data, n_train, n_test, seed)
     if trained is not None:
         model = build_qa_model(Path(trained) / "final")[0]
         summary = json.loads((Path(trained) / "summary.json").read_text())
     else:
         model, summary = train_demo(paths.root, Path(out), recipe, seed)
-    tmp = artifacts.with_name(f".{artifacts.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _, parity = export_qa_model(model, tmp / "package", answers=ANSWERS, max_words=MAX_WORDS,
-                                    max_frames=MAX_FRAMES, source={"checkpoint": "hbi-train qa demo",
-                                                                   "format": "hbi-toolkit-qa", "sha256": None},
-                                    progress=lambda m: _log(f"export: {m}"))
-        if not parity.ok:
-            raise HbiError("the exported QA package failed its parity check")
-        n = write_questions_csv(paths.root, "test", Path(out) / "test_questions.csv")
-        with load_qa(tmp / "package") as qa:
-            result = qa.ask([(r["video"], r["question"], r["answer"]) for r in
-                             csv.DictReader(open(Path(out) / "test_questions.csv"))], top_k=5, workers=1)
-            acc = accuracy(result.rows, qa.answers)
-        _log(f"package: held-out top-1 {100 * acc['top1']:.1f} %, top-5 {100 * acc['top5']:.1f} % over {n} "
-             "questions (through hbi_runtime)")
-        n_samples = write_sample_questions(paths.root, DEMO_DIR / "samples", tmp / "questions.csv")
-        with open(tmp / "questions.csv", newline="") as fh:  # its paths are relative to the installed qa/ folder
-            sample_rows = [(str(DEMO_DIR / "samples" / Path(r["video"]).name), r["question"], r["answer"])
-                           for r in csv.DictReader(fh)]
-        with load_qa(tmp / "package") as qa:
-            sample_acc = accuracy(qa.ask(sample_rows, workers=1).rows, qa.answers)
-        report = {k: v for k, v in summary.items() if k != "history"}
-        report["samples_accuracy"] = sample_acc
-        _log(f"sample videos: top-1 {100 * sample_acc['top1']:.1f} % over {n_samples} questions")
-        report.update(package_accuracy=acc, failed=len(result.failed), questions=n,
-                      command=f"hbi-train qa demo --data {data} --out {out}")
-        (tmp / "README.txt").write_text(_readme(report))
-        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-        report["bytes"] = size
-        if size > SIZE_LIMIT:
-            raise HbiError(f"the QA demo artifacts take {size / 2**20:.2f} MiB, more than "
-                           f"{SIZE_LIMIT / 2**20:.0f} MiB")
-        if artifacts.exists():
-            shutil.rmtree(artifacts)
-        tmp.rename(artifacts)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # again: training took minutes, and whatever `artifacts` holds when the new folder is swapped in goes
+    prepare_output_dir(artifacts, kind="QA demo folder", inputs=inputs, overwrite=True, option="--artifacts")
+    with staged_output_dir(artifacts) as tmp:
+        report = build_qa_artifacts(tmp, model, summary, data_root=paths.root, data=data, out=Path(out))
     (Path(out) / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def build_qa_artifacts(tmp: Path, model, summary: dict, *, data_root: Path, data: Path, out: Path) -> dict:
+    """:func:`run_demo`'s artifacts, written into the empty folder ``tmp``: the QA package (parity-checked), its
+    accuracy through the runtime on the held-out questions (``out/test_questions.csv``) and on the demo samples
+    (``questions.csv``), README.txt. Returns the report.
+
+    Raises:
+        HbiError: the package failed its parity check, or the folder is larger than ``SIZE_LIMIT``.
+    """
+    from hbi_export.tasks.qa_export import export_qa_model
+    from hbi_runtime.tasks.qa import accuracy, load_qa
+
+    _, parity = export_qa_model(model, tmp / "package", answers=ANSWERS, max_words=MAX_WORDS, max_frames=MAX_FRAMES,
+                                source={"checkpoint": "hbi-train qa demo", "format": "hbi-toolkit-qa", "sha256": None},
+                                progress=lambda m: _log(f"export: {m}"))
+    if not parity.ok:
+        raise HbiError("the exported QA package failed its parity check")
+    n = write_questions_csv(data_root, "test", out / "test_questions.csv")
+    with load_qa(tmp / "package") as qa, open(out / "test_questions.csv", newline="") as fh:
+        result = qa.ask([(r["video"], r["question"], r["answer"]) for r in csv.DictReader(fh)], top_k=5, workers=1)
+        acc = accuracy(result.rows, qa.answers)
+    _log(f"package: held-out top-1 {100 * acc['top1']:.1f} %, top-5 {100 * acc['top5']:.1f} % over {n} "
+         "questions (through hbi_runtime)")
+    n_samples = write_sample_questions(data_root, DEMO_DIR / "samples", tmp / "questions.csv")
+    with open(tmp / "questions.csv", newline="") as fh:  # its paths are relative to the installed qa/ folder
+        sample_rows = [(str(DEMO_DIR / "samples" / Path(r["video"]).name), r["question"], r["answer"])
+                       for r in csv.DictReader(fh)]
+    with load_qa(tmp / "package") as qa:
+        sample_acc = accuracy(qa.ask(sample_rows, workers=1).rows, qa.answers)
+    report = {k: v for k, v in summary.items() if k != "history"}
+    report["samples_accuracy"] = sample_acc
+    _log(f"sample videos: top-1 {100 * sample_acc['top1']:.1f} % over {n_samples} questions")
+    report.update(package_accuracy=acc, failed=len(result.failed), questions=n,
+                  command=f"hbi-train qa demo --data {data} --out {out}")
+    (tmp / "README.txt").write_text(_readme(report))
+    size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    report["bytes"] = size
+    if size > SIZE_LIMIT:
+        raise HbiError(f"the QA demo artifacts take {size / 2**20:.2f} MiB, more than {SIZE_LIMIT / 2**20:.0f} MiB")
     return report
 
 

@@ -24,7 +24,8 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run folder: weights, test_questions.csv, report.json.",
                                       show_default=False)],
     artifacts: Annotated[Optional[Path], typer.Option(
-        help="Where the demo QA package goes (default: hbi_runtime/data/demo/qa).", show_default=False)] = None,
+        help="Where the demo QA package goes (default: hbi_runtime/data/demo/qa); an earlier QA demo folder there is "
+             "replaced, any other non-empty folder refused.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (recipe default).",
                                                  show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Data and training seed.")] = 0,

@@ -1,4 +1,9 @@
-"""``hbi-export convert`` and ``hbi-export init``'s library half: write a model in the hbi-toolkit format."""
+"""``hbi-export convert`` and ``hbi-export init``'s library half: write a model in the hbi-toolkit format.
+
+The output folder follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``checkpoint folder``: never the source,
+never a folder of other files, ``overwrite`` to replace a checkpoint folder) and is written into a temporary
+sibling that replaces it when complete.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,12 @@ from typing import Any
 import torch
 
 from hbi_export.checkpoints.loader import load_checkpoint
-from hbi_export.checkpoints.native import WEIGHTS_NAME, save_state_dict
+from hbi_export.checkpoints.native import save_state_dict
 from hbi_export.model.config import HBIConfig
 from hbi_runtime.errors import UsageError
+from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
 
 PRESETS = {"vit-b-32": HBIConfig.vit_b_32, "vit-b-16": HBIConfig.vit_b_16, "tiny": HBIConfig.tiny}
-
-
-def _refuse_overwrite(out: Path, overwrite: bool) -> None:
-    if (out / WEIGHTS_NAME).exists() and not overwrite:
-        raise UsageError(f"{out} already holds a model", hint="pass --overwrite or choose another directory")
 
 
 def convert_checkpoint(source: str | Path, out: str | Path, *, overwrite: bool = False,
@@ -28,12 +29,13 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, overwrite: bool =
         The load report as a dict, plus ``output``.
 
     Raises:
-        CheckpointError: as ``load_checkpoint``; UsageError: ``out`` holds a model and not ``overwrite``.
+        CheckpointError: as ``load_checkpoint``; UsageError: ``out`` may not be written (see the module).
     """
-    out = Path(out)
-    _refuse_overwrite(out, overwrite)
+    out = prepare_output_dir(out, kind="checkpoint folder", inputs=[source], overwrite=overwrite,
+                             option="OUT")
     state_dict, config, report = load_checkpoint(source, **options)
-    save_state_dict(state_dict, config, out)
+    with staged_output_dir(out) as tmp:
+        save_state_dict(state_dict, config, tmp)
     return {**report.to_dict(), "output": str(out)}
 
 
@@ -41,18 +43,18 @@ def init_random(out: str | Path, preset: str, *, seed: int = 0, overwrite: bool 
     """Write a randomly initialised model of a preset architecture (pipeline tests, benchmarks).
 
     Raises:
-        UsageError: unknown preset, or ``out`` holds a model and not ``overwrite``.
+        UsageError: unknown preset, or ``out`` may not be written (see the module).
     """
     from hbi_export.model import HBIModel
 
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}", hint=f"choose one of {', '.join(PRESETS)}")
-    out = Path(out)
-    _refuse_overwrite(out, overwrite)
+    out = prepare_output_dir(out, kind="checkpoint folder", overwrite=overwrite, option="OUT")
     config = PRESETS[preset]()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = HBIModel(config)
-    save_state_dict(model.state_dict(), config, out)
+    with staged_output_dir(out) as tmp:
+        save_state_dict(model.state_dict(), config, tmp)
     return {"output": str(out), "preset": preset, "seed": seed, "config": config.to_dict(),
             "parameters": sum(p.numel() for p in model.parameters())}

@@ -1,7 +1,8 @@
 """``hbi-export onnx``'s library half: a checkpoint becomes a model package (docs/architecture.md).
 
-The package is written into a temporary sibling folder and renamed into place at the end, so an interrupted export
-never leaves a half-written package behind. Parity runs last and records its verdict in the manifest.
+The package is written into a temporary sibling folder, parity-checked there (its verdict recorded in the manifest),
+and renamed into place at the end, so an interrupted or failed export never leaves a half-written package behind
+and never loses the package it replaces (``hbi_runtime.fileio``'s output-folder rules).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from hbi_export.onnx.graphs import GraphDef, graph_defs
 from hbi_export.onnx.precision import PRECISIONS, for_precision
 from hbi_runtime import __version__
 from hbi_runtime.errors import UsageError
+from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+from hbi_runtime.names import display_path
 from hbi_runtime.package import (GraphSpec, Manifest, Preprocessing, TensorSpec, TokenizerSpec, hash_files,
                                  sha256_file, write_manifest)
 from hbi_runtime.tokenizer import DEFAULT_VOCAB_PATH
@@ -55,7 +58,7 @@ def _source(checkpoint: Path, fmt: str) -> dict:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         digest = h.hexdigest()
-    return {"checkpoint": str(checkpoint), "format": fmt, "sha256": digest}
+    return {"checkpoint": display_path(checkpoint), "format": fmt, "sha256": digest}
 
 
 def write_package(model: HBIModel, root: Path, *, source: dict, max_words: int, max_frames: int,
@@ -100,33 +103,27 @@ def export_package(checkpoint: str | Path, out: str | Path, *, level_weights: Se
                    progress: Progress = lambda _: None) -> tuple[Manifest, object]:
     """Checkpoint -> model package at ``out``; then parity (unless ``parity=False``).
 
+    ``out`` follows the rules of :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``model package``; never the
+    checkpoint, never a folder of other files). The package is written and parity-checked in a temporary sibling
+    folder, which replaces ``out`` only when complete: an export that fails leaves a previous package as it was.
+
     Returns:
         (manifest, parity result or None). The parity verdict is also in the manifest (status, report).
 
     Raises:
-        CheckpointError: the checkpoint cannot be loaded. UsageError: bad options, or ``out`` exists and not
-        ``overwrite``. ExportError: the exporter failed.
+        CheckpointError: the checkpoint cannot be loaded. UsageError: bad options, or ``out`` may not be written
+        (see above). ExportError: the exporter failed.
     """
     from hbi_export.onnx.parity import check_package  # parity needs onnxruntime; import it only here
+    from hbi_runtime.package import load_package
 
     out, checkpoint = Path(out), Path(checkpoint)
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    prepare_output_dir(out, kind="model package", inputs=[checkpoint], overwrite=overwrite)
     started = time.perf_counter()
     model, report = build_model(checkpoint, level_weights=level_weights)
     progress(f"loaded {report.format} checkpoint {checkpoint} in {time.perf_counter() - started:.1f} s")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_output_dir(out) as tmp:
         write_package(model, tmp, source=_source(checkpoint, report.format), max_words=max_words,
                       max_frames=max_frames, opset=opset, precision=precision, progress=progress)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result = check_package(out, model, progress=progress) if parity else None
-    from hbi_runtime.package import load_package
-
+        result = check_package(tmp, model, progress=progress) if parity else None
     return load_package(out, allow_unverified=True).manifest, result

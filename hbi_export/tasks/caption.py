@@ -22,7 +22,6 @@ The caption package (``manifest.json`` written by :func:`write_caption_package`)
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,6 +35,7 @@ from hbi_export.onnx.export import DEFAULT_OPSET, run_export
 from hbi_export.onnx.graphs import GraphDef, TensorDef, side_defs
 from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig
 from hbi_runtime.errors import UsageError
+from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
 from hbi_runtime.package import GraphSpec, TensorSpec, sha256_file
 from hbi_runtime.tasks.caption import PATCH_GRAPH
 
@@ -230,13 +230,6 @@ def check_options(model: CaptionDecoder, opset: int) -> None:
         raise UsageError("export_graphs needs a CaptionDecoder")
 
 
-def copy_tree_atomic(tmp: Path, out: Path) -> None:
-    """Swap a finished temporary folder into place."""
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # PyTorch decoding through the runtime's search (the reference the ONNX decodes must equal token for token)
 
@@ -315,67 +308,78 @@ def decode_parity(model: CaptionDecoder, caption_model, side, prefixes: list[lis
 
 def write_caption_package(model: CaptionDecoder, retrieval_pkg: str | Path, out: str | Path, *,
                           training: dict | None = None, opset: int = DEFAULT_OPSET, overwrite: bool = False,
-                          fixture_videos: Sequence[str] | None = None,
+                          fixture_videos: Sequence[str] | None = None, inputs: Sequence[str | Path | None] = (),
                           progress: Callable[[str], None] = lambda _: None) -> dict:
     """Export ``model`` as a caption package at ``out`` referencing ``retrieval_pkg`` (path stored relative to
     ``out``, and its ``manifest_sha256``); parity graph by graph and as whole decodes (greedy and beam) on the
-    fixture videos (or random sides). Returns the manifest."""
+    fixture videos (or random sides). Returns the manifest.
+
+    ``out`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``caption package``; never the retrieval
+    package, a fixture video or one of ``inputs``, the files the decoder came from): the package is written and
+    checked in a temporary sibling folder that replaces ``out`` only when complete, so a failed export leaves a
+    previous package as it was.
+
+    Raises:
+        UsageError: bad options, ``out`` may not be written, the decoder does not fit the retrieval package.
+    """
+    import hbi_runtime
+
+    check_options(model, opset)
+    out, retrieval_pkg = Path(out), Path(retrieval_pkg)
+    prepare_output_dir(out, kind="caption package", inputs=[retrieval_pkg, *inputs, *(fixture_videos or ())],
+                       overwrite=overwrite)
+    with staged_output_dir(out) as tmp, hbi_runtime.load(retrieval_pkg) as retrieval:
+        body = _write_checked(model, retrieval, retrieval_pkg, out, tmp, training=training, opset=opset,
+                              fixture_videos=fixture_videos, progress=progress)
+    return body
+
+
+def _write_checked(model: CaptionDecoder, retrieval, retrieval_pkg: Path, out: Path, tmp: Path, *,
+                   training: dict | None, opset: int, fixture_videos: Sequence[str] | None,
+                   progress: Callable[[str], None]) -> dict:
+    """:func:`write_caption_package`'s work in the temporary folder ``tmp`` (the manifest's paths are ``out``'s)."""
     import datetime as dt
 
     import hbi_runtime
     from hbi_runtime.package import manifest_sha256
     from hbi_runtime.tasks.caption import SCHEMA, SCHEMA_VERSION, CaptionModel, read_caption_manifest
 
-    check_options(model, opset)
-    out, retrieval_pkg = Path(out), Path(retrieval_pkg)
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists", hint="pass --overwrite or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    rsha = retrieval.package.manifest_sha256
+    if tuple(retrieval.manifest.tokens_per_level["video"]) != tuple(model.config.tokens_per_level) or \
+            retrieval.manifest.embed_dim != model.config.embed_dim:
+        raise UsageError(f"the decoder expects video sides of {model.config.tokens_per_level} tokens x "
+                         f"{model.config.embed_dim}; {retrieval_pkg} gives "
+                         f"{retrieval.manifest.tokens_per_level['video']} x {retrieval.manifest.embed_dim}")
+    specs = export_graphs(model, tmp, opset, progress)
+    graph_report = graph_parity(model, tmp, specs)
+    progress(f"graph parity: {'ok' if graph_report['ok'] else 'FAILED'} "
+             f"(max abs {max(v['max_abs'] for k, v in graph_report.items() if isinstance(v, dict)):.1e})")
+    body = {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "toolkit_version": hbi_runtime.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "retrieval": {"path": os.path.relpath(retrieval_pkg.resolve(), out.parent.resolve() / out.name),
+                      "manifest_sha256": rsha},
+        "decoder": model.config.to_dict(), "tasks": ["caption", "qa"],
+        "generation": {"beam_size": 1, "max_length": 40, "length_penalty": 1.0, "no_repeat_ngram": 0},
+        "graphs": {name: spec.to_dict() for name, spec in specs.items()},
+        "parity": {"graphs": graph_report}, "status": "unverified", "training": training or {},
+    }
+    _write(tmp, body, manifest_sha256)
+    # decode parity: the same token sequences from PyTorch and from the ONNX graphs
+    cm = CaptionModel(tmp, read_caption_manifest(tmp), retrieval)
     try:
-        retrieval = hbi_runtime.load(retrieval_pkg)
-        rsha = retrieval.package.manifest_sha256
-        if tuple(retrieval.manifest.tokens_per_level["video"]) != tuple(model.config.tokens_per_level) or \
-                retrieval.manifest.embed_dim != model.config.embed_dim:
-            raise UsageError(f"the decoder expects video sides of {model.config.tokens_per_level} tokens x "
-                             f"{model.config.embed_dim}; {retrieval_pkg} gives "
-                             f"{retrieval.manifest.tokens_per_level['video']} x {retrieval.manifest.embed_dim}")
-        specs = export_graphs(model, tmp, opset, progress)
-        graph_report = graph_parity(model, tmp, specs)
-        progress(f"graph parity: {'ok' if graph_report['ok'] else 'FAILED'} "
-                 f"(max abs {max(v['max_abs'] for k, v in graph_report.items() if isinstance(v, dict)):.1e})")
-        body = {
-            "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "toolkit_version": hbi_runtime.__version__,
-            "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-            "retrieval": {"path": os.path.relpath(retrieval_pkg.resolve(), out.resolve()),
-                          "manifest_sha256": rsha},
-            "decoder": model.config.to_dict(), "tasks": ["caption", "qa"],
-            "generation": {"beam_size": 1, "max_length": 40, "length_penalty": 1.0, "no_repeat_ngram": 0},
-            "graphs": {name: spec.to_dict() for name, spec in specs.items()},
-            "parity": {"graphs": graph_report}, "status": "unverified", "training": training or {},
-        }
-        _write(tmp, body, manifest_sha256)
-        # decode parity: the same token sequences from PyTorch and from the ONNX graphs
-        cm = CaptionModel(tmp, read_caption_manifest(tmp), retrieval)
-        try:
-            if fixture_videos:
-                side = _fixture_side(model, cm, list(fixture_videos), graph_report)
-            else:
-                side = _random_side(model.config, 4)
-            decode_report = decode_parity(model, cm, side)
-        finally:
-            for b in cm._backends.values():
-                b.close()
-        progress(f"decode parity: {'ok' if decode_report['ok'] else 'FAILED'} {decode_report['settings']}")
-        body["parity"]["decode"] = decode_report
-        body["status"] = "verified" if graph_report["ok"] and decode_report["ok"] else "failed"
-        _write(tmp, body, manifest_sha256)
-        retrieval.close()
-        copy_tree_atomic(tmp, out)
+        if fixture_videos:
+            side = _fixture_side(model, cm, list(fixture_videos), graph_report)
+        else:
+            side = _random_side(model.config, 4)
+        decode_report = decode_parity(model, cm, side)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for b in cm._backends.values():
+            b.close()
+    progress(f"decode parity: {'ok' if decode_report['ok'] else 'FAILED'} {decode_report['settings']}")
+    body["parity"]["decode"] = decode_report
+    body["status"] = "verified" if graph_report["ok"] and decode_report["ok"] else "failed"
+    _write(tmp, body, manifest_sha256)
     return body
 
 

@@ -27,7 +27,8 @@ def qa_export(
     max_frames: Annotated[int, typer.Option(help="Frames per video T (official MSRVTT-QA: 12).")] = 12,
     levels: Annotated[Optional[str], typer.Option(
         help="Answer-logit weights entity,action,event (official 0.4,0.4,0.2).", show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a QA package at --out (never the checkpoint or answers file; "
+                                             "any other non-empty folder is refused).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary (schema hbi.qa-export/1).")]
     = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,

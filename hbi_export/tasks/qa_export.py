@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ from hbi_export.onnx.parity import _run_split, _session, parity_inputs
 from hbi_export.tasks.qa import QAModel
 from hbi_runtime.compare import Check, ParityResult, compare_tensors, evaluate, top1_agreement_rows
 from hbi_runtime.errors import UsageError
+from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+from hbi_runtime.names import display_path
 from hbi_runtime.package import GraphSpec, Preprocessing, TensorSpec, TokenizerSpec, hash_files, sha256_file
 from hbi_runtime.tasks.qa_package import (ANSWERS_FILE, LEVEL_TAGS, QA_MANIFEST, QAManifest, load_qa_package,
                                           read_answers, update_qa_status, write_qa_manifest)
@@ -180,56 +181,56 @@ def _source(checkpoint: Path, fmt: str) -> dict:
     digest = None
     if checkpoint.is_file():
         digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    return {"checkpoint": str(checkpoint), "format": fmt, "sha256": digest}
+    return {"checkpoint": display_path(checkpoint), "format": fmt, "sha256": digest}
 
 
 def export_qa_model(model: QAModel, out: str | Path, *, answers: Sequence[str] | None = None,
                     source: Mapping | None = None, max_words: int = 32, max_frames: int = 12,
                     opset: int = DEFAULT_OPSET, overwrite: bool = False, parity: bool = True,
+                    inputs: Sequence[str | Path | None] = (),
                     progress: Progress = lambda _: None) -> tuple[QAManifest, ParityResult | None]:
-    """An in-memory QA model -> QA package at ``out`` (temporary sibling renamed into place), then parity.
+    """An in-memory QA model -> QA package at ``out``, then parity.
+
+    ``out`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``QA package``; never one of ``inputs``, the
+    files the model came from): the package is written and parity-checked in a temporary sibling folder that
+    replaces ``out`` only when complete, so a failed export leaves a previous package as it was.
 
     Raises:
-        UsageError: ``out`` exists (without ``overwrite``) or bad options. ExportError: the exporter failed.
+        UsageError: ``out`` may not be written (see above) or bad options. ExportError: the exporter failed.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists", hint="pass --overwrite or choose another --out")
+    out = prepare_output_dir(out, kind="QA package", inputs=inputs, overwrite=overwrite)
     answers = list(answers) if answers is not None else default_answers(model.qa_config.answers)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     model = model.eval()
-    try:
+    result = None
+    with staged_output_dir(out) as tmp:
         write_qa_package(model, tmp, answers=answers, max_words=max_words, max_frames=max_frames, opset=opset,
                          source=dict(source or {"checkpoint": "(in memory)", "format": "hbi-toolkit-qa",
                                                 "sha256": None}), progress=progress)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result = None
-    if parity:
-        result = compare_qa_package(out, model)
-        update_qa_status(out, "verified" if result.ok else "failed", result.to_dict())
-        progress(f"parity {'passed' if result.ok else 'FAILED'} ({len(result.comparisons)} outputs)")
+        if parity:
+            result = compare_qa_package(tmp, model)
+            update_qa_status(tmp, "verified" if result.ok else "failed", result.to_dict())
+            progress(f"parity {'passed' if result.ok else 'FAILED'} ({len(result.comparisons)} outputs)")
     return load_qa_package(out, allow_unverified=True).manifest, result
 
 
 def export_qa_package(checkpoint: str | Path, out: str | Path, *, answers_file: str | Path | None = None,
-                      answer_weights: Sequence[float] | None = None, **options) -> tuple[QAManifest, object]:
+                      answer_weights: Sequence[float] | None = None, overwrite: bool = False,
+                      **options) -> tuple[QAManifest, object]:
     """QA checkpoint (official ``main_vqa.py`` or hbi-toolkit QA folder) -> QA package; see :func:`export_qa_model`.
 
     ``answers_file``: the ``train_ans2label.json`` of the model (``{"answer": id}``); default: the checkpoint
-    folder's ``answers.json`` when present, else placeholder names ``answer_<id>``.
+    folder's ``answers.json`` when present, else placeholder names ``answer_<id>``. ``out`` is checked before the
+    checkpoint is loaded: never the checkpoint or the answers file (``hbi_runtime.fileio.prepare_output_dir``).
     """
     checkpoint = Path(checkpoint)
+    inputs = [checkpoint, answers_file]
+    prepare_output_dir(out, kind="QA package", inputs=inputs, overwrite=overwrite)  # before the (slow) load
     model, config, report = build_qa_model(checkpoint, answer_weights=answer_weights)
     if answers_file is None and checkpoint.is_dir() and (checkpoint / ANSWERS_FILE).is_file():
         answers_file = checkpoint / ANSWERS_FILE
     answers = read_answers(answers_file) if answers_file is not None else None
-    return export_qa_model(model, out, answers=answers, source=_source(checkpoint, report.format), **options)
+    return export_qa_model(model, out, answers=answers, source=_source(checkpoint, report.format), inputs=inputs,
+                           overwrite=overwrite, **options)
 
 
 __all__ = ["AnswerHead", "QAVideoEncoder", "QuestionEncoder", "compare_qa_package", "export_qa_model",

@@ -6,7 +6,6 @@ The command is thin: it parses options into a :class:`~hbi_runtime.bench.stages.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -42,13 +41,10 @@ def parse_int_list(value: str, option: str) -> tuple[int, ...]:
 
 def _read_record(path: Path) -> dict:
     from hbi_runtime.bench.records import check_record
-    from hbi_runtime.errors import BadInputError
 
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"cannot read benchmark record {path}: {exc}") from None
-    return check_record(data, str(path))
+    from hbi_runtime.inputs import read_json
+
+    return check_record(read_json(path, what="benchmark record"), str(path))
 
 
 def _write(path: Path, what: str, write) -> None:

@@ -20,15 +20,11 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from hbi_runtime.errors import BadInputError
+from hbi_runtime.names import display_path, path_b64
 
 DEFAULT_EXTENSIONS = ("mp4", "mkv", "webm", "avi", "mov", "m4v", "mpg", "mpeg", "wmv", "flv", "ts")
 HASH_EDGE_BYTES = 1 << 20  # fast_hash reads this much from the start and from the end
 _READ_CHUNK = 1 << 20
-
-
-def display_path(path: str | bytes | os.PathLike) -> str:
-    """A printable form of any path (bytes that are not UTF-8 as ``\\xNN`` escapes)."""
-    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -192,4 +188,4 @@ def fast_hash(path: str | bytes | os.PathLike, size: int | None = None, *, full:
 
 
 __all__ = ["DEFAULT_EXTENSIONS", "ScanEntry", "ScanResult", "display_path", "fast_hash", "normalize_extensions",
-           "scan"]
+           "path_b64", "scan"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from hbi_runtime.errors import MismatchError, UsageError
-from hbi_runtime.index.catalog import SCHEMA_VERSION, Writer, check_model, now_iso
-from hbi_runtime.index.scan import DEFAULT_EXTENSIONS, ScanEntry, display_path, fast_hash, scan
+from hbi_runtime.errors import BadInputError, MismatchError, UsageError, environment_error
+from hbi_runtime.index import verify as shard_checks
+from hbi_runtime.index.catalog import Writer, check_model, describe_io, now_iso, shard_dir
+from hbi_runtime.index.scan import DEFAULT_EXTENSIONS, ScanEntry, display_path, fast_hash, path_b64, scan
 from hbi_runtime.index.windows import WINDOWS_PER_TASK, Window, WindowDecoder, WindowTask, check_window
 from hbi_runtime.scoring import DEFAULT_DTYPE, STORAGE_DTYPES, VideoStore
 
@@ -36,16 +38,40 @@ BATCH = 16  # files (or windows) per committed shard, and per video-encoder call
 PROBE_CHUNK = 64  # windowed runs probe this many files ahead of decoding their windows
 MAX_SHARDS = 16  # more shards than this after a run: merge them all into one (compact)
 DEAD_FRACTION = 0.25  # more dead rows than this fraction: compact
+# Every run hashes this many bytes of shards against their checksums, least recently verified first (about 0.6 s
+# on the reference machine): an index up to this size is fully verified by every run, a larger one over a few.
+VERIFY_BUDGET_BYTES = 1 << 30
+TRANSIENT, PERMANENT = "transient", "permanent"  # failures retried every run / only when the file changes
 
 Progress = Callable[[int, int, "str | None", float], None]  # (done, total, current file, files per second)
 
 
+@dataclass(frozen=True)
+class FailedFile:
+    """A file the index holds no side for, and why. ``kind``: ``transient`` failures (permissions, I/O errors,
+    timeouts, a file that vanished) are retried by every run, ``permanent`` ones (not a video, corrupt) when the
+    file changes or with ``retry_failed``. ``attempted``: this run tried it (else it failed before and did not
+    change)."""
+
+    path: str  # display form
+    reason: str
+    kind: str
+    rel: bytes
+    attempted: bool
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "path_b64": path_b64(self.rel), "reason": self.reason, "kind": self.kind,
+                "attempted": self.attempted}
+
+
 @dataclass
 class IndexSummary:
-    """What :func:`update_index` did. Counts are files; ``failed`` / ``skipped`` are ``(path, reason)``.
+    """What :func:`update_index` did. Counts are files.
 
-    ``failed`` lists the files that failed in this run; a file that failed before and has not changed since is
-    not decoded again (``retry_failed=True`` does) and counts as ``unchanged``: :meth:`Index.failed` lists them all.
+    ``failed`` lists *every* file that has no side after the run (this run's failures and earlier ones that were
+    not retried), so a summary never hides a file; ``recovered`` counts files that had failed before and were
+    indexed now; ``resumed`` counts files an interrupted run had encoded (not visible to readers until this run
+    published them); ``repaired`` names the damaged shards this run found (their videos were re-indexed).
     """
 
     index_dir: Path
@@ -53,8 +79,13 @@ class IndexSummary:
     unchanged: int = 0
     reindexed: int = 0
     removed: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    recovered: int = 0
+    resumed: int = 0
+    failed: list[FailedFile] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # found by the scan but not taken (links, ...)
+    repaired: list[dict] = field(default_factory=list)  # {shard, videos, reason}
+    verified: dict = field(default_factory=lambda: {"shards": 0, "bytes": 0})  # hashed in full by this run
+    moved_aside: Path | None = None  # where --rebuild moved an unreadable catalog
     rows: int = 0  # stored sides (windows) written by this run
     seconds: float = 0.0
 
@@ -75,9 +106,9 @@ def _model_sha(model) -> str:
 
 
 def index_meta(model, video_dir, *, dtype: str, window: float | None, stride: float | None) -> dict:
-    """The meta rows of a new index (also what an existing one must agree with)."""
+    """The meta of an index generation (what an existing index must agree with)."""
     m = model.manifest
-    return {"schema_version": SCHEMA_VERSION, "model_sha256": _model_sha(model),
+    return {"model_sha256": _model_sha(model),
             "model_name": os.path.basename(str(model.package.dir).rstrip("/")),
             "model_source": m.source, "model_config": m.model_config, "max_frames": m.max_frames,
             "tokens_per_level": m.tokens_per_level["video"], "embed_dim": m.embed_dim,
@@ -88,10 +119,23 @@ def index_meta(model, video_dir, *, dtype: str, window: float | None, stride: fl
 @dataclass
 class _Job:
     entry: ScanEntry
-    kind: str  # "new" | "reindexed"
+    kind: str  # "new" | "reindexed" | "recovered" (failed before)
     windows: list = field(default_factory=list)  # (Window, DecodedVideo) in order
     error: str | None = None
+    error_kind: str | None = None
     stored: int = 0  # rows of this file in the batch's shard (dead when the file fails after encoding)
+
+    def fail(self, reason: str, kind: str) -> None:
+        if self.error is None:
+            self.error, self.error_kind = reason, kind
+
+
+@dataclass
+class _Plan:
+    jobs: list[_Job] = field(default_factory=list)
+    touches: list[tuple[bytes, int]] = field(default_factory=list)  # same content, new mtime
+    removals: list[bytes] = field(default_factory=list)
+    known: int = 0  # files in the working view before the run
 
 
 def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | os.PathLike | None = None, *,
@@ -99,8 +143,12 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
                  stride: float | None = None, dtype: str = DEFAULT_DTYPE,
                  extensions: Iterable[str] = DEFAULT_EXTENSIONS, follow_symlinks: bool = False,
                  timeout_s: float = 120.0, retry_failed: bool = False, full_hash: bool = False,
-                 rebuild: bool = False, progress: Progress | None = None) -> IndexSummary:
+                 rebuild: bool = False, force: bool = False, verify: bool = False,
+                 verify_budget_bytes: int = VERIFY_BUDGET_BYTES, progress: Progress | None = None) -> IndexSummary:
     """Index the videos of ``video_dir`` (recursively) into ``index_dir``, re-encoding only what changed.
+
+    Readers see the index as it was before the run until the run ends, then as it is after it (one
+    transaction); a killed run is resumed by the next one.
 
     Args:
         model: a loaded :class:`hbi_runtime.model.Model`.
@@ -111,17 +159,22 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
         dtype: storage of the stored tokens, one of :data:`hbi_runtime.scoring.STORAGE_DTYPES`.
         extensions, follow_symlinks: see :func:`hbi_runtime.index.scan.scan`.
         timeout_s: per-file decoding limit (per probe / group of windows with ``window``).
-        retry_failed: decode again files that failed before and did not change since.
+        retry_failed: decode again every file that failed before (transient failures are retried anyway).
         full_hash: fingerprint files by all their bytes instead of size + first / last MiB.
-        rebuild: forget what the index holds (even from another model package) and index everything again.
+        rebuild: forget what the index holds (even from another model package) and index everything again; an
+            unreadable catalog is moved aside (:attr:`IndexSummary.moved_aside`).
+        force: allow a run that drops more than half of the index's videos (a wrong or emptied folder).
+        verify: hash every shard against its checksums (default: :data:`VERIFY_BUDGET_BYTES` of them per run).
         progress: called after each committed file as ``progress(done, total, path, files_per_second)``, and
             once with ``(0, total, None, 0.0)`` before the first.
     Returns:
         :class:`IndexSummary`.
     Raises:
-        MismatchError: the index was built with another model package, storage dtype or window policy.
-        BadInputError: ``video_dir`` is not a readable folder. UsageError: bad arguments, a non-index folder,
-            or another process updating the same index.
+        MismatchError: the index was built with another model package, storage dtype or window policy, or the
+            run would drop most of it (without ``force``).
+        BadInputError: ``video_dir`` is not a readable folder, the index folder cannot be written (read-only,
+            disk full, file size limit), or its catalog is damaged (without ``rebuild``).
+        UsageError: bad arguments, a non-index folder, or another process updating the same index.
     """
     t0 = time.monotonic()
     check_window(window, stride)
@@ -134,70 +187,166 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
     found = scan(video_dir, extensions, follow_symlinks=follow_symlinks)
     index_dir = Path(index_dir) if index_dir is not None else default_index_dir(video_dir, model)
     summary = IndexSummary(index_dir, skipped=found.skipped)
-    with Writer(index_dir) as writer:
-        _prepare(writer, index_meta(model, video_dir, dtype=dtype, window=window, stride=stride), rebuild)
-        jobs = _plan(writer, found.files, summary, retry_failed=retry_failed, full_hash=full_hash)
-        first_new_shard = writer.next_shard_id()
-        sink = _Sink(writer, model, dtype, batch_size, full_hash, summary, progress, len(jobs))
-        if jobs:
-            stream = (_decode_windows(model, jobs, window, stride, workers, timeout_s) if window is not None
-                      else _decode_whole(model, jobs, workers, timeout_s))
-            for job in stream:
-                sink.add(job)
-            sink.flush()
-        _tidy(writer, first_new_shard)
+    try:
+        with Writer(index_dir, recover=rebuild) as writer:
+            summary.moved_aside = writer.moved_aside
+            meta = index_meta(model, video_dir, dtype=dtype, window=window, stride=stride)
+            old = writer.current_meta()
+            fresh = rebuild or not old
+            damaged: list[dict] = []
+            if not fresh:
+                _check_compatible(old, meta, writer.dir)
+                meta = {**old, "video_dir": meta["video_dir"]}  # the folder may have moved: files are keyed by rel
+                damaged = _check_shards(writer, old, summary, full=verify, budget=verify_budget_bytes)
+            pending = writer.pending()
+            repair = writer.videos_in_shards([d["shard"] for d in damaged])
+            plan = _Plan() if fresh else _plan(writer, found.files, summary, retry_failed=retry_failed,
+                                               full_hash=full_hash, repair=repair, pending=pending)
+            if fresh:
+                plan.jobs = [_Job(entry, "new") for entry in found.files]
+            _guard_removals(plan, writer, old, meta, force)
+            writer.begin(meta, retire_all=fresh)
+            for rel, mtime_ns in plan.touches:
+                writer.touch(rel, mtime_ns)
+            if plan.removals:
+                writer.remove_videos(plan.removals)
+                summary.removed = len(plan.removals)
+            summary.repaired = [{**d, "shard": f"{d['shard']:06d}"} for d in damaged]
+            first_new_shard = writer.next_shard_id()
+            sink = _Sink(writer, model, dtype, batch_size, full_hash, summary, progress, len(plan.jobs))
+            if plan.jobs:
+                stream = (_decode_windows(model, plan.jobs, window, stride, workers, timeout_s) if window is not None
+                          else _decode_whole(model, plan.jobs, workers, timeout_s))
+                for job in stream:
+                    sink.add(job)
+                sink.flush()
+            writer.publish()
+            _tidy(writer, first_new_shard)
+            summary.failed = _failed_files(writer, {j.entry.rel for j in plan.jobs})
+    except OSError as exc:
+        raise _write_error(index_dir, exc) from None
+    except sqlite3.OperationalError as exc:
+        raise BadInputError(f"cannot update the index {index_dir} ({describe_io(exc)})",
+                            hint="check that the disk has room and the folder is writable; rerun to resume") from None
     summary.seconds = time.monotonic() - t0
     return summary
 
 
-def _prepare(writer: Writer, meta: dict, rebuild: bool) -> None:
-    old = writer.meta
-    if rebuild or not old:
-        writer.reset(meta)
-        return
-    check_model(old, meta["model_sha256"], writer.dir)
+def _write_error(index_dir: Path, exc: OSError) -> BadInputError | OSError:
+    """What the index writer says when the disk refuses (the run can be resumed: nothing committed is lost)."""
+    return environment_error(exc, f"cannot write the index {display_path(index_dir)}",
+                             hint="free space or fix the folder's permissions, then rerun: the run resumes where it "
+                                  "stopped, and readers still see the index as it was") or exc
+
+
+def _check_compatible(old: dict, meta: dict, index_dir: Path) -> None:
+    check_model(old, meta["model_sha256"], index_dir)
     for key, what in (("storage_dtype", "storage dtype"), ("window", "window policy"),
                       ("max_frames", "frames per video")):
         if old.get(key) != meta[key]:
-            raise MismatchError(f"index {writer.dir} was built with {what} {old.get(key)!r}; asked for "
+            raise MismatchError(f"index {index_dir} was built with {what} {old.get(key)!r}; asked for "
                                 f"{meta[key]!r}", hint="use the index's setting, a new --index folder, or --rebuild")
-    writer.set_meta({"video_dir": meta["video_dir"]})  # the folder may have moved: files are keyed relative to it
 
 
-def _plan(writer: Writer, files: list[ScanEntry], summary: IndexSummary, *, retry_failed: bool,
-          full_hash: bool) -> list[_Job]:
-    """Sort the scanned files into jobs (new / reindexed) and unchanged; drop catalogued files that are gone."""
+def _check_shards(writer: Writer, meta: dict, summary: IndexSummary, *, full: bool, budget: int) -> list[dict]:
+    """Cheap checks on every shard, full hashes on ``budget`` bytes of them (all with ``full``), least recently
+    verified first. Damaged shards are marked in the catalog and returned as ``{shard, videos, reason}``."""
+    damaged, healthy = [], []
+    for rec in writer.shard_records():
+        folder = shard_dir(writer.dir, rec.id)
+        reason = rec.damaged
+        if reason is None:
+            try:
+                _, reason = shard_checks.cheap_check(folder, rec.files, rec.n_rows, meta)
+            except FileNotFoundError:
+                reason = "its folder is missing"
+        if reason is None and rec.files is None:  # written before checksums existed: record them now
+            writer.record_shard(rec.id, shard_checks.record_files(folder))
+        elif reason is None:
+            healthy.append(rec)
+        else:
+            damaged.append((rec.id, reason))
+    healthy.sort(key=lambda r: (r.verified is not None, r.verified or ""))
+    spent = 0
+    for rec in healthy:
+        size = shard_checks.recorded_bytes(rec.files)
+        if not full and spent and spent + size > budget:
+            break
+        spent += size
+        reason = shard_checks.full_check(shard_dir(writer.dir, rec.id), rec.files)
+        summary.verified["shards"] += 1
+        summary.verified["bytes"] += size
+        if reason is None:
+            writer.mark_verified(rec.id)
+        else:
+            damaged.append((rec.id, reason))
+    out = []
+    for sid, reason in damaged:
+        writer.mark_damaged(sid, reason)
+        out.append({"shard": sid, "videos": len(writer.videos_in_shards([sid])), "reason": reason})
+    return out
+
+
+def _plan(writer: Writer, files: list[ScanEntry], summary: IndexSummary, *, retry_failed: bool, full_hash: bool,
+          repair: set[bytes], pending: int | None) -> _Plan:
+    """Sort the scanned files into jobs (new / reindexed / recovered), unchanged and resumed ones, and removals.
+    Reads only: the writer applies the plan after :func:`_guard_removals`."""
     known = writer.videos()
-    jobs = []
+    plan = _Plan(known=len(known))
     for entry in files:
         old = known.pop(entry.rel, None)
         if old is None:
-            jobs.append(_Job(entry, "new"))
+            plan.jobs.append(_Job(entry, "new"))
             continue
-        _, size, mtime_ns, content_hash, status = old
-        same = size == entry.size and (mtime_ns == entry.mtime_ns or _same_content(entry, content_hash, writer,
-                                                                                   full_hash))
-        if same and not (retry_failed and status == "failed"):
-            summary.unchanged += 1
+        _, size, mtime_ns, content_hash, status, error_kind, gen_added = old
+        if entry.rel in repair:
+            plan.jobs.append(_Job(entry, "reindexed"))
+            continue
+        same = size == entry.size and (mtime_ns == entry.mtime_ns or _same_content(entry, content_hash, full_hash))
+        if same and mtime_ns != entry.mtime_ns:
+            plan.touches.append((entry.rel, entry.mtime_ns))
+        if status == "failed":
+            if not same or retry_failed or error_kind == TRANSIENT:
+                plan.jobs.append(_Job(entry, "recovered"))
+        elif not same:
+            plan.jobs.append(_Job(entry, "reindexed"))
+        elif pending is not None and gen_added == pending:
+            summary.resumed += 1
         else:
-            jobs.append(_Job(entry, "reindexed"))
-    if known:
-        writer.remove_videos(list(known))
-        summary.removed = len(known)
-    return jobs
+            summary.unchanged += 1
+    plan.removals = list(known)
+    return plan
 
 
-def _same_content(entry: ScanEntry, content_hash: str | None, writer: Writer, full_hash: bool) -> bool:
-    """Same size, new mtime: compare hashes; when equal, keep the entry and record the new mtime."""
+def _same_content(entry: ScanEntry, content_hash: str | None, full_hash: bool) -> bool:
+    """Same size, new mtime: the file is the same when its fingerprint is."""
     if not content_hash:
         return False
     try:
-        same = fast_hash(entry.path, entry.size, full=content_hash.startswith("full:")) == content_hash
+        return fast_hash(entry.path, entry.size, full=content_hash.startswith("full:")) == content_hash
     except OSError:
         return False
-    if same:
-        writer.touch(entry.rel, entry.mtime_ns)
-    return same
+
+
+def _guard_removals(plan: _Plan, writer: Writer, old: dict, meta: dict, force: bool) -> None:
+    """Refuse a run that would drop more than half of the index (at least 2 videos): a wrong, emptied or
+    unmounted folder, not a library that changed."""
+    n = len(plan.removals)
+    if force or n < 2 or 2 * n <= plan.known:
+        return
+    moved = "" if old.get("video_dir") in (None, meta.get("video_dir")) else \
+        f" (the index was built for {old.get('video_dir')}, this run indexes {meta.get('video_dir')})"
+    raise MismatchError(f"this run would drop {n} of the {plan.known} videos of index {writer.dir}, which are not "
+                        f"in the folder{moved}",
+                        hint="check the folder (moved? unmounted?); pass --force to drop them, or use another "
+                             "--index for another folder")
+
+
+def _failed_files(writer: Writer, attempted: set[bytes]) -> list[FailedFile]:
+    return [FailedFile(display_path(bytes(rel)), error, kind or PERMANENT, bytes(rel), bytes(rel) in attempted)
+            for rel, error, kind in writer.conn.execute(
+                "SELECT rel, error, error_kind FROM videos WHERE gen_removed IS NULL AND status = 'failed' "
+                "ORDER BY rel")]
 
 
 def _tidy(writer: Writer, first_new_shard: int) -> None:
@@ -213,6 +362,16 @@ def _tidy(writer: Writer, first_new_shard: int) -> None:
         writer.merge([u[0] for u in usage])
 
 
+def failure_kind(error: Exception) -> str:
+    """``transient`` for failures that may pass by themselves (permissions, I/O, timeouts), else ``permanent``."""
+    from hbi_runtime.video import DecodeTimeoutError
+
+    transient = getattr(error, "transient", None)
+    if transient is None:
+        transient = isinstance(error, (DecodeTimeoutError, OSError))
+    return TRANSIENT if transient else PERMANENT
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # decoding streams: yield each job once all its windows are decoded (or it failed), in job order
 
@@ -223,7 +382,7 @@ def _decode_whole(model, jobs: list[_Job], workers: int, timeout_s: float) -> It
     with VideoDecoder(model.manifest.preprocessing, workers=workers, timeout_s=timeout_s) as pool:
         for job, (_, result) in zip(jobs, pool.decode_many(job.entry.path for job in jobs)):
             if isinstance(result, VideoDecodeError):
-                job.error = result.reason
+                job.fail(result.reason, failure_kind(result))
             else:
                 end = result.n_frames / result.fps
                 job.windows.append((Window(0.0, end, 0, result.n_frames), result))
@@ -241,7 +400,7 @@ def _decode_windows(model, jobs: list[_Job], window: float, stride: float, worke
             probes = pool.decode_many(WindowTask(j.entry.path, window, stride) for j in chunk)
             for job, (_, probe) in zip(chunk, probes):
                 if isinstance(probe, VideoDecodeError):
-                    job.error = probe.reason
+                    job.fail(probe.reason, failure_kind(probe))
                     continue
                 for first in range(0, len(probe.windows), WINDOWS_PER_TASK):
                     tasks.append(WindowTask(job.entry.path, window, stride, "decode", first, WINDOWS_PER_TASK))
@@ -251,7 +410,7 @@ def _decode_windows(model, jobs: list[_Job], window: float, stride: float, worke
             queue = collections.deque(chunk)
             for job, (_, result) in zip(owners, results):
                 if isinstance(result, VideoDecodeError):
-                    job.error = job.error or result.reason
+                    job.fail(result.reason, failure_kind(result))
                 elif job.error is None:
                     job.windows.extend((dw.window, dw.video) for dw in result)
                 pending[id(job)] -= 1
@@ -283,7 +442,7 @@ class _Sink:
 
     def add(self, job: _Job) -> None:
         if job.error is None and not job.windows:
-            job.error = "no frames to sample"
+            job.fail("no frames to sample", PERMANENT)
         if job.error is None:
             job.stored = len(job.windows)
             for _, video in job.windows:
@@ -308,11 +467,11 @@ class _Sink:
             return
         self._encode()
         hashes = {id(job): self._hash(job) for job in self.jobs}
-        shard_id = self.writer.write_shard(VideoStore.concat(self.stores)) if self.stores else None
+        shard_id, files = self.writer.write_shard(VideoStore.concat(self.stores)) if self.stores else (None, None)
         row = 0
         with self.writer.transaction():
             if shard_id is not None:
-                self.writer.add_shard(shard_id, self.rows)
+                self.writer.add_shard(shard_id, self.rows, files)
             for job in self.jobs:
                 row = self._commit_job(job, hashes[id(job)], shard_id, row)
         self._report()
@@ -322,7 +481,7 @@ class _Sink:
         try:
             return fast_hash(job.entry.path, job.entry.size, full=self.full_hash)
         except OSError as exc:
-            job.error = job.error or f"cannot read it to fingerprint it ({exc.strerror})"
+            job.fail(f"cannot read it to fingerprint it ({exc.strerror})", TRANSIENT)
             return None
 
     def _commit_job(self, job: _Job, content_hash: str | None, shard_id: int | None, row: int) -> int:
@@ -331,7 +490,7 @@ class _Sink:
         vid = self.writer.put_video(
             e.rel, e.display, size=e.size, mtime_ns=e.mtime_ns, content_hash=content_hash,
             duration=video.duration if video else None, fps=video.fps if video else None,
-            n_frames=video.n_frames if video else None, error=job.error)
+            n_frames=video.n_frames if video else None, error=job.error, error_kind=job.error_kind)
         if job.error is None:
             self.writer.add_rows([(vid, shard_id, row + i, w.start_s, w.end_s, v.indices.tolist())
                                   for i, (w, v) in enumerate(job.windows)])
@@ -339,9 +498,7 @@ class _Sink:
 
     def _report(self) -> None:
         for job in self.jobs:
-            if job.error is not None:
-                self.summary.failed.append((job.entry.display, job.error))
-            else:
+            if job.error is None:
                 setattr(self.summary, job.kind, getattr(self.summary, job.kind) + 1)
                 self.summary.rows += len(job.windows)
             job.windows = []

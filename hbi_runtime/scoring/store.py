@@ -289,8 +289,10 @@ class VideoStore:
 def _read_header(folder: Path) -> dict:
     try:
         header = json.loads((folder / HEADER_FILE).read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise BadInputError(f"{folder} is not a video store: cannot read {HEADER_FILE} ({exc})") from exc
+    if not isinstance(header, dict):
+        raise BadInputError(f"{folder} is not a video store: {HEADER_FILE} is not an object")
     if header.get("schema") != SCHEMA:
         raise MismatchError(f"video store {folder} has schema {header.get('schema')!r}; this version reads {SCHEMA}",
                             hint="re-index with this version of hbi-toolkit")

@@ -9,11 +9,14 @@ A caption package is a folder beside (or anywhere relative to) a retrieval packa
     decoder_step.onnx    one token + the cache -> log-probabilities + the longer cache
 
 Its manifest names the retrieval package (``retrieval.path``, relative to the caption package, and
-``retrieval.manifest_sha256``); the video side comes from *that* package's ``video_encoder.onnx``, so one
-exported backbone serves retrieval, captioning and QA. A decoder with a spatial memory (``patch_grid``) also reads
+``retrieval.manifest_sha256``; a reference to another package, loaded and checked as one, not a file of this
+package); the video side comes from *that* package's ``video_encoder.onnx``, so one exported backbone serves
+retrieval, captioning and QA. A decoder with a spatial memory (``patch_grid``) also reads
 where things are in each frame: ``frame_patches.onnx`` holds a frozen copy of the retrieval vision tower's blocks
 but the last and maps the same preprocessed frames to pooled patch tokens (:class:`CaptionVideos`). Loading
-refuses an edited manifest, a graph whose sha256 differs, a retrieval package with another hash, and (unless
+refuses an edited manifest, a graph (or its listed ``external_data``) whose sha256 differs, external data a graph
+reads that the manifest does not list, a symlink leading out of the folder (the checks every package kind shares,
+:func:`hbi_runtime.package_files.check_package_files`), a retrieval package with another hash, and (unless
 allowed) a package whose parity failed.
 
 Token ids inside the graphs are *decoder indices*: ``decoder.vocab_ids[i]`` is the CLIP BPE id of index ``i``
@@ -22,7 +25,6 @@ Token ids inside the graphs are *decoder indices*: ``decoder.vocab_ids[i]`` is t
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -32,7 +34,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from hbi_runtime.errors import BadInputError, GateFailedError, MismatchError, UsageError
-from hbi_runtime.package import GraphSpec, manifest_sha256, sha256_file
+from hbi_runtime.package import GraphSpec, manifest_sha256
+from hbi_runtime.inputs import read_json
+from hbi_runtime.package_files import check_package_files
 from hbi_runtime.tasks.generate import Hypothesis, SearchOptions, generate
 from hbi_runtime.tokenizer import EOT_ID, SOT_ID, VOCAB_SIZE
 
@@ -73,21 +77,21 @@ def read_caption_manifest(root: str | os.PathLike, *, verify_hashes: bool = True
     """Read and check a caption package's manifest and graph files (module docstring).
 
     Raises:
-        BadInputError: missing folder / manifest / file, malformed field (exit 3).
-        MismatchError: another schema, an edited manifest, a modified graph (exit 4).
+        BadInputError: missing folder / manifest / file, unreadable / oversized / too deeply nested manifest,
+            malformed field, a symlink leading out of the package (exit 3).
+        MismatchError: another schema, an edited manifest, a modified graph, external data the manifest does not
+            list (exit 4).
     """
     root = Path(root)
     path = root / "manifest.json"
     if not path.is_file():
         raise BadInputError(f"{root} is not a caption package: it has no manifest.json",
                             hint="pass --caption-model DIR (a folder written by `hbi-train caption-export`)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"{path} is not valid JSON ({exc})", hint=_hint(root)) from None
-    if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
-        raise MismatchError(f"{path} is not a caption package manifest (schema {raw.get('schema')!r}"
-                            if isinstance(raw, dict) else f"{path} is not a JSON object",
+    raw = read_json(path, what="caption package manifest", hint=_hint(root))
+    if not isinstance(raw, dict):
+        raise BadInputError(f"{path} is not a JSON object, so not a caption package manifest", hint=_hint(root))
+    if raw.get("schema") != SCHEMA:
+        raise MismatchError(f"{path} is not a caption package manifest (schema {raw.get('schema')!r})",
                             hint="a retrieval package is not a caption package; pass the caption package folder")
     if raw.get("schema_version") != SCHEMA_VERSION:
         raise MismatchError(f"{path}: caption package schema version {raw.get('schema_version')!r}; this runtime "
@@ -102,16 +106,9 @@ def read_caption_manifest(root: str | os.PathLike, *, verify_hashes: bool = True
         rpath, rsha = str(retrieval["path"]), str(retrieval["manifest_sha256"])
         status = str(raw["status"])
         generation = dict(raw.get("generation", {}))
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise BadInputError(f"{path}: a required field is missing or malformed ({exc})", hint=_hint(root)) from None
-    for name, spec in graphs.items():
-        file = root / spec.file
-        if not file.is_file():
-            raise BadInputError(f"caption package {root} is incomplete: graph {name!r} file {file} is missing",
-                                hint=_hint(root))
-        if verify_hashes and sha256_file(file) != spec.sha256:
-            raise MismatchError(f"{file} was modified after export (its sha256 differs from the manifest's)",
-                                hint=_hint(root))
+    check_package_files(root, graphs=graphs, verify_hashes=verify_hashes, kind="caption package", hint=_hint(root))
     return CaptionManifest(raw, raw["manifest_sha256"], graphs, decoder, rpath, rsha, status, generation)
 
 
@@ -399,36 +396,22 @@ def read_references(path: str | os.PathLike, videos: str | os.PathLike) -> dict[
     """``video path -> reference captions`` from a CSV (``video,caption`` rows) or JSON (``{video: [...]}``).
 
     Video names are resolved against ``videos`` (as written, else by file name). Raises BadInputError."""
-    import csv
+    from hbi_runtime.inputs import read_captions
 
     path, root = Path(path), Path(videos)
     if not path.is_file():
         raise BadInputError(f"captions file {path} does not exist", hint="pass --captions FILE (CSV or JSON)")
     if not root.is_dir():
         raise BadInputError(f"videos folder {root} does not exist or is not a folder", hint="pass --videos DIR")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"cannot read captions file {path}: {exc}") from None
     pairs: list[tuple[str, str]] = []
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BadInputError(f"{path} is not valid JSON ({exc})") from None
+        data = read_json(path, what="captions file")
         if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(c, str) for c in v)
                                                  for v in data.values()):
             raise BadInputError(f"{path}: expected a JSON object {{video: [captions]}}")
         pairs = [(k, c) for k, v in data.items() for c in v]
     else:
-        rows = list(csv.reader(text.splitlines()))
-        if not rows or [h.strip().lower() for h in rows[0][:2]] != ["video", "caption"]:
-            raise BadInputError(f"{path}: a CSV of references needs the header 'video,caption'",
-                                hint="one row per (video, reference caption)")
-        for i, row in enumerate(rows[1:], start=2):
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise BadInputError(f"{path}, line {i}: expected 'video,caption'")
-            pairs.append((row[0].strip(), row[1].strip()))
+        pairs = [(video, caption) for video, caption in read_captions(path)]
     if not pairs:
         raise BadInputError(f"captions file {path} has no references")
     refs: dict[str, list[str]] = {}

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import TableFormat, csv_text, emit_json, guarded
+from hbi_runtime.cli_support import TableFormat, csv_text, emit_json, guarded, json_text
+from hbi_runtime.names import display_path, printable
 
 CAPTION_SCHEMA = "hbi.caption/1"
 EVAL_SCHEMA = "hbi.eval-caption/1"
@@ -59,22 +61,20 @@ def _check_files(paths: list[Path]) -> None:
 
 
 def _render(rows: list[dict], fmt: TableFormat, header: dict) -> str:
-    import json
-
     if fmt is TableFormat.json:
-        return json.dumps({**header, "results": rows}, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        return json_text({**header, "results": rows}) + "\n"
     if fmt is TableFormat.jsonl:
-        return "".join(json.dumps({**header, **r}, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
+        return "".join(json_text({**header, **r}, indent=None) + "\n" for r in rows)
     keys = ["path", "question", "text", "logprob", "error"]
     if fmt is TableFormat.csv:
         return csv_text(keys, ([r.get(k) if r.get(k) is not None else "" for k in keys] for r in rows))
     lines = []
     for r in rows:
-        name = Path(r["path"]).name
+        name = display_path(os.path.basename(r["path"]))
         if r.get("error"):
-            lines.append(f"{name}: FAILED ({r['error']})")
+            lines.append(f"{name}: FAILED ({printable(r['error'])})")
         elif r.get("question"):
-            lines.append(f"{name}: Q: {r['question']}  A: {r['text']}")
+            lines.append(f"{name}: Q: {printable(r['question'])}  A: {r['text']}")
         else:
             lines.append(f"{name}: {r['text']}")
     return "\n".join(lines) + "\n"

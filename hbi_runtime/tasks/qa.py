@@ -20,7 +20,6 @@ package's answer vocabulary are left out (and counted); top-1 and top-5 over the
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -76,31 +75,21 @@ def read_questions(path: str | os.PathLike) -> list[tuple[str, str, str | None]]
     Raises:
         BadInputError: unreadable, no header with ``video`` and ``question`` columns, no rows, or an empty cell.
     """
+    from hbi_runtime.inputs import read_csv
+
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise BadInputError(f"cannot read the question file {path}: {exc}") from None
     hint = "the file is CSV with a header line: video,question[,answer]"
-    if not rows:
-        raise BadInputError(f"question file {path} is empty", hint=hint)
-    header = [h.strip().lower() for h in rows[0]]
-    if "video" not in header or "question" not in header:
-        raise BadInputError(f"question file {path}: the header {rows[0]} has no 'video' and 'question' columns",
-                            hint=hint)
-    iv, iq = header.index("video"), header.index("question")
-    ia = header.index("answer") if "answer" in header else None
+    rows = read_csv(path, "question")
+    columns = {name.lower(): name for name in rows[0][1]}
+    if "video" not in columns or "question" not in columns:
+        raise BadInputError(f"question file {path}: the header {list(rows[0][1])} has no 'video' and 'question' "
+                            "columns", hint=hint)
     out = []
-    for line, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            raise BadInputError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}", hint=hint)
-        video, question = row[iv].strip(), row[iq].strip()
-        answer = row[ia].strip() if ia is not None else None
-        if not video or not question or (ia is not None and not answer):
-            raise BadInputError(f"{path}:{line}: empty video, question or answer", hint=hint)
+    for line, row in rows:
+        video, question = row[columns["video"]].strip(), row[columns["question"]].strip()
+        answer = row[columns["answer"]].strip() if "answer" in columns else None
+        if not video or not question or ("answer" in columns and not answer):
+            raise BadInputError(f"question file {path}, line {line}: empty video, question or answer", hint=hint)
         resolved = Path(video) if Path(video).is_absolute() else path.parent / video
         out.append((str(resolved), question, answer))
     if not out:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import TableFormat, csv_text, emit_json, guarded
+from hbi_runtime.cli_support import TableFormat, csv_text, emit_json, guarded, json_text
 from hbi_runtime.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED
+from hbi_runtime.names import display_path, printable
 
 DEMO_QA_PACKAGE = Path(__file__).resolve().parent.parent / "data" / "demo" / "qa" / "package"
 SCHEMA = "hbi.qa/1"
@@ -52,21 +52,22 @@ def render(payload: dict, fmt: TableFormat) -> str:
     """The answered rows in one of the output formats (``payload`` = the JSON document)."""
     rows = payload["results"]
     if fmt is TableFormat.json:
-        return json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        return json_text(payload) + "\n"
     if fmt is TableFormat.jsonl:
         head = {"schema": payload["schema"], "model_sha256": payload["model_sha256"]}
-        return "".join(json.dumps({**head, **r}, ensure_ascii=False) + "\n" for r in rows)
+        return "".join(json_text({**head, **r}, indent=None, sort_keys=False) + "\n" for r in rows)
     if fmt is TableFormat.csv:
         return csv_text(["video", "question", "rank", "answer", "probability", "expected", "correct"],
                         ([r["video"], r["question"], a["rank"], a["answer"], a["probability"], r.get("expected", ""),
                           "" if "correct" not in r else int(r["correct"])] for r in rows for a in r["answers"]))
     lines = []
     for r in rows:
-        mark = "" if "correct" not in r else ("  [ok]" if r["correct"] else f"  [expected {r['expected']}]")
-        lines.append(f'{r["video"]}: "{r["question"]}"{mark}' + ("  (truncated)" if r["truncated"] else ""))
+        mark = "" if "correct" not in r else ("  [ok]" if r["correct"] else f"  [expected {printable(r['expected'])}]")
+        lines.append(f'{display_path(r["video"])}: "{printable(r["question"])}"{mark}'
+                     + ("  (truncated)" if r["truncated"] else ""))
         lines += [f"  {a['rank']:>3}  {a['probability']:7.4f}  {a['answer']}" for a in r["answers"]]
     for f in payload["failed"]:
-        lines.append(f'{f["video"]}: "{f["question"]}": FAILED: {f["reason"]}')
+        lines.append(f'{display_path(f["video"])}: "{printable(f["question"])}": FAILED: {printable(f["reason"])}')
     acc = payload.get("accuracy")
     if acc:
         top1 = "-" if acc["top1"] is None else f"{100 * acc['top1']:.1f} %"
@@ -147,7 +148,7 @@ def register(app: typer.Typer) -> None:
                                  "decoded\n")
             for r in result.rows:
                 if r.truncated and not json_mode:
-                    sys.stderr.write(f'warning: question "{r.question[:60]}" was truncated to the model\'s '
+                    sys.stderr.write(f'warning: question "{printable(r.question[:60])}" was truncated to the model\'s '
                                      "text length\n")
             if output_format is TableFormat.json:
                 emit_json(payload)

@@ -13,8 +13,10 @@ A QA package is a folder of its own, separate from a retrieval package (its weig
 
 The pooled vectors (``*_l0..l2``: entity, action, event) are per modality, so a video is encoded once for any
 number of questions. The manifest reuses the retrieval package's parts (:class:`GraphSpec`,
-:class:`Preprocessing`, :class:`TokenizerSpec`) and its integrity rules: every file listed with its sha256, the
-manifest hashed, an unknown schema, an edited file or a failed / missing parity check refused.
+:class:`Preprocessing`, :class:`TokenizerSpec`) and its integrity rules: every file listed with its sha256 (a graph's
+external data files in its ``external_data``), the manifest hashed, an unknown schema, an edited file, a symlink
+leading out of the folder or a failed / missing parity check refused. The files are checked by the check every
+package kind shares, :func:`hbi_runtime.package_files.check_package_files` (docs/packages.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from typing import Any, Mapping
 from hbi_runtime import __version__
 from hbi_runtime.errors import BadInputError, GateFailedError, MismatchError
 from hbi_runtime.fileio import write_atomic
-from hbi_runtime.package import GraphSpec, Preprocessing, TokenizerSpec, manifest_sha256, sha256_file
+from hbi_runtime.package import GraphSpec, Preprocessing, TokenizerSpec, manifest_sha256
+from hbi_runtime.inputs import read_json
+from hbi_runtime.package_files import check_package_files
 
 QA_MANIFEST = "qa_manifest.json"
 QA_KIND = "hbi-qa"
@@ -146,14 +150,13 @@ def read_answers(path: str | os.PathLike) -> list[str]:
     """An answer vocabulary file ``{"answer": id}`` (ids exactly 0..A-1) -> answers in id order.
 
     Raises:
-        BadInputError: unreadable, not an object, ids not integers 0..A-1, or duplicated.
+        BadInputError: unreadable, not JSON (or too large / deeply nested, see
+            :func:`~hbi_runtime.inputs.read_json`), not an object, ids not integers 0..A-1, or
+            duplicated.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"cannot read the answer vocabulary {path}: {exc}",
-                            hint='it must be a JSON object {"answer": id, ...} like train_ans2label.json') from None
+    data = read_json(path, what="answer vocabulary",
+                             hint='it must be a JSON object {"answer": id, ...} like train_ans2label.json')
     if not isinstance(data, dict) or not data:
         raise BadInputError(f"{path}: expected a non-empty JSON object {{\"answer\": id}}")
     ids = list(data.values())
@@ -180,8 +183,10 @@ def load_qa_package(pkg_dir: str | os.PathLike, *, allow_unverified: bool = Fals
     """Read and check a QA package (manifest hash, every file's sha256, parity status, answer vocabulary).
 
     Raises:
-        BadInputError: no folder / manifest, malformed field, missing file (exit 3).
-        MismatchError: a retrieval package, unknown schema, edited manifest or file (exit 4).
+        BadInputError: no folder / manifest, unreadable / oversized / too deeply nested manifest, malformed field,
+            missing file, a symlink leading out of the package (exit 3).
+        MismatchError: a retrieval package, unknown schema, edited manifest or file, external data the manifest
+            does not list (exit 4).
         GateFailedError: parity failed or never ran, without ``allow_unverified`` (exit 5).
     """
     root = Path(pkg_dir)
@@ -193,24 +198,14 @@ def load_qa_package(pkg_dir: str | os.PathLike, *, allow_unverified: bool = Fals
             raise MismatchError(f"{root} is a retrieval model package, not a QA package (no {QA_MANIFEST})",
                                 hint="pass a QA package (--model), e.g. the demo's hbi_runtime/data/demo/qa/package")
         raise BadInputError(f"{root} is not a QA package: it has no {QA_MANIFEST}", hint=export_hint(root))
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"cannot read {path}: {exc}", hint=export_hint(root)) from None
+    raw = read_json(path, what="QA package manifest", hint=export_hint(root))
     manifest = QAManifest.from_dict(raw, str(path))
     stored = raw.get(HASH_FIELD)
     if stored != manifest_sha256(raw):
         raise MismatchError(f"{path} was edited after export (its {HASH_FIELD} does not match)",
                             hint=export_hint(root))
-    listed = [(g.file, g.sha256) for g in manifest.graphs.values()] + list(manifest.tokenizer.files.items())
-    listed.append((manifest.answers["file"], manifest.answers["sha256"]))
-    for rel, expected in listed:
-        file = root / rel
-        if not file.is_file():
-            raise BadInputError(f"QA package {root} is incomplete: {file} is missing", hint=export_hint(root))
-        if sha256_file(file) != expected:
-            raise MismatchError(f"{file} was modified after export (sha256 differs from the manifest)",
-                                hint=export_hint(root))
+    listed = [*manifest.tokenizer.files.items(), (manifest.answers["file"], manifest.answers["sha256"])]
+    check_package_files(root, listed, graphs=manifest.graphs, kind="QA package", hint=export_hint(root))
     if not allow_unverified and manifest.status != "verified":
         raise GateFailedError(f"QA package {root} has parity status {manifest.status!r}; refusing to use it",
                               hint="re-export it (parity runs at export), or pass --allow-unverified")

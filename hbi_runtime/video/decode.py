@@ -58,7 +58,11 @@ def check_preprocessing(preprocessing) -> None:
 
 
 def decoder_chain(decoder: str) -> list[str]:
-    """The decoders to try, in order: ``auto`` is decord then PyAV (whichever are installed)."""
+    """The decoders to try, in order: ``auto`` is decord then PyAV (whichever are installed).
+
+    PyAV is needed in any case: :mod:`hbi_runtime.video.container` checks each file with it before any decoder
+    opens it (only self-contained video containers are decoded).
+    """
     if decoder.startswith("fault-"):
         return [decoder]
     if decoder not in DECODERS:
@@ -69,6 +73,9 @@ def decoder_chain(decoder: str) -> list[str]:
         wanted = "decord or av" if decoder == "auto" else {"decord": "decord", "pyav": "av"}[decoder]
         raise MissingDependencyError(f"video decoding needs {wanted}, which is not installed",
                                      hint=f"pip install {wanted.split()[0]}")
+    if not AVAILABLE["pyav"]():  # every file's container is checked with PyAV before decord opens it
+        raise MissingDependencyError("video decoding needs av (PyAV), which is not installed: it checks every "
+                                     "file's container before decord opens it", hint="pip install av")
     return chain
 
 
@@ -78,8 +85,8 @@ def _check_file(path) -> None:
     except FileNotFoundError:
         raise VideoDecodeError(path, "no such file", hint="check the path") from None
     except OSError as exc:
-        raise VideoDecodeError(path, f"cannot read it: {exc.strerror}", hint="check the path and permissions") \
-            from None
+        raise VideoDecodeError(path, f"cannot read it: {exc.strerror}", hint="check the path and permissions",
+                               transient=True) from None
     if not stat.S_ISREG(info.st_mode):
         raise VideoDecodeError(path, "not a regular file", hint="give a video file, not a folder or device")
     if info.st_size == 0:

@@ -17,6 +17,10 @@ Seeking: to read frame ``i`` a reader seeks to the last keyframe at or before it
 is already positioned in that group of pictures; so an hour-long file costs one short decode per sampled frame.
 Library exceptions are wrapped in :class:`ReaderError` with the reason; :mod:`hbi_runtime.video.decode` turns
 them into per-file errors or a fallback to the next decoder.
+
+Opening: both readers open a file only through :mod:`hbi_runtime.video.container` (PyAV under a format and
+protocol allow-list; decord by the descriptor of the checked file), so playlists, concat lists, manifests, text
+and image files are refused with a final per-file error before any decoder reads them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from typing import Iterator
 
 import numpy as np
 
-from hbi_runtime.video.errors import DecodeTimeoutError, NoVideoStreamError, VideoDecodeError
+from hbi_runtime.video.container import Source, check_container, first_video_stream, open_container
+from hbi_runtime.video.errors import DecodeTimeoutError, VideoDecodeError
 
 DECORD_CHUNK = 4  # frames per decord get_batch call: bounds the raw-frame memory at 4 x H x W x 3 bytes
 
@@ -117,7 +122,12 @@ def decord_available() -> bool:
 
 
 class DecordReader(Reader):
-    """decord 0.6: the decoder the official model was trained with (``VideoReader(path, ctx=cpu(0))``)."""
+    """decord 0.6: the decoder the official model was trained with (``VideoReader(path, ctx=cpu(0))``).
+
+    decord takes no FFmpeg options: the file is first checked by :func:`hbi_runtime.video.container.check_container`
+    (PyAV under the format / protocol allow-lists, and the leading bytes against what decord's older FFmpeg would
+    read as a playlist), and decord then opens the same checked file by descriptor (``Source.url``).
+    """
 
     name = "decord"
 
@@ -128,19 +138,21 @@ class DecordReader(Reader):
         self._error = (decord.DECORDError, RuntimeError)
         self.path = path
         self.warnings = []
-        text = utf8_str_path(path)
-        if text is None:  # decord passes the name through a UTF-8 std::string and fails (see measured.md)
+        if utf8_str_path(path) is None:  # decord passes names through a UTF-8 std::string and fails (see measured.md)
             raise ReaderError("decord cannot open file names that are not valid UTF-8")
-        try:
-            self._vr = decord.VideoReader(text, ctx=decord.cpu(0), num_threads=threads)
-            n = len(self._vr)
-            fps = float(self._vr.get_avg_fps())
-            stamps = self._vr.get_frame_timestamp([0, n - 1]) if n > 0 else None
-        except self._error as exc:
-            raise ReaderError(_last_line(exc)) from None
+        with Source(path) as source:
+            checked = check_container(path, source=source)  # a final VideoDecodeError when the file is refused
+            url = source.url if source.url is not None else "file:" + utf8_str_path(path)
+            try:
+                self._vr = decord.VideoReader(url, ctx=decord.cpu(0), num_threads=threads)
+                n = len(self._vr)
+                fps = float(self._vr.get_avg_fps())
+                stamps = self._vr.get_frame_timestamp([0, n - 1]) if n > 0 else None
+            except self._error as exc:
+                raise ReaderError(_last_line(exc).replace(url, "the file")) from None
         duration = float(stamps[1, 1] - stamps[0, 0]) if stamps is not None else None
-        width, height = _probe_size(path)
-        self.info = VideoInfo(n_frames=n, avg_fps=fps, duration=duration, width=width, height=height)
+        # decord gives no size before decoding; the memory budget is checked before any frame is decoded
+        self.info = VideoInfo(n_frames=n, avg_fps=fps, duration=duration, width=checked.width, height=checked.height)
 
     def frames(self, indices: np.ndarray) -> Iterator[np.ndarray]:
         for start in range(0, len(indices), DECORD_CHUNK):
@@ -161,23 +173,6 @@ def _last_line(exc: BaseException) -> str:
     return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[0]) if lines else type(exc).__name__
 
 
-def _probe_size(path) -> tuple[int | None, int | None]:
-    """Coded width and height from the headers through PyAV (no decoding), when PyAV is installed: decord
-    gives no size before decoding, and the memory budget is checked before any frame is decoded."""
-    if not pyav_available():
-        return None, None
-    import av
-
-    try:
-        with _open_av(path) as container:
-            if not container.streams.video:
-                return None, None
-            ctx = container.streams.video[0].codec_context
-            return ctx.width or None, ctx.height or None
-    except (av.FFmpegError, OSError):
-        return None, None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # PyAV
 
@@ -188,16 +183,6 @@ def pyav_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _open_av(path):
-    """av.open for any path: names that are not valid UTF-8 go through a Python file object."""
-    import av
-
-    text = utf8_str_path(path)
-    if text is not None:
-        return av.open(text, metadata_errors="ignore")
-    return av.open(open(os.fsencode(path), "rb"), metadata_errors="ignore")
 
 
 class PyAVReader(Reader):
@@ -212,21 +197,21 @@ class PyAVReader(Reader):
         self.path = path
         self.warnings = []
         self._deadline = deadline
+        self._source = Source(path)
         try:
-            self._container = _open_av(path)
-        except (av.FFmpegError, OSError) as exc:
-            raise ReaderError(f"PyAV cannot open it: {exc}") from None
+            # the checked open (hbi_runtime.video.container): a final VideoDecodeError when the file is refused
+            self._container = open_container(self._source)
+        except BaseException:
+            self._source.close()
+            raise
         try:
             self._open(threads)
         except BaseException:
-            self._container.close()
+            self.close()
             raise
 
     def _open(self, threads: int) -> None:
-        if not self._container.streams.video:
-            kinds = sorted({s.type for s in self._container.streams}) or ["none"]
-            raise NoVideoStreamError(self.path, f"no video stream (streams: {', '.join(kinds)})")
-        self._stream = stream = self._container.streams.video[0]
+        self._stream = stream = first_video_stream(self._container)
         stream.codec_context.thread_count = threads
         pts, keys, end = self._index()
         self._pts = pts  # sorted presentation timestamps, one per frame index
@@ -322,6 +307,7 @@ class PyAVReader(Reader):
     def close(self) -> None:
         self._frames_iter = None
         self._container.close()
+        self._source.close()
 
 
 READERS: dict[str, type[Reader]] = {"decord": DecordReader, "pyav": PyAVReader}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import hbi_runtime
 from hbi_export.cli import app
 from hbi_runtime.compare import compare_tensors
 from hbi_runtime.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_USAGE, UsageError
+from hbi_runtime.names import display_path, parse_display_path
 from hbi_runtime.package import MANIFEST_NAME, load_package, sha256_file
 
 onnx = pytest.importorskip("onnx")
@@ -290,3 +292,133 @@ def test_derived_package_refuses_to_overwrite_its_source():
     with pytest.raises(UsageError, match="is the source package itself"):
         write_derived_package(load_package(PKG), PKG, graphs={}, status="verified")
     assert MANIFEST_NAME in {p.name for p in PKG.iterdir()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --out and --overwrite (hbi_runtime.fileio.prepare_output_dir): never the source package, the videos or the
+# captions file, never a folder of other files; a previous package is replaced only once the new one is complete
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+@pytest.mark.parametrize("where", ["the source package", "the videos", "the captions file's folder"])
+def test_out_may_not_be_an_input(tmp_path, captions_csv, where):
+    source, videos, captions = tmp_path / "pkg", tmp_path / "videos", tmp_path / "caps" / "captions.csv"
+    shutil.copytree(PKG, source)
+    shutil.copytree(SAMPLES, videos)
+    captions.parent.mkdir()
+    shutil.copy(captions_csv, captions)
+    before = _tree(tmp_path)
+    out = {"the source package": source, "the videos": videos, "the captions file's folder": captions.parent}[where]
+    result = runner.invoke(app, ["calibrate", str(source), "--videos", str(videos), "--captions", str(captions),
+                                 "--out", str(out), "--overwrite", "--workers", "1"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "the input" in result.stderr and "hint:" in result.stderr and "Traceback" not in result.output
+    assert "to calibrate" not in result.stderr  # refused at once, not after minutes of calibration
+    assert _tree(tmp_path) == before
+
+
+def test_a_folder_of_other_files_is_refused_even_with_overwrite(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = _calibrate("--videos", str(SAMPLES), "--out", str(mine), "--overwrite")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "does not hold a model package" in result.stderr and "even with --overwrite" in result.stderr
+    assert _tree(mine) == {"notes.txt": b"keep me"}
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_a_previous_package(int8, tmp_path):
+    out = tmp_path / "pkg"
+    shutil.copytree(PKG, out)  # the fp32 package: an INT8 one replaces it
+    result = _calibrate("--videos", str(SAMPLES), "--out", str(out), "--overwrite", "--format", "json")
+    assert result.exit_code == 0, result.output
+    package = load_package(out)
+    assert package.manifest.graphs["video_encoder"].precision == "int8"
+    assert json.loads(result.stdout)["package_sha256"] == package.manifest_sha256
+    assert _siblings(out) == ["pkg"]  # no temporary or old folder left
+
+
+@pytest.mark.slow
+def test_a_calibration_that_fails_while_writing_leaves_the_previous_package(int8, tmp_path, monkeypatch):
+    """Moving the finished package into place fails (a full disk, say): the package at --out is untouched."""
+    out = tmp_path / "pkg"
+    shutil.copytree(int8[0], out)
+    before = _tree(out)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if ".partial-" in Path(src).name:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    result = _calibrate("--videos", str(SAMPLES), "--out", str(out), "--overwrite")
+    assert result.exit_code == 3 and "the disk is full (No space left" in result.stderr, result.output
+    assert _tree(out) == before
+    assert _siblings(out) == ["pkg"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# file names that are not text
+
+
+WEIRD = {b"clip-\xe9\xff.mp4": "not UTF-8", b"esc-\x1b[2J.mp4": "a terminal escape", b"new\nline.mp4": "a newline"}
+BROKEN = b"broken-\xe9\x1b[31m\n.mp4"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="byte file names")
+def test_any_file_name_is_recorded_losslessly(tmp_path):
+    """Videos whose names are not UTF-8, hold an ESC sequence or a newline, captioned and held out, and a broken
+    one that fails to decode: the package is written, its manifest is UTF-8 JSON, and every recorded name parses
+    back (parse_display_path) to the exact bytes."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    queries = json.loads((DEMO / "queries.json").read_text())["queries"]
+    renamed = dict(zip(dict.fromkeys(q["expected"] for q in queries), WEIRD))  # 3 samples get a weird name
+    for sample in sorted(SAMPLES.glob("*.mp4")):
+        shutil.copy(sample, os.path.join(os.fsencode(videos), renamed.get(sample.name, os.fsencode(sample.name))))
+    with open(os.path.join(os.fsencode(videos), BROKEN), "wb") as f:
+        f.write(b"not a video at all")
+    caps = tmp_path / "captions.csv"
+    with open(caps, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video", "caption"])
+        for q in (q for q in queries if q["expected"] in renamed):
+            name = renamed[q["expected"]]
+            # as hbi-toolkit prints it, or (a UTF-8 name a CSV field can hold) as it is
+            writer.writerow([name.decode() if name.startswith(b"esc") else display_path(name), q["query"]])
+    out = tmp_path / "out"
+    result = _calibrate("--videos", str(videos), "--captions", str(caps), "--holdout", "0.5", "--out", str(out),
+                        "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output  # no name reaches the terminal raw
+    manifest = json.loads((out / MANIFEST_NAME).read_bytes().decode("utf-8"))  # strict UTF-8
+    data = manifest["calibration"]["data"]
+    assert sorted(parse_display_path(name) for name in data["held_out"]) == sorted(WEIRD)
+    assert [parse_display_path(f.partition(": ")[0]) for f in data["decode_failures"]] == [BROKEN]
+    assert data["calibration_decoded"] == 5 and data["held_out_decoded"] == 3
+    assert json.loads(result.stdout)["data"] == data
+    load_package(out)  # verified, hashes match
+
+
+@pytest.mark.parametrize("content, line, message", [
+    ('video,caption\ntest_00056.mp4,a red square\ntest_00063.mp4,"a blue circle\ntest_00069.mp4,x\n', 3,
+     "unterminated quote"),
+    ("video,caption\ntest_00056.mp4,a red square\ntest_00063.mp4,a blue circle,moves left\n", 3, "3 field(s)"),
+])
+def test_a_malformed_captions_file_names_the_file_and_the_line(tmp_path, content, line, message):
+    caps = tmp_path / "my-captions.csv"
+    caps.write_text(content)
+    result = _calibrate("--videos", str(SAMPLES), "--captions", str(caps), "--out", str(tmp_path / "pkg"))
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert f"{caps}, line {line}:" in result.stderr and message in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "pkg").exists()

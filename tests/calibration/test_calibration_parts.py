@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,22 @@ def test_held_out_videos_come_from_the_captioned_ones(tmp_path):
     assert {Path(p).name for p in split.held_out} <= set(names[:3]) and len(split.held_out) == 3
     assert all(len(split.captions[p]) == 1 for p in split.held_out)
     assert len(split.calibration) == 5
+
+
+def test_a_name_several_videos_share_must_be_given_as_a_relative_path(tmp_path):
+    samples = sorted(SAMPLES.glob("*.mp4"))
+    for folder, sample in zip(("a", "b", "c"), samples):
+        (tmp_path / "videos" / folder).mkdir(parents=True)
+        shutil.copy(sample, tmp_path / "videos" / folder / "x.mp4")
+    caps = tmp_path / "c.csv"
+    caps.write_text("video,caption\nc/x.mp4,the third\nx.mp4,which one?\n")
+    with pytest.raises(hbi_runtime.errors.BadInputError, match=r"names the video x.mp4, which is the name of 3 "
+                                                               r"videos \(a/x.mp4, b/x.mp4, c/x.mp4\)") as refused:
+        data.plan_split(tmp_path / "videos", captions=caps)
+    assert "relative" in refused.value.hint and str(caps) in refused.value.message
+    caps.write_text("video,caption\nc/x.mp4,the third\na/x.mp4,the first\n")
+    split = data.plan_split(tmp_path / "videos", captions=caps, holdout=0.5)
+    assert {Path(p).parent.name: c for p, c in split.captions.items()} == {"a": ("the first",), "c": ("the third",)}
 
 
 def _reader(items):

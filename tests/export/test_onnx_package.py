@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import onnx
 import pytest
@@ -12,7 +14,7 @@ from typer.testing import CliRunner
 from hbi_export.checkpoints.convert import init_random
 from hbi_export.cli import app
 from hbi_export.trt_lint import lint_model
-from hbi_runtime.errors import GateFailedError, MismatchError
+from hbi_runtime.errors import EXIT_USAGE, GateFailedError, MismatchError
 from hbi_runtime.package import load_package
 
 runner = CliRunner()
@@ -131,3 +133,77 @@ def test_existing_package_needs_overwrite(packages, ckpt):
     result = runner.invoke(app, ["onnx", "--checkpoint", str(ckpt / "model"), "--out", str(packages["fp32"][0])])
     assert result.exit_code == 2 and "already exists" in result.stderr
     load_package(packages["fp32"][0])  # untouched
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --out and --overwrite (hbi_runtime.fileio.prepare_output_dir): never the checkpoint, never a folder of other
+# files; a previous package is replaced only once the new one is written and parity-checked
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+@pytest.mark.parametrize("where", ["the checkpoint", "a folder holding it", "a symlink to it"])
+def test_out_may_not_be_the_checkpoint(ckpt, tmp_path, where):
+    source = tmp_path / "models" / "model"
+    shutil.copytree(ckpt / "model", source)
+    before = _tree(tmp_path)
+    out = {"the checkpoint": source, "a folder holding it": source.parent,
+           "a symlink to it": tmp_path / "link"}[where]
+    if where == "a symlink to it":
+        os.symlink(source, out)
+        before = _tree(tmp_path)
+    result = runner.invoke(app, ["onnx", "--checkpoint", str(source), "--out", str(out), "--overwrite"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "the input" in result.stderr and "Traceback" not in result.output
+    assert _tree(tmp_path) == before
+
+
+def test_a_folder_of_other_files_is_refused_even_with_overwrite(ckpt, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    result = runner.invoke(app, ["onnx", "--checkpoint", str(ckpt / "model"), "--out", str(mine), "--overwrite"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "does not hold a model package" in result.stderr and "even with --overwrite" in result.stderr
+    assert _tree(mine) == {"thesis.tex": b"years of work"}
+
+
+def test_overwrite_replaces_a_previous_package(packages, ckpt, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(packages["fp16"][0], pkg)
+    result = runner.invoke(app, ["onnx", "--checkpoint", str(ckpt / "model"), "--out", str(pkg), "--overwrite",
+                                 "--max-words", str(L), "--max-frames", str(T), "--levels", "1,0,0"])
+    assert result.exit_code == 0, result.output
+    manifest = load_package(pkg).manifest  # verified
+    assert manifest.graphs["video_encoder"].precision == "fp32" and manifest.level_weights == (1.0, 0.0, 0.0)
+    assert _siblings(pkg) == ["pkg"]  # no temporary or old folder left
+
+
+def test_an_export_that_fails_midway_leaves_the_previous_package(packages, ckpt, tmp_path, monkeypatch):
+    """Parity (the last step of the export, after every file is written) crashes: the package it would have
+    replaced is untouched."""
+    import hbi_export.onnx.package as package_module
+    import hbi_export.onnx.parity as parity_module
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(packages["fp32"][0], pkg)
+    before = _tree(pkg)
+
+    def write_package(model, root, **_):  # (the real export takes 15 s; what it writes does not matter here)
+        (root / "manifest.json").write_text("{}")
+
+    def check_package(*_, **__):
+        raise RuntimeError("onnxruntime crashed")
+
+    monkeypatch.setattr(package_module, "write_package", write_package)
+    monkeypatch.setattr(parity_module, "check_package", check_package)
+    result = runner.invoke(app, ["onnx", "--checkpoint", str(ckpt / "model"), "--out", str(pkg), "--overwrite"])
+    assert result.exit_code == 1 and "onnxruntime crashed" in result.stderr, result.output
+    assert _tree(pkg) == before
+    assert _siblings(pkg) == ["pkg"]

@@ -3,6 +3,7 @@ the shipped demo caption package, bad input."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -241,7 +242,8 @@ def test_eval_caption_cli(tmp_path):
     # the canonical references (CSV, one row per reference): the metrics of the reported captions
     want = _canonical()
     csv_refs = tmp_path / "refs.csv"
-    csv_refs.write_text("video,caption\n" + "".join(f"{p.name},{want[p.name]}\n" for p in samples))
+    with open(csv_refs, "w", newline="") as f:  # captions hold commas: quoted (an unquoted one is refused)
+        csv.writer(f).writerows([("video", "caption"), *((p.name, want[p.name]) for p in samples)])
     res = runner.invoke(app, ["eval-caption", "--captions", str(csv_refs), "--videos", str(DEMO / "samples"),
                               "--format", "json"])
     out = json.loads(res.stdout)
@@ -307,3 +309,32 @@ def test_caption_cli_bad_file_among_good_ones(tmp_path):
     assert rows[Path(good).name]["error"] is None and rows[Path(good).name]["text"]
     res = runner.invoke(app, ["caption", good, str(bogus), "--strict"])
     assert res.exit_code == 3
+
+
+@needs_demo
+def test_caption_package_symlink_leading_out_is_refused(tmp_path):
+    import shutil
+
+    from hbi_runtime.tasks.caption import read_caption_manifest
+
+    copy = tmp_path / "caption"
+    shutil.copytree(DEMO / "caption", copy)
+    (copy / "decoder_step.onnx").rename(tmp_path / "decoder_step.onnx")
+    (copy / "decoder_step.onnx").symlink_to(tmp_path / "decoder_step.onnx")  # same bytes, same sha256
+    with pytest.raises(BadInputError, match=r"decoder_step.onnx is a symlink to .*, outside the caption package"):
+        read_caption_manifest(copy)
+
+
+@needs_demo
+@pytest.mark.parametrize("text, match", [("[" * 100_000, "too deeply"), ('{"schema": NaN}', "NaN is not JSON"),
+                                         ("[1, 2]", "is not a JSON object")], ids=["100000-deep", "nan", "list"])
+def test_hostile_caption_manifest_is_bad_input(tmp_path, text, match):
+    from hbi_runtime.tasks.caption import read_caption_manifest
+
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(BadInputError, match=match) as exc:
+        read_caption_manifest(tmp_path)
+    assert exc.value.exit_code == 3 and "caption-export" in exc.value.hint
+    res = runner.invoke(app, ["caption", str(sorted((DEMO / "samples").glob("*.mp4"))[0]), "--caption-model",
+                              str(tmp_path)])
+    assert res.exit_code == 3 and "Traceback" not in res.output

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from hbi_runtime.errors import BadInputError, MismatchError, UsageError
-from hbi_runtime.index import Index, compact, default_index_dir, plan_windows, scan, update_index
+from hbi_runtime.index import Index, compact, default_index_dir, index_status, plan_windows, scan, update_index
 from hbi_runtime.index.catalog import CATALOG, SHARDS, Writer
 from hbi_runtime.scoring import VideoStore
 
@@ -262,7 +262,8 @@ def test_incremental_lifecycle(tmp_path, clips, model):
     s = update_index(model, videos, index_dir, workers=2, batch_size=2, dtype="float32",
                      progress=lambda *a: calls.append(a))
     assert (s.new, s.unchanged, s.reindexed, s.removed) == (4, 0, 0, 0)
-    assert [p for p, _ in s.failed] == ["broken.mp4"] and "cannot decode" in s.failed[0][1]
+    assert [f.path for f in s.failed] == ["broken.mp4"] and "not a video" in s.failed[0].reason
+    assert s.failed[0].kind == "permanent" and s.failed[0].attempted
     assert calls[0] == (0, 5, None, 0.0) and [c[0] for c in calls[1:]] == [1, 2, 3, 4, 5]
     assert all(c[1] == 5 and c[3] > 0 for c in calls[1:])
     assert _snapshot(videos) == before  # nothing written into the video folder
@@ -281,15 +282,18 @@ def test_incremental_lifecycle(tmp_path, clips, model):
         assert len(row.frames) <= MAX_FRAMES and row.timestamps()[0] == 0.0
 
     s = update_index(model, videos, index_dir, workers=2, batch_size=2, dtype="float32")
-    assert (s.new, s.unchanged, s.reindexed, s.removed, s.failed) == (0, 5, 0, 0, [])
+    assert (s.new, s.unchanged, s.reindexed, s.removed) == (0, 4, 0, 0)
+    # a permanent failure is not decoded again, but every summary still lists it
+    assert [(f.path, f.attempted) for f in s.failed] == [("broken.mp4", False)]
 
     a = videos / "a.mp4"
     os.utime(a, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns + 10**9))  # touched, same content
     shutil.copyfile(clips["other.mp4"], videos / "sub" / "b.mkv")  # replaced: other content
     (videos / "c.webm").unlink()
     shutil.copy2(clips["d.mp4"], videos / "sub" / "new.mp4")
+    (videos / "broken.mp4").unlink()
     s = update_index(model, videos, index_dir, workers=2, batch_size=2, dtype="float32")
-    assert (s.new, s.unchanged, s.reindexed, s.removed, s.failed) == (1, 3, 1, 1, [])
+    assert (s.new, s.unchanged, s.reindexed, s.removed, s.failed) == (1, 2, 1, 2, [])
     _check_consistent(index_dir)
     conn = sqlite3.connect(index_dir / CATALOG)
     assert conn.execute("SELECT mtime_ns FROM videos WHERE rel = ?", (b"a.mp4",)).fetchone()[0] == \
@@ -397,9 +401,9 @@ CRASH_SCRIPT = textwrap.dedent("""
 
     add_shard, calls = catalog.Writer.add_shard, []
 
-    def add_shard_then_die(self, shard_id, n_rows):  # inside the transaction: shard renamed, not committed
+    def add_shard_then_die(self, shard_id, n_rows, files):  # inside the transaction: shard renamed, not committed
         calls.append(shard_id)
-        add_shard(self, shard_id, n_rows)
+        add_shard(self, shard_id, n_rows, files)
         if where == "add_shard" and len(calls) == int(count):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -440,13 +444,16 @@ def test_crash_safety(tmp_path, clips, model, pkg, mode):
     if mode.startswith("add_shard"):  # the killed transaction's shard is on disk, unreferenced
         assert len(list((index_dir / SHARDS).iterdir())) == 3
     crashed = Index.open(index_dir, model.package.manifest_sha256)  # consistent as the kill left it
-    committed = _stored(crashed)
-    assert 1 <= len(committed) <= 8  # (8: the run ended before the parent's kill; not a failure)
+    assert len(crashed) == 0  # readers see the last published state: the killed run never published
+    pending = index_status(index_dir)["pending"]
+    assert pending is not None and 1 <= pending["videos"] <= 8  # (8: the run ended before the parent's kill)
     if mode != "parent":
-        assert len(committed) == 2  # the 3rd shard was on disk but never committed: an orphan, not a row
+        assert pending["videos"] == 2  # the 3rd shard was on disk but never committed: an orphan, not a row
 
     s = update_index(model, videos, index_dir, workers=2, batch_size=3, dtype="float32")
-    assert (s.unchanged, s.new, s.failed) == (len(committed), 8 - len(committed), [])
+    # what the killed run committed is kept, not encoded again
+    assert (s.resumed, s.new, s.unchanged, s.failed) == (pending["videos"], 8 - pending["videos"], 0, [])
+    assert index_status(index_dir)["pending"] is None
     _check_consistent(index_dir)
     resumed = _stored(Index.open(index_dir))
     update_index(model, videos, tmp_path / "clean", workers=2, batch_size=3, dtype="float32")
@@ -454,7 +461,4 @@ def test_crash_safety(tmp_path, clips, model, pkg, mode):
     assert sorted(resumed) == sorted(clean) and len(clean) == 8
     for key in clean:
         for got, want in zip(resumed[key], clean[key]):
-            np.testing.assert_array_equal(got, want)
-    for key in committed:  # nothing committed before the kill was lost or changed
-        for got, want in zip(committed[key], clean[key]):
             np.testing.assert_array_equal(got, want)

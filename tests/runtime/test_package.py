@@ -4,25 +4,55 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hbi_runtime.errors import (EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_MISMATCH, BadInputError, GateFailedError,
                                 MismatchError, UsageError)
 from hbi_runtime.package import (GRAPH_NAMES, HASH_FIELD, LEVELS, MANIFEST_NAME, SCHEMA_VERSION, GraphSpec,
                                  Manifest, Package, Preprocessing, TensorSpec, TokenizerSpec, hash_files,
-                                 load_package, manifest_sha256, sha256_file, update_status, write_manifest)
+                                 load_package, manifest_sha256, sha256_file, update_status, write_derived_package,
+                                 write_manifest)
+from hbi_runtime.inputs import MAX_JSON_BYTES
+from hbi_runtime.package_files import check_package_files, onnx_external_files
 
 VOCAB = "tokenizer/bpe_simple_vocab_16e6.txt.gz"
+DEMO = Path(__file__).resolve().parents[2] / "hbi_runtime" / "data" / "demo"
 CKPT = "/models/hbi_msrvtt.pth"
 
 
-def graph_spec(pkg: Path, name: str, precision: str = "fp32") -> GraphSpec:
-    """A graph entry whose file holds placeholder bytes (the package layer never parses ONNX)."""
-    rel = f"{name}.onnx"
-    (pkg / rel).write_bytes(f"not really onnx: {name}".encode())
+def pb(number: int, payload: bytes | int) -> bytes:
+    """One protobuf field: a varint field for an int, a length-delimited one for bytes."""
+    def varint(n: int) -> bytes:
+        out = b""
+        while n >= 0x80:
+            out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+        return out + bytes([n])
+    if isinstance(payload, int):
+        return varint(number << 3) + varint(payload)
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def onnx_model(name: str, locations: Sequence[str] = ()) -> bytes:
+    """A minimal serialized ONNX model (ModelProto: ir_version, producer, graph) whose graph has one initializer
+    per external data ``location`` (data_location EXTERNAL), as ``onnx.save(save_as_external_data=True)`` writes
+    them. The package layer reads no more of a graph than that."""
+    tensors = b"".join(pb(5, pb(1, 4) + pb(2, 1) + pb(8, f"w{i}".encode())
+                          + pb(13, pb(1, b"location") + pb(2, loc.encode())) + pb(13, pb(1, b"offset") + pb(2, b"0"))
+                          + pb(14, 1)) for i, loc in enumerate(locations))
+    return pb(1, 8) + pb(2, b"hbi-test") + pb(7, pb(2, name.encode()) + tensors)
+
+
+def graph_spec(pkg: Path, name: str, precision: str = "fp32", locations: Sequence[str] = (),
+               file: str | None = None) -> GraphSpec:
+    """A graph entry whose file is a minimal ONNX model (reading external data from ``locations``, unlisted)."""
+    rel = file or f"{name}.onnx"
+    (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+    (pkg / rel).write_bytes(onnx_model(name, locations))
     return GraphSpec(file=rel, sha256=sha256_file(pkg / rel), opset=17, precision=precision,
                      inputs=[TensorSpec("input_ids", "int64", ["text_batch", 32])],
                      outputs=[TensorSpec("entity_tokens", "float32", ["text_batch", 32, 64])],
@@ -79,6 +109,7 @@ def test_manifest_round_trips_through_dict_and_json(tmp_path: Path) -> None:
     (TensorSpec, TensorSpec("frames", "float16", ["video_batch", 12, 3, 224, 224])),
     (Preprocessing, Preprocessing(max_frames=8, image_size=224, frame_rate=2.0)),
     (TokenizerSpec, TokenizerSpec(max_words=77, files={VOCAB: "b" * 64})),
+    (GraphSpec, GraphSpec("g/text.onnx", "c" * 64, 17, "fp16", [], [], external_data={"g/text.onnx.data": "d" * 64})),
 ])
 def test_parts_round_trip(cls, obj) -> None:
     assert cls.from_dict(json.loads(json.dumps(obj.to_dict()))) == obj
@@ -324,3 +355,221 @@ def test_update_status_refuses_unknown_status_and_modified_packages(pkg: Path) -
         fh.write(b"\0")
     with pytest.raises(MismatchError, match="modified after export"):
         update_status(pkg, "verified", {"ok": True})  # a tampered graph cannot be marked verified
+
+
+# --- the files on disk: symlinks, external data, hostile JSON -----------------------------------------------------
+
+
+def with_graph(root: Path, manifest: Manifest, spec: GraphSpec, name: str = "text_encoder") -> Manifest:
+    """``manifest`` with graph ``name`` replaced by ``spec``, written to ``root``."""
+    manifest = replace(manifest, graphs={**manifest.graphs, name: spec})
+    write_manifest(root, manifest)
+    return manifest
+
+
+def test_symlinks_may_stay_inside_the_package_but_not_lead_out(pkg: Path, tmp_path: Path) -> None:
+    (pkg / "vocab.gz").write_bytes((pkg / VOCAB).read_bytes())
+    (pkg / VOCAB).unlink()
+    (pkg / VOCAB).symlink_to("../vocab.gz")  # inside: followed, its target hashed
+    load_package(pkg)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (pkg / "text_encoder.onnx").rename(outside / "text_encoder.onnx")
+    (pkg / "text_encoder.onnx").symlink_to(outside / "text_encoder.onnx")  # same bytes, same sha256
+    with pytest.raises(BadInputError, match=r"text_encoder.onnx is a symlink to .*elsewhere.*outside the model "
+                                            r"package") as exc:
+        load_package(pkg)
+    assert exc.value.exit_code == EXIT_BAD_INPUT and "copy" in exc.value.hint
+    with pytest.raises(BadInputError, match="outside"):
+        load_package(pkg, verify_hashes=False)
+
+
+def test_a_symlinked_folder_or_unlisted_link_leading_out_is_refused(pkg: Path, tmp_path: Path) -> None:
+    (pkg / "README.txt").write_text("unlisted files may stay")
+    (pkg / "engines" / "fp16").mkdir(parents=True)
+    load_package(pkg)
+    (pkg / "engines" / "fp16" / "engines.json").symlink_to(tmp_path / "not-there.json")  # dangling, unlisted
+    with pytest.raises(BadInputError, match=r"engines.json is a symlink to .*not-there.json, outside"):
+        load_package(pkg)
+    (pkg / "engines" / "fp16" / "engines.json").unlink()
+    (tmp_path / "tok").mkdir()
+    (pkg / VOCAB).rename(tmp_path / "tok" / Path(VOCAB).name)
+    (pkg / "tokenizer").rmdir()
+    (pkg / "tokenizer").symlink_to(tmp_path / "tok", target_is_directory=True)
+    with pytest.raises(BadInputError, match=r"pkg/tokenizer is a symlink to .*tok, outside"):
+        load_package(pkg)
+
+
+def test_external_data_must_be_listed_and_is_hashed(tmp_path: Path) -> None:
+    root = tmp_path / "pkg"
+    root.mkdir()
+    manifest = make_manifest(root)
+    data = root / "text_encoder.onnx.data"
+    data.write_bytes(np.arange(64, dtype=np.float32).tobytes())
+    spec = graph_spec(root, "text_encoder", locations=["text_encoder.onnx.data"])
+    with_graph(root, manifest, spec)
+    with pytest.raises(MismatchError, match=r"graph 'text_encoder' .* external data file .*text_encoder.onnx.data, "
+                                            r"which the manifest .* does not list") as exc:
+        load_package(root)
+    assert exc.value.exit_code == EXIT_MISMATCH and f"--checkpoint {CKPT}" in exc.value.hint
+    with_graph(root, manifest, replace(spec, external_data=hash_files(root, [data.name])))
+    loaded = load_package(root)
+    assert loaded.manifest.graphs["text_encoder"].external_data == {data.name: sha256_file(data)}
+    data.write_bytes((2 * np.arange(64, dtype=np.float32)).tobytes())  # doubled weights, same size
+    with pytest.raises(MismatchError, match=r"text_encoder.onnx.data was modified after export"):
+        load_package(root)
+    data.unlink()
+    with pytest.raises(BadInputError, match=r"incomplete: graph 'text_encoder' external data file .* is missing"):
+        load_package(root)
+
+
+def test_external_data_is_found_next_to_its_graph(tmp_path: Path) -> None:
+    # ONNX Runtime resolves a location against the graph's folder: onnx/w.bin is what onnx/text.onnx reads as w.bin
+    root = tmp_path / "pkg"
+    root.mkdir()
+    manifest = make_manifest(root)
+    (root / "onnx").mkdir()
+    (root / "onnx" / "w.bin").write_bytes(b"\0" * 16)
+    (root / "w.bin").write_bytes(b"\0" * 16)
+    spec = graph_spec(root, "text_encoder", locations=["w.bin", "./w.bin"], file="onnx/text.onnx")
+    with_graph(root, manifest, replace(spec, external_data=hash_files(root, ["w.bin"])))
+    with pytest.raises(MismatchError, match=r"onnx/w.bin, which the manifest .* does not list"):
+        load_package(root)
+    with_graph(root, manifest, replace(spec, external_data=hash_files(root, ["onnx/w.bin"])))
+    load_package(root)
+
+
+@pytest.mark.parametrize("location", ["../outside.data", "/etc/hostname", "sub\\w.data", "", "a/../../b"])
+def test_external_data_outside_the_package_is_refused(tmp_path: Path, location: str) -> None:
+    root = tmp_path / "pkg"
+    root.mkdir()
+    (tmp_path / "outside.data").write_bytes(b"x")
+    with_graph(root, make_manifest(root), graph_spec(root, "text_encoder", locations=[location]))
+    with pytest.raises(BadInputError, match=r"graph 'text_encoder' .* reads external data from .*, which is not a "
+                                            r"relative path inside the model package"):
+        load_package(root)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"not really onnx", "not an ONNX model"),
+    (onnx_model("text_encoder", ["w.data"])[:-5], "not an ONNX model"),  # cut inside a field
+    (b"", "empty, not an ONNX model"),
+], ids=["text", "truncated", "empty"])
+def test_a_graph_that_is_not_onnx_is_refused(tmp_path: Path, content: bytes, match: str) -> None:
+    root = tmp_path / "pkg"
+    root.mkdir()
+    manifest = make_manifest(root)
+    (root / "text_encoder.onnx").write_bytes(content)
+    with_graph(root, manifest, replace(manifest.graphs["text_encoder"], sha256=sha256_file(root / "text_encoder.onnx")))
+    with pytest.raises(BadInputError, match=match) as exc:
+        load_package(root)
+    assert "graph 'text_encoder'" in exc.value.message and f"--checkpoint {CKPT}" in exc.value.hint
+
+
+def test_onnx_external_files_reads_every_place_a_tensor_can_be(tmp_path: Path) -> None:
+    """The protobuf walk against the onnx package's own writer: initializers, Constant attributes, If subgraphs,
+    local functions, sparse initializers; the shipped demo graphs keep all weights inline."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import set_external_data
+
+    def tensor(name: str, location: str) -> TensorProto:
+        t = numpy_helper.from_array(np.ones(4, np.float32), name)
+        set_external_data(t, location=location)
+        t.data_location = TensorProto.EXTERNAL
+        t.ClearField("raw_data")
+        return t
+
+    const = helper.make_node("Constant", [], ["c"], value=tensor("c", "const.bin"))
+    branch = helper.make_graph([helper.make_node("Constant", [], ["b"], value=tensor("b", "sub/branch.bin"))],
+                               "branch", [], [helper.make_tensor_value_info("b", TensorProto.FLOAT, [4])])
+    cond = helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)
+    func = helper.make_function("local", "F", [], ["f"], [helper.make_node("Constant", [], ["f"],
+                                                                          value=tensor("f", "func.bin"))],
+                                [helper.make_opsetid("", 17)])
+    sparse = helper.make_sparse_tensor(tensor("sv", "sparse.bin"), numpy_helper.from_array(np.arange(4), "si"),
+                                       [8])
+    graph = helper.make_graph([const, cond, helper.make_node("F", [], ["f"], domain="local")], "g",
+                              [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                              initializer=[tensor("w", "w.bin"), tensor("w2", "w.bin")],
+                              sparse_initializer=[sparse])
+    model = helper.make_model(graph, functions=[func], opset_imports=[helper.make_opsetid("", 17),
+                                                                      helper.make_opsetid("local", 1)])
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    assert onnx_external_files(tmp_path / "m.onnx") == ["const.bin", "func.bin", "sparse.bin", "sub/branch.bin",
+                                                        "w.bin"]
+    # what onnx.save writes for a model with its weights outside
+    inline = helper.make_model(helper.make_graph([], "g", [], [], initializer=[
+        numpy_helper.from_array(np.ones((32, 32), np.float32), "w")]))
+    onnx.save_model(inline, str(tmp_path / "e.onnx"), save_as_external_data=True, location="e.onnx.data",
+                    size_threshold=0)
+    assert onnx_external_files(tmp_path / "e.onnx") == ["e.onnx.data"]
+    for graph_file in sorted(DEMO.glob("**/*.onnx")):
+        assert onnx_external_files(graph_file) == [], graph_file
+
+
+def test_derived_package_carries_external_data(tmp_path: Path) -> None:
+    root = tmp_path / "pkg"
+    root.mkdir()
+    manifest = make_manifest(root)
+    (root / "text_encoder.onnx.data").write_bytes(b"\1" * 32)
+    spec = graph_spec(root, "text_encoder", locations=["text_encoder.onnx.data"])
+    with_graph(root, manifest, replace(spec, external_data=hash_files(root, ["text_encoder.onnx.data"])))
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "video_int8.onnx.data").write_bytes(b"\2" * 32)
+    (new / "video_int8.onnx").write_bytes(onnx_model("video_encoder", ["video_int8.onnx.data"]))
+    out = write_derived_package(load_package(root), tmp_path / "int8",
+                                graphs={"video_encoder": (new / "video_int8.onnx", "int8")}, status="verified")
+    assert out.manifest.graphs["text_encoder"].external_data == {"text_encoder.onnx.data": sha256_file(
+        root / "text_encoder.onnx.data")}
+    assert out.manifest.graphs["video_encoder"].external_data == {"video_int8.onnx.data": sha256_file(
+        new / "video_int8.onnx.data")}
+    assert out.manifest.graphs["video_encoder"].precision == "int8"
+    assert (out.dir / "video_int8.onnx.data").read_bytes() == b"\2" * 32
+
+
+def test_graph_spec_without_external_data_writes_no_such_field(pkg: Path) -> None:
+    # so every manifest written before the field existed keeps its manifest_sha256, and loads
+    assert all("external_data" not in g for g in read_raw(pkg)["graphs"].values())
+    spec = GraphSpec("a.onnx", "c" * 64, 17, "fp32", [], [], external_data={"a.onnx.data": "d" * 64})
+    assert spec.to_dict()["external_data"] == {"a.onnx.data": "d" * 64}
+    with pytest.raises(BadInputError, match=r"g.external_data \(key\): expected a relative path"):
+        GraphSpec.from_dict({**spec.to_dict(), "external_data": {"../a.data": "d" * 64}}, "g")
+    for demo in ("package", "qa/package", "caption"):
+        for manifest in (DEMO / demo).glob("*manifest.json"):
+            graphs = json.loads(manifest.read_text())["graphs"].values()
+            assert all("external_data" not in g for g in graphs)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("[" * 100_000, "nests lists / objects too deeply"),  # RecursionError in json
+    ('{"schema_version": 1, "parity": ' + "[" * 200 + "]" * 200 + "}", "more than 64 levels deep"),
+    ('{"schema_version": 1, "parity": NaN}', "NaN is not JSON"),
+    (" " * MAX_JSON_BYTES + "{}", "larger than 16 MiB"),
+], ids=["100000-deep", "201-deep", "nan", "17-mib"])
+def test_hostile_manifest_json_is_bad_input(pkg: Path, text: str, match: str) -> None:
+    (pkg / MANIFEST_NAME).write_text(text, encoding="utf-8")
+    with pytest.raises(BadInputError, match=match) as exc:
+        load_package(pkg)
+    assert exc.value.exit_code == EXIT_BAD_INPUT and "hbi-export onnx" in exc.value.hint
+
+
+def test_check_package_files_alone(tmp_path: Path) -> None:
+    """The shared check, as another loader calls it: plain files as a mapping or pairs, a graph by its spec."""
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "g.onnx").write_bytes(onnx_model("g", ["g.bin"]))
+    (tmp_path / "g.bin").write_bytes(b"w")
+    graph = GraphSpec("g.onnx", sha256_file(tmp_path / "g.onnx"), 17, "fp32", [], [])
+    sha_a = sha256_file(tmp_path / "a.txt")
+    check_package_files(tmp_path, {"a.txt": sha_a, "g.bin": sha256_file(tmp_path / "g.bin")}, graphs={"g": graph})
+    with pytest.raises(MismatchError, match="g.bin, which the manifest of engine set .* does not list"):
+        check_package_files(tmp_path, [("a.txt", sha_a)], graphs={"g": graph}, kind="engine set")
+    with pytest.raises(MismatchError, match="lists a.txt twice, with different sha256"):
+        check_package_files(tmp_path, [("a.txt", sha_a), ("./a.txt", "0" * 64)])
+    with pytest.raises(BadInputError, match=r"lists file '../a.txt', which is not a relative path"):
+        check_package_files(tmp_path, {"../a.txt": sha_a}, hint="re-export")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(BadInputError, match="file .*d is not a regular file"):
+        check_package_files(tmp_path, {"d": sha_a})

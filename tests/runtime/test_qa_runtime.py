@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from hbi_runtime.cli import app
 from hbi_runtime.errors import BadInputError, MismatchError
 from hbi_runtime.tasks.qa import QARow, accuracy, read_questions, softmax
+from hbi_runtime.package import manifest_sha256, sha256_file
 from hbi_runtime.tasks.qa_package import QA_MANIFEST, load_qa_package, read_answers
 
 DEMO = Path(__file__).resolve().parents[2] / "hbi_runtime" / "data" / "demo"
@@ -34,9 +35,10 @@ def test_read_questions_resolves_paths_and_checks_rows(tmp_path):
                                  ("/abs/b.mp4", "how many?", "two")]
     f.write_text("Video,Question\nx.mp4,why?\n")
     assert read_questions(f) == [(str(tmp_path / "x.mp4"), "why?", None)]
-    for text, words in (("clip,question\na,b\n", "no 'video' and 'question'"), ("video,question\n", "no rows"),
-                        ("video,question\na.mp4,\n", "empty"), ("video,question\na,b,c\n", "3 fields"),
-                        ("", "empty")):
+    for text, words in (("clip,question\na,b\n", "no 'video' and 'question'"),
+                        ("video,question\n", "no record below its header"),
+                        ("video,question\na.mp4,\n", "line 2: empty"), ("video,question\na,b,c\n", "line 2: 3 field"),
+                        ("", "empty"), ('video,question\na.mp4,"why\nb.mp4,how\n', "line 2: .*unterminated quote")):
         f.write_text(text)
         with pytest.raises(BadInputError, match=words):
             read_questions(f)
@@ -133,3 +135,61 @@ def test_edited_package_refused(tmp_path):
         load_qa_package(copy)
     result = run("qa", str(DEMO / "samples" / "test_00063.mp4"), "what?", "--model", str(copy))
     assert result.exit_code == 4 and "edited after export" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ package files
+
+def rewrite_manifest(copy: Path, edit) -> None:
+    """Apply ``edit`` to a copied QA package's manifest and re-sign it (to reach the checks after the hash)."""
+    body = json.loads((copy / QA_MANIFEST).read_text())
+    edit(body)
+    body["manifest_sha256"] = manifest_sha256(body)
+    (copy / QA_MANIFEST).write_text(json.dumps(body))
+
+
+def test_qa_package_symlink_leading_out_is_refused(tmp_path):
+    copy = tmp_path / "pkg"
+    shutil.copytree(QA_PKG, copy)
+    (copy / "answers.json").rename(tmp_path / "answers.json")
+    (copy / "answers.json").symlink_to(tmp_path / "answers.json")  # same bytes, same sha256
+    with pytest.raises(BadInputError, match=r"answers.json is a symlink to .*, outside the QA package"):
+        load_qa_package(copy)
+    result = run("qa", str(DEMO / "samples" / "test_00063.mp4"), "what?", "--model", str(copy))
+    assert result.exit_code == 3 and "outside the QA package" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("text, match", [("[" * 100_000, "too deeply"), ('{"kind": NaN}', "NaN is not JSON")],
+                         ids=["100000-deep", "nan"])
+def test_hostile_qa_manifest_and_answers_are_bad_input(tmp_path, text, match):
+    copy = tmp_path / "pkg"
+    shutil.copytree(QA_PKG, copy)
+    (copy / "answers.json").write_text(text)
+    with pytest.raises(BadInputError, match=match):
+        read_answers(copy / "answers.json")
+    (copy / QA_MANIFEST).write_text(text)
+    with pytest.raises(BadInputError, match=match) as exc:
+        load_qa_package(copy)
+    assert exc.value.exit_code == 3 and "hbi-train qa export" in exc.value.hint
+
+
+def test_qa_graph_external_data_must_be_listed_and_is_hashed(tmp_path):
+    """answer_head.onnx re-saved with its weights in answer_head.onnx.data (as onnx writes graphs over 2 GB)."""
+    onnx = pytest.importorskip("onnx")
+    copy = tmp_path / "pkg"
+    shutil.copytree(QA_PKG, copy)
+    graph = copy / "answer_head.onnx"
+    onnx.save_model(onnx.load(str(graph)), str(graph), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="answer_head.onnx.data", size_threshold=0)
+    rewrite_manifest(copy, lambda b: b["graphs"]["answer_head"].update(sha256=sha256_file(graph)))
+    with pytest.raises(MismatchError, match=r"answer_head.onnx.data, which the manifest of QA package .* does not "
+                                            r"list") as exc:
+        load_qa_package(copy)
+    assert "hbi-train qa export" in exc.value.hint
+    data = copy / "answer_head.onnx.data"
+    rewrite_manifest(copy, lambda b: b["graphs"]["answer_head"].update(
+        external_data={"answer_head.onnx.data": sha256_file(data)}))
+    assert load_qa_package(copy).manifest.graphs["answer_head"].external_data == {data.name: sha256_file(data)}
+    weights = np.frombuffer(data.read_bytes(), dtype=np.float32)
+    data.write_bytes((weights * 2).tobytes())  # doubled weights: same size, other answers
+    with pytest.raises(MismatchError, match="answer_head.onnx.data was modified after export"):
+        load_qa_package(copy)

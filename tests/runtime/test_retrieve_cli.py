@@ -63,7 +63,8 @@ def test_index_reports_new_failed_and_then_unchanged(setup, cache_env, tmp_path)
     assert doc["failed"][0]["path"] == "broken.mp4" and doc["failed"][0]["reason"]
     assert doc["index"].startswith(str(tmp_path / "cache"))  # the per-folder cache, not the video folder
     again = _run("index", str(setup / "videos"), "-m", str(setup / "pkg"), "--format", "json", env=cache_env)
-    assert json.loads(again.stdout)["unchanged"] == 7
+    again = json.loads(again.stdout)  # the broken file is not decoded again, but still listed
+    assert again["unchanged"] == 6 and [(f["path"], f["attempted"]) for f in again["failed"]] == [("broken.mp4", False)]
     strict = _run("index", str(setup / "videos"), "-m", str(setup / "pkg"), "--strict",
                   "--rebuild", env=cache_env)
     assert strict.exit_code == 3 and "failed: broken.mp4" in strict.stdout

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hbi_runtime.errors import BadInputError, UsageError
-from hbi_runtime.sides import LEVELS, Side, SideLevel, score, score_level
+from hbi_runtime.sides import LEVELS, Side, SideLevel, check_level_weights, score, score_level
 
 DIM = 16
 TEXT_VALID = (9, 4, 1, 6, 9)  # valid tokens per text; N = 9
@@ -179,3 +179,34 @@ def test_score_usage_errors(sides):
         score(text, video, (1.0, 0.0))
     with pytest.raises(UsageError, match="chunk_size must be a positive integer"):
         score(text, video, chunk_size=0)
+
+
+def test_negative_level_weights_subtract_their_level(sides):
+    # The contract (check_level_weights, score): any three finite weights, not all zero; a negative weight is used
+    # as given, so its level is subtracted. Weights that sum to zero are not "all zero".
+    text, video = sides
+    per_level = [naive_level(t, v) for t, v in zip(text.levels, video.levels)]
+    np.testing.assert_array_equal(check_level_weights((-0.5, 0, 2)), [-0.5, 0.0, 2.0])
+    np.testing.assert_allclose(score(text, video, (1.0, -1.0, 0.0)), per_level[0] - per_level[1], atol=1e-6)
+    np.testing.assert_allclose(score(text, video, (0.0, 0.0, -0.5)), -0.5 * per_level[2], atol=1e-6)
+    np.testing.assert_allclose(score(text, video, (-1.0, 0.0, 0.0)), -score(text, video), atol=0)
+
+
+def test_padding_content_never_leaks_on_the_text_side(sides):
+    # Padded *text* positions may hold anything (NaN, inf) in tokens and weights: the scores equal those of the
+    # same texts with zeros there, at every level and in every chunking.
+    text, video = sides
+    clean = Side(tuple(SideLevel(np.where(lt.mask[..., None], lt.tokens, 0).astype(np.float32),
+                                 np.where(lt.mask, lt.weights, 0).astype(np.float32), lt.mask)
+                       for lt in text.levels), "text")
+    lt = text.levels[0]
+    assert not lt.mask.all()  # the entity level has padded texts
+    for token_junk, weight_junk in ((np.nan, np.nan), (np.inf, -np.inf), (-np.inf, np.inf)):
+        poisoned_level = SideLevel(np.where(lt.mask[..., None], lt.tokens, token_junk).astype(np.float32),
+                                   np.where(lt.mask, lt.weights, weight_junk).astype(np.float32), lt.mask)
+        poisoned = Side((poisoned_level, *clean.levels[1:]), "text")
+        np.testing.assert_array_equal(score_level(poisoned_level, video.levels[0]),
+                                      score_level(clean.levels[0], video.levels[0]))
+        for chunk in (1, 3, None):
+            np.testing.assert_array_equal(score(poisoned, video, (0.5, 0.3, 0.2), chunk_size=chunk),
+                                          score(clean, video, (0.5, 0.3, 0.2), chunk_size=chunk))

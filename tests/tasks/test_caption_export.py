@@ -4,6 +4,8 @@ token sequences, greedy and beam), and KV-cache decoding equal to decoding witho
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 
 from hbi_export.tasks.caption import TorchSteps, _random_side, decode_parity, side_tensors, write_caption_package
 from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig, load_decoder, save_decoder
-from hbi_runtime.errors import BadInputError, UsageError
+from hbi_runtime.errors import EXIT_USAGE, BadInputError, UsageError
 from hbi_runtime.tasks.caption import load_caption
 from hbi_runtime.tasks.generate import SearchOptions, generate
 from hbi_runtime.tokenizer import EOT_ID, SOT_ID
@@ -205,3 +207,87 @@ def test_patch_encoder_reads_what_the_towers_last_block_reads():
     assert not any(p.requires_grad for p in enc.parameters())  # frozen: training never moves the copy
     with pytest.raises(BadInputError, match="does not divide"):
         DecoderConfig(embed_dim=8, patch_grid=3, patch_vision=TINY_TOWER)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hbi-train caption-export --out / --overwrite (hbi_runtime.fileio.prepare_output_dir): never the decoder folder or
+# the retrieval package, never a folder of other files; a previous caption package is replaced only once the new one
+# is written and checked
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory) -> Path:
+    return save_decoder(_model(), tmp_path_factory.mktemp("dec") / "decoder")
+
+
+def _caption_export(*args: str):
+    from hbi_training.cli import app as train_app
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(train_app, ["caption-export", *args])
+
+
+@pytest.mark.parametrize("where", ["the decoder folder", "a folder holding it", "the retrieval package"])
+def test_out_may_not_be_an_input(decoder_dir, tmp_path, where):
+    decoder, retrieval = tmp_path / "runs" / "decoder", tmp_path / "retrieval"
+    shutil.copytree(decoder_dir, decoder)
+    shutil.copytree(DEMO / "package", retrieval)
+    before = _tree(tmp_path)
+    out = {"the decoder folder": decoder, "a folder holding it": decoder.parent, "the retrieval package": retrieval}
+    result = _caption_export("--decoder", str(decoder), "--retrieval", str(retrieval), "--out", str(out[where]),
+                             "--overwrite")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "the input" in result.stderr and "Traceback" not in result.output
+    assert _tree(tmp_path) == before
+
+
+def test_a_folder_of_other_files_is_refused_even_with_overwrite(decoder_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = _caption_export("--decoder", str(decoder_dir), "--out", str(mine), "--overwrite")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "does not hold a caption package" in result.stderr and "even with --overwrite" in result.stderr
+    assert _tree(mine) == {"notes.txt": b"keep me"}
+
+
+def test_overwrite_replaces_a_previous_caption_package(exported, decoder_dir, tmp_path):
+    _, cm, _ = exported
+    out = tmp_path / "caption"
+    shutil.copytree(cm.root, out)
+    before = _tree(out)
+    result = _caption_export("--decoder", str(decoder_dir), "--out", str(out), "--overwrite", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["status"] == "verified"
+    with load_caption(out) as model:  # hash-checked, and its retrieval package found from the new place
+        assert model.retrieval.package.manifest_sha256 == cm.retrieval.package.manifest_sha256
+    assert _tree(out) != before and _siblings(out) == ["caption"]  # replaced; no temporary or old folder left
+
+
+def test_an_export_that_fails_at_the_swap_leaves_the_previous_caption_package(exported, decoder_dir, tmp_path,
+                                                                               monkeypatch):
+    """The new package is complete and checked, but moving it into place fails (a full disk, say)."""
+    _, cm, _ = exported
+    out = tmp_path / "caption"
+    shutil.copytree(cm.root, out)
+    before = _tree(out)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".partial-" in Path(src).name:
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    result = _caption_export("--decoder", str(decoder_dir), "--out", str(out), "--overwrite")
+    assert result.exit_code == 3 and "the disk is full (No space left" in result.stderr, result.output
+    assert _tree(out) == before
+    assert _siblings(out) == ["caption"]

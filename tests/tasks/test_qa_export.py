@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ import torch
 from typer.testing import CliRunner
 
 from hbi_export.checkpoints.qa import save_qa_model
+from hbi_export.cli import app as export_app
 from hbi_export.tasks.qa import QAConfig, QAModel
-from hbi_runtime.errors import GateFailedError, MismatchError
+from hbi_runtime.errors import EXIT_USAGE, GateFailedError, MismatchError
 from hbi_runtime.tasks.qa import load_qa
 from hbi_runtime.tasks.qa_package import QA_MANIFEST, load_qa_package, update_qa_status
 from hbi_training.cli import app as train_app
@@ -100,3 +102,83 @@ def test_retrieval_package_is_not_a_qa_package(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(MismatchError, match="retrieval model package"):
         load_qa_package(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --out and --overwrite (hbi_runtime.fileio.prepare_output_dir): never the checkpoint or the answers file, never a
+# folder of other files; a previous QA package is replaced only once the new one is written and parity-checked
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+@pytest.mark.parametrize("command", [(train_app, "qa", "export"), (export_app, "qa-export")], ids=["train", "export"])
+@pytest.mark.parametrize("where", ["the checkpoint", "a folder holding it", "the answers file's folder"])
+def test_out_may_not_be_an_input(exported, tmp_path, command, where):
+    _, out, _ = exported
+    ckpt = tmp_path / "models" / "ckpt"
+    shutil.copytree(out.parent / "ckpt", ckpt)
+    answers = tmp_path / "vocab" / "answers.json"
+    answers.parent.mkdir()
+    shutil.copy(ckpt / "answers.json", answers)
+    before = _tree(tmp_path)
+    target = {"the checkpoint": ckpt, "a folder holding it": ckpt.parent, "the answers file's folder": answers.parent}
+    app, *name = command
+    result = CliRunner().invoke(app, [*name, "--checkpoint", str(ckpt), "--answers", str(answers), "--out",
+                                      str(target[where]), "--overwrite"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "the input" in result.stderr and "Traceback" not in result.output
+    assert _tree(tmp_path) == before
+
+
+def test_a_folder_of_other_files_is_refused_even_with_overwrite(exported, tmp_path):
+    _, out, _ = exported
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(export_app, ["qa-export", "--checkpoint", str(out.parent / "ckpt"), "--out",
+                                             str(mine), "--overwrite"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "does not hold a QA package" in result.stderr and "even with --overwrite" in result.stderr
+    assert _tree(mine) == {"notes.txt": b"keep me"}
+
+
+def test_overwrite_replaces_a_previous_qa_package(exported, tmp_path):
+    _, out, _ = exported
+    pkg = tmp_path / "pkg"
+    shutil.copytree(out, pkg)
+    result = CliRunner().invoke(export_app, ["qa-export", "--checkpoint", str(out.parent / "ckpt"), "--out",
+                                             str(pkg), "--overwrite", "--max-words", str(L), "--max-frames", "6"])
+    assert result.exit_code == 0, result.output
+    manifest = load_qa_package(pkg).manifest  # verified
+    assert manifest.max_frames == 6 and load_qa_package(out).manifest.max_frames == T
+    assert _siblings(pkg) == ["pkg"]  # no temporary or old folder left
+
+
+def test_an_export_that_fails_midway_leaves_the_previous_qa_package(exported, tmp_path, monkeypatch):
+    """Parity (the last step, after every file is written) crashes: the package it would replace is untouched."""
+    from hbi_export.tasks import qa_export
+
+    _, out, _ = exported
+    pkg = tmp_path / "pkg"
+    shutil.copytree(out, pkg)
+    before = _tree(pkg)
+
+    def write_qa_package(model, root, **_):  # (the real export takes seconds; what it writes does not matter)
+        (root / QA_MANIFEST).write_text("{}")
+
+    def compare_qa_package(*_, **__):
+        raise RuntimeError("onnxruntime crashed")
+
+    monkeypatch.setattr(qa_export, "write_qa_package", write_qa_package)
+    monkeypatch.setattr(qa_export, "compare_qa_package", compare_qa_package)
+    result = CliRunner().invoke(export_app, ["qa-export", "--checkpoint", str(out.parent / "ckpt"), "--out",
+                                             str(pkg), "--overwrite"])
+    assert result.exit_code == 1 and "onnxruntime crashed" in result.stderr, result.output
+    assert _tree(pkg) == before
+    assert _siblings(pkg) == ["pkg"]

@@ -79,7 +79,9 @@ def test_caption_loss_alone_trains_the_video_tower(data):
     grad = task.model.clip.visual.conv1.weight.grad
     assert grad is not None and grad.abs().sum() > 0
     assert task.model.clip.token_embedding.weight.grad is None  # the text tower is not in the caption loss
-    assert all(p.grad is not None for p in task.decoder.parameters() if p.requires_grad)
+    trainable = [p for p in task.decoder.parameters() if p.requires_grad]
+    assert len(trainable) == len(list(task.decoder.parameters())) > 0  # (no frozen part without a patch grid)
+    assert all(p.grad is not None for p in trainable)
 
 
 def test_side_arrays_are_the_models_side_in_decoder_order(data):
@@ -192,6 +194,7 @@ def test_frame_targets_name_what_each_cached_frame_shows(data):
                 else:
                     assert cls[n, k, j] == 0
     assert checked["present"] > 100 and checked["absent"] > 0
+    assert cls.shape == (len(videos), 8, len(SHAPES))
     assert (cls >= 0).all()  # every sampled frame of these 8-second videos is a real frame
 
 
@@ -221,6 +224,7 @@ def test_frame_event_targets_follow_the_scene_timing(data):
             kinds.add(e["action"] if e["action"] not in MOVES else "move")
     assert np.array_equal(events, expected)
     assert kinds >= {"move", "appear", "disappear", "turn"}  # every kind of timing was checked
+    assert events.shape == (len(videos), 8, len(SHAPES))
     assert (events[:, 0] == 0).all()
 
 
@@ -242,7 +246,7 @@ def test_aux_head_with_events_adds_the_event_term(data):
     batch = _batch(data)
     out, base = aux_task.loss(batch), task.loss(batch)
     terms = [out.parts[k] for k in ("aux_class", "aux_position", "aux_event")]
-    assert all(t > 0 for t in terms)
+    assert len(terms) == 3 and all(t > 0 for t in terms)
     assert torch.isclose(out.total, base.total + 2.0 * sum(terms))
     tokens = side_arrays(task.model, *(t.numpy() for t in batch[2:4]))[SIDE_NAMES[0]]
     acc = frame_attribute_accuracy(head, tokens, cls[:4], ev[:4])
@@ -270,7 +274,8 @@ def test_aux_loss_reaches_the_video_tower_and_adds_to_the_total(data):
     out.parts["aux_class"].backward()
     grad = task.model.clip.visual.conv1.weight.grad
     assert grad is not None and grad.abs().sum() > 0
-    assert all(p.grad is None for p in task.decoder.parameters())  # the head reads the side, not the decoder
+    params = list(task.decoder.parameters())
+    assert len(params) > 0 and all(p.grad is None for p in params)  # the head reads the side, not the decoder
     assert {n for n, _ in aux_task.named_trainable()} >= {"aux.proj.weight", "aux.proj.bias"}
     assert "aux_head" in aux_task.extra_state()
 
@@ -290,7 +295,8 @@ def test_joint_run_with_aux_continues_a_decoder(data, tmp_path):
     val = summary["validations"][-1]
     assert 0 <= val["test_frame_present_accuracy"] <= 100 and 0 <= val["test_frame_class_accuracy"] <= 100
     lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["aux_class"] > 0 for r in lines if r["kind"] == "train")
+    train = [r for r in lines if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2] and all(r["aux_class"] > 0 for r in train)  # (logged at the last step)
     after, _ = load_decoder(tmp_path / "b" / "decoder")
     assert after.config == start.config
     assert any(not torch.equal(a, b) for a, b in zip(after.state_dict().values(), start.state_dict().values()))

@@ -138,7 +138,7 @@ def test_engine_set_write_read_and_missing_precisions(tmp_path):
     with pytest.raises(UsageError, match="precision must be one of"):
         engines_dir(tmp_path, "fp8")
     path.write_text("{not json")
-    with pytest.raises(BadInputError, match=re.escape(f"cannot read engine manifest {path}")):
+    with pytest.raises(BadInputError, match=re.escape(f"engine manifest {path} is not valid JSON")):
         read_engine_set(tmp_path, "fp16")
 
 
