@@ -352,14 +352,14 @@ def test_a_calibration_that_fails_while_writing_leaves_the_previous_package(int8
     out = tmp_path / "pkg"
     shutil.copytree(int8[0], out)
     before = _tree(out)
-    real_replace = os.replace
+    real_rename = os.rename
 
-    def replace(src, dst):
+    def rename(src, dst):  # the swap of the finished package into place (hbi_runtime.fileio.replace_dir)
         if ".partial-" in Path(src).name:
             raise OSError(28, "No space left on device")
-        real_replace(src, dst)
+        real_rename(src, dst)
 
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)
     result = _calibrate("--videos", str(SAMPLES), "--out", str(out), "--overwrite")
     assert result.exit_code == 3 and "the disk is full (No space left" in result.stderr, result.output
     assert _tree(out) == before
