@@ -155,18 +155,15 @@ def _referenced(index_dir: Path) -> set[int]:
 
 def _open_shards(index_dir: Path, snap: _Snapshot, full: bool) -> tuple[dict[int, VideoStore], list[DamagedShard]]:
     """Every shard the snapshot reads, checked; raises _ShardGone for a shard folder that vanished."""
-    by_shard: dict[int, set] = {}
-    for sid, _, vid, *_ in snap.records:
-        by_shard.setdefault(sid, set()).add(vid)
     stores, damaged = {}, []
-    for sid, vids in sorted(by_shard.items()):
+    for sid in sorted({r[0] for r in snap.records}):
         if sid not in snap.shards:
-            damaged.append(DamagedShard(sid, len(vids), "named by rows but not by the shard table"))
+            damaged.append(DamagedShard(sid, _videos_in(snap, sid), "named by rows but not by the shard table"))
             continue
         n_rows, files, _, marked = snap.shards[sid]
         folder = shard_dir(index_dir, sid)
         if marked:
-            damaged.append(DamagedShard(sid, len(vids), marked))
+            damaged.append(DamagedShard(sid, _videos_in(snap, sid), marked))
             continue
         try:
             store, reason = shard_checks.cheap_check(folder, files, n_rows, snap.view.meta)
@@ -175,10 +172,14 @@ def _open_shards(index_dir: Path, snap: _Snapshot, full: bool) -> tuple[dict[int
         except FileNotFoundError:
             raise _ShardGone(sid) from None
         if reason is not None:
-            damaged.append(DamagedShard(sid, len(vids), reason))
+            damaged.append(DamagedShard(sid, _videos_in(snap, sid), reason))
         else:
             stores[sid] = store
     return stores, damaged
+
+
+def _videos_in(snap: _Snapshot, shard_id: int) -> int:
+    return len({r[2] for r in snap.records if r[0] == shard_id})
 
 
 def _checked_snapshot(index_dir: Path, full: bool, model_sha256: str | None = None
@@ -193,8 +194,7 @@ def _checked_snapshot(index_dir: Path, full: bool, model_sha256: str | None = No
             stores, damaged = _open_shards(index_dir, snap, full)
         except _ShardGone as gone:
             stores = {}
-            damaged = [DamagedShard(gone.shard_id, len({r[2] for r in snap.records if r[0] == gone.shard_id}),
-                                    "its folder is missing")]
+            damaged = [DamagedShard(gone.shard_id, _videos_in(snap, gone.shard_id), "its folder is missing")]
         if not damaged or attempt + 1 == _ATTEMPTS:
             return snap, stores, damaged
         if {d.shard_id for d in damaged} <= _referenced(index_dir):
