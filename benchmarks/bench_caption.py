@@ -14,6 +14,10 @@ same set). Every held-out (test) video is encoded once through the retrieval pac
 2. quality: greedy captions of the held-out videos against their reference (canonical) captions: BLEU-4,
    ROUGE-L, CIDEr-D (hbi_runtime.tasks.metrics; METEOR is not available offline), and the attribute accuracy
    (hbi_training.caption.attribute_match: every colour, shape, motion and the order of events named).
+
+The demo's 120 test videos are the *validation* split (variants were chosen on them); the quality figures the docs
+quote come from the *test* split through ``benchmarks/eval_splits.py``, whose work folder ``DIR/test`` can also be
+given here as ``--data``.
 """
 
 from __future__ import annotations

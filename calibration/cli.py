@@ -1,5 +1,7 @@
-"""Registers ``hbi-export calibrate``. Import-light: hbi-export imports this at start, so everything heavy
-(onnx, onnxruntime.quantization, the runtime model) is imported inside the command."""
+"""Registers ``hbi-export calibrate`` through the entry point ``calibrate`` of the group
+``hbi_toolkit.export_commands`` (pyproject.toml): hbi_export never imports hbi_calibration, the layer above it.
+Import-light: hbi-export loads this at start, so everything heavy (onnx, onnxruntime.quantization, the runtime
+model) is imported inside the command."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from hbi_runtime.cli_options import (DebugAlias, FormatOption, Steps, WorkersOption, overwrite_option, run_guarded,
+                                     strict_option)
 from hbi_runtime.cli_support import OutputFormat
 
 CALIBRATE_HELP = (
@@ -23,11 +27,16 @@ CALIBRATE_HELP = (
     "float (first/last transformer blocks, then attention matmuls) and the gate runs again. If every attempt "
     "fails, OUT is a copy of the fp32/fp16 package (exit 0, said on stderr), or with --strict nothing is written "
     "and the exit code is 5. The report is printed and stored in OUT's manifest.json. No videos: exit code 3 "
-    "(never calibrates on random data).\n\n"
+    "(never calibrates on random data). On a terminal each phase (decoding, collecting ranges, each quantize and "
+    "gate attempt) is shown on stderr."
+)
+CALIBRATE_EXAMPLES = (
     "Examples:\n\n"
     "  hbi-export calibrate pkg/msrvtt --videos clips/ --out pkg/msrvtt-int8\n\n"
-    "  hbi-export calibrate pkg/msrvtt --videos clips/ --captions clips.csv --method percentile "
-    "--target tensorrt --out pkg/msrvtt-int8-trt --strict --format json"
+    "  hbi-export calibrate pkg/b32 --videos clips/ --captions c.csv --out pkg/int8\n\n"
+    "  hbi-export calibrate pkg/b32 --videos clips/ --target tensorrt --out pkg/trt\n\n"
+    "  hbi-export calibrate pkg/b32 --videos clips/ --method entropy --out pkg/e\n\n"
+    "  hbi-export calibrate pkg/b32 --videos clips/ --out pkg/int8 --strict -f json"
 )
 
 
@@ -67,8 +76,9 @@ def render_text(report: dict[str, Any]) -> str:
 def register(app: typer.Typer) -> None:
     """Add ``calibrate`` to ``app``."""
 
-    @app.command("calibrate", help=CALIBRATE_HELP)
+    @app.command("calibrate", help=CALIBRATE_HELP, epilog=CALIBRATE_EXAMPLES)
     def calibrate(
+        ctx: typer.Context,
         package: Annotated[Path, typer.Argument(help="Source model package (fp32 or fp16).", show_default=False)],
         videos: Annotated[Path, typer.Option("--videos", help="Folder of your videos (searched recursively).",
                                              show_default=False)],
@@ -92,27 +102,28 @@ def register(app: typer.Typer) -> None:
                                                                          "drop of t2v R@1, in points.")] = 1.0,
         min_top1: Annotated[float, typer.Option("--min-top1", help="Gate without captions: least video->video "
                                                                    "top-1 agreement.")] = 0.95,
-        strict: Annotated[bool, typer.Option("--strict", help="Gate failure is an error (exit 5, nothing "
-                                                              "written) instead of a fp32/fp16 fallback.")] = False,
-        workers: Annotated[int, typer.Option("--workers", min=1, help="Video decoding processes.")] = 2,
-        overwrite: Annotated[bool, typer.Option(help="Replace a model package at --out (never an input; any other "
-                                                                 "non-empty folder is refused).")] = False,
-        output: Annotated[OutputFormat, typer.Option("--format", help="Output as text or JSON.")] = OutputFormat.text,
-        debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+        strict: strict_option("Gate failure is an error (exit 5, nothing written) instead of a fp32/fp16 "
+                              "fallback.") = False,
+        workers: WorkersOption = 2,
+        overwrite: overwrite_option("a model package") = False,
+        fmt: FormatOption = OutputFormat.text,
+        debug: DebugAlias = False,
     ) -> None:
         """Package + videos -> gated INT8 package (``hbi_calibration.pipeline.calibrate_package``)."""
-        from hbi_runtime.cli_support import emit_json, guarded
+        from hbi_runtime.cli_support import emit_json
 
-        json_mode = output is OutputFormat.json
-        with guarded(json_mode=json_mode, debug=debug):
+        json_mode = fmt is OutputFormat.json
+        with run_guarded(ctx, json_mode, debug):
             from hbi_calibration.gate import Criteria
             from hbi_calibration.pipeline import calibrate_package
 
-            report = calibrate_package(
-                package, videos, out, captions=captions, target=target.value, samples=samples,
-                method=method.value, exclude_ops=_split_list(exclude_ops), exclude_nodes=_split_list(exclude_nodes),
-                holdout=holdout, criteria=Criteria(max_r1_drop=max_r1_drop, min_top1=min_top1), strict=strict,
-                overwrite=overwrite, workers=workers, progress=lambda m: typer.echo(m, err=True))
+            with Steps(enabled=not json_mode) as say:
+                report = calibrate_package(
+                    package, videos, out, captions=captions, target=target.value, samples=samples,
+                    method=method.value, exclude_ops=_split_list(exclude_ops),
+                    exclude_nodes=_split_list(exclude_nodes), holdout=holdout,
+                    criteria=Criteria(max_r1_drop=max_r1_drop, min_top1=min_top1), strict=strict,
+                    overwrite=overwrite, workers=workers, progress=say)
             emit_json(report) if json_mode else typer.echo(render_text(report))
             if report["outcome"] == "fallback":
                 typer.echo(f"warning: INT8 failed the accuracy gate; {report['package']} holds the source "

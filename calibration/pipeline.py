@@ -7,7 +7,7 @@
    videos with it through the runtime, measure and decide (:mod:`.gate`); stop at the first pass;
 5. write the new package at ``out``: INT8 when a step passed; otherwise (unless ``strict``) a copy of the source
    package, fp32 / fp16 as it was, so that ``out`` always works. The report goes into the manifest's
-   ``calibration`` field either way. ``out`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``model
+   ``calibration`` field either way. ``out`` follows :func:`hbi_runtime.outputs.prepare_output_dir` (kind ``model
    package``; never the source package, the videos or the captions file) and is replaced only once the new
    package is complete.
 
@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 from hbi_runtime import __version__
 from hbi_runtime.errors import GateFailedError, UsageError
-from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+from hbi_runtime.outputs import prepare_output_dir, staged_output_dir
 from hbi_runtime.names import display_path
 from hbi_runtime.package import GRAPH_NAMES, load_package, write_derived_package
 
@@ -90,14 +90,17 @@ def calibrate_package(pkg_dir: str | os.PathLike, videos: str | os.PathLike, out
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hbi-calibrate-") as tmp:
         work = Path(tmp)
+        progress(f"decoding {len(split.held_out)} held-out videos")
         held = data.decode_to_memmap(split.held_out, source.manifest.preprocessing, work, workers=workers,
                                      progress=progress)
         with _model(source) as reference_model:
             caps = [list(split.captions.get(p, ())) for p in held.paths] if split.captions else None
+            progress("encoding the held-out videos with the source package (the reference)")
             ref = gate.make_reference(reference_model, held.frames, held.mask, caps)
             reader = data.make_video_reader(split.calibration, source.manifest.preprocessing, workers=workers,
                                             progress=progress)
             cache = work / "ranges.json"
+            progress(f"collecting activation ranges ({method}) on up to {len(split.calibration)} videos")
             quantize.calibrate(graph_path, reader, method, cache, work, ops=ops, progress=progress)
             attempts, chosen = _attempts(source, held, ref, reference_model, nodes, user_excluded, ops, cache, work,
                                          target=target, method=method, criteria=criteria, progress=progress)
@@ -111,6 +114,7 @@ def calibrate_package(pkg_dir: str | os.PathLike, videos: str | os.PathLike, out
                 hint="keep using the source package, or calibrate with more representative --videos, another "
                      "--method, or --exclude-nodes")
         graphs = {GRAPH: (work / f"{GRAPH}.{chosen}.onnx", "int8")} if chosen is not None else {}
+        progress(f"writing {display_path(out)}")
         # again: the calibration took minutes, and whatever `out` holds when the new package is swapped in goes
         prepare_output_dir(out, kind="model package", inputs=inputs, overwrite=overwrite)
         with staged_output_dir(out) as stage:  # (write_derived_package puts the package in place of the empty stage)
@@ -126,8 +130,10 @@ def _attempts(source, held, ref, reference_model, nodes, user_excluded, ops, cac
     steps = quantize.fallback_steps(nodes, user_excluded)
     for i, step in enumerate(steps):
         path = work / f"{GRAPH}.{i}.onnx"
+        progress(f"gate attempt {i + 1}/{len(steps)} ({step.name}): quantizing")
         summary = quantize.quantize(source.graph_path(GRAPH), path, target=target, method=method, cache_path=cache,
                                     excluded=step.excluded, ops=ops)
+        progress(f"gate attempt {i + 1}/{len(steps)} ({step.name}): encoding the held-out videos")
         with _model(source, path) as model:
             test = model.encode_frames(held.frames, held.mask, batch_size=4)
             metrics = gate.measure(reference_model, ref, test)

@@ -17,15 +17,7 @@ optional backends (onnxruntime, tensorrt, decord, av) are imported lazily where 
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-DIST_NAME = "hbi-toolkit"
-
-try:
-    __version__ = version(DIST_NAME)
-except PackageNotFoundError:  # running from a checkout that was never installed
-    __version__ = "0+unknown"
-
-from hbi_runtime.model import Model, load  # noqa: E402  (needs __version__ above; imports nothing heavy)
+from hbi_runtime.model import Model, load  # imports nothing heavy
+from hbi_runtime.version import DIST_NAME, __version__
 
 __all__ = ["DIST_NAME", "Model", "__version__", "load"]

@@ -6,7 +6,6 @@ Commands are thin: each parses its options and hands off to one library function
 
 from __future__ import annotations
 
-import enum
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,51 +13,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime import __version__, doctor as doctor_lib
+from hbi_runtime import doctor as doctor_lib
 from hbi_runtime.bench.cli import register as _register_bench
-from hbi_runtime.cli_support import OutputFormat, TableFormat, csv_text, emit_json, guarded
+from hbi_runtime.cli_options import (AllowUnverifiedOption, BackendName, BackendOption, EnginePrecisionAlias,
+                                     FormatOption, LevelsOption, ModelOption, PrecisionOption, TableFormatOption,
+                                     WorkersOption, engine_precision, keep_examples, make_app, parse_levels,
+                                     run_guarded, strict_option)
+from hbi_runtime.cli_support import OutputFormat, TableFormat, csv_text, emit_json
 from hbi_runtime.names import exact_text, path_b64, printable
 from hbi_runtime.tasks.cli import register as _register_tasks
 
-
-@dataclass(frozen=True)
-class GlobalOptions:
-    debug: bool = False
-
-
-FormatOption = Annotated[
-    OutputFormat,
-    typer.Option("--format", "-f", case_sensitive=False,
-                 help="Output format: text for people, json for scripts (carries a \"schema\" key)."),
-]
-
-app = typer.Typer(
-    name="hbi-run",
-    help="Run HBI video-text retrieval models without torch (ONNX Runtime / TensorRT).",
-    epilog="Examples:\n\n  hbi-run doctor\n\n  hbi-run --debug doctor --format json",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-
-def _version_callback(value: bool) -> None:
-    if value:
-        sys.stdout.write(f"hbi-run {__version__}\n")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    ctx: typer.Context,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of any error.")] = False,
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True,
-                                                    help="Print the toolkit version and exit.")] = None,
-) -> None:
-    """Run HBI video-text retrieval models without torch (ONNX Runtime / TensorRT)."""
-    ctx.obj = GlobalOptions(debug=debug)
+app = make_app("hbi-run", "Run HBI video-text retrieval models without torch (ONNX Runtime / TensorRT).",
+               "Examples:\n\n  hbi-run demo\n\n  hbi-run doctor\n\n  hbi-run --debug doctor --format json")
 
 
 @app.command(epilog="Examples:\n\n  hbi-run doctor\n\n  hbi-run doctor --model pkg/msrvtt --format json > doctor.json")
@@ -77,7 +43,7 @@ def doctor(
     command only reports.
     """
     json_mode = output_format is OutputFormat.json
-    with guarded(json_mode=json_mode, debug=ctx.obj.debug):
+    with run_guarded(ctx, json_mode):
         packages = models if models else ([DEMO_PACKAGE] if (DEMO_PACKAGE / "manifest.json").exists() else [])
         report = doctor_lib.collect()
         report["packages"] = doctor_lib.judge_packages(report, packages)
@@ -89,31 +55,14 @@ def doctor(
 
 # ------------------------------------------------------------------------------------------ model, index, search
 DEMO_PACKAGE = Path(__file__).resolve().parent / "data" / "demo" / "package"
-ModelOption = Annotated[Optional[Path], typer.Option(
-    "--model", "-m", help="Model package folder (hbi-export onnx). Default: the demo model, when installed.",
-    show_default=False)]
-UnverifiedOption = Annotated[bool, typer.Option(
-    "--allow-unverified", help="Use a package whose parity check failed or never ran.")]
-WorkersOption = Annotated[int, typer.Option(min=1, help="Decoding worker processes.")]
-
-
-class BackendName(str, enum.Enum):
-    onnxruntime = "onnxruntime"
-    trt = "trt"
-
-
-BackendOption = Annotated[BackendName, typer.Option(
-    "--backend", case_sensitive=False,
-    help="onnxruntime (CPU, the default) or trt (TensorRT engines from `hbi-export build-engine`).")]
-EnginePrecisionOption = Annotated[Optional[str], typer.Option(
-    "--engine-precision", help="With --backend trt: fp32, fp16 or int8 (default: the only one built).",
-    show_default=False)]
-
-
 @dataclass(frozen=True)
 class BackendChoice:
     name: BackendName = BackendName.onnxruntime
     engine_precision: Optional[str] = None
+
+
+def _choice(backend: BackendName, precision: Optional[str], alias: Optional[str]) -> BackendChoice:
+    return BackendChoice(backend, engine_precision(precision, alias))
 
 
 def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendChoice = BackendChoice()):
@@ -131,17 +80,19 @@ def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendC
         import_tensorrt()  # fail before any decoding starts, with the install hint
         return load(model, backend="trt", allow_unverified=allow_unverified, precision=backend.engine_precision)
     if backend.engine_precision is not None:
-        raise UsageError("--engine-precision goes with --backend trt")
+        raise UsageError("--precision goes with --backend trt")
     return load(model, allow_unverified=allow_unverified)
 
 
 class _Progress:
-    """A progress bar on stderr (rate and ETA) fed by ``update_index``'s callback; it appears with the first file,
-    so an error before any work prints no empty bar."""
+    """A progress bar on a terminal's stderr (files, windows, rate, elapsed, ETA) fed by ``update_index``'s
+    callbacks; it appears with the first file, so an error before any work prints no empty bar. Quiet in JSON mode
+    and when stderr is not a terminal."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+        self.enabled = enabled and sys.stderr.isatty()
         self._bar = None
+        self._windows = ""
 
     def __enter__(self) -> "_Progress":
         return self
@@ -151,12 +102,12 @@ class _Progress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
-        self._bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                             TimeRemainingColumn(), TextColumn("{task.fields[path]}"),
-                             console=Console(stderr=True), transient=False)
+        self._bar = Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
+                             TextColumn("{task.fields[windows]}"), TextColumn("{task.fields[rate]}"),
+                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                             TextColumn("{task.fields[path]}"), console=Console(stderr=True), transient=False)
         self._bar.__enter__()
-        self._task = self._bar.add_task("index", total=None, rate="", path="")
+        self._task = self._bar.add_task("index", total=None, rate="", path="", windows="")
 
     def __call__(self, done: int, total: int, path: Optional[str], rate: float) -> None:
         if not self.enabled or total == 0:
@@ -164,7 +115,13 @@ class _Progress:
         if self._bar is None:
             self._start()
         self._bar.update(self._task, completed=done, total=total, rate=f"{rate:.1f} files/s",
-                         path=(path or "")[-40:])
+                         path=(path or "")[-40:], windows=self._windows)
+
+    def windows(self, count: int, path: str) -> None:
+        """Windows decoded so far (long videos with --window): the bar moves while one file's windows decode."""
+        self._windows = f"{count} windows"
+        if self.enabled and self._bar is not None:
+            self._bar.update(self._task, windows=self._windows, path=path[-40:])
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
@@ -190,7 +147,8 @@ def _index_folder(model, videos: Path, index_dir: Optional[Path], *, workers: in
     target = index_dir or default_index_dir(videos, model)
     with _Progress(enabled=not quiet) as progress:
         summary = update_index(model, videos, target, workers=workers, batch_size=batch_size, window=window,
-                               stride=stride, rebuild=rebuild, progress=progress, **options)
+                               stride=stride, rebuild=rebuild, progress=progress, window_progress=progress.windows,
+                               **options)
     if not (summary.new or summary.unchanged or summary.reindexed or summary.removed or summary.failed
             or summary.recovered or summary.resumed):
         raise BadInputError(f"no video files in {printable(str(videos))}",
@@ -280,11 +238,11 @@ def index(
     status: Annotated[bool, typer.Option(
         help="Report the index (counts, failed files, damaged shards, model, folder, last commit); index "
              "nothing.")] = False,
-    strict: Annotated[bool, typer.Option(help="Exit 3 while any file has failed (or, with --status, any shard "
-                                              "is damaged).")] = False,
-    allow_unverified: UnverifiedOption = False,
+    strict: strict_option("Exit 3 while any file has failed (or, with --status, any shard is damaged).") = False,
+    allow_unverified: AllowUnverifiedOption = False,
     backend: BackendOption = BackendName.onnxruntime,
-    engine_precision: EnginePrecisionOption = None,
+    precision: PrecisionOption = None,
+    engine_precision_alias: EnginePrecisionAlias = None,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Index a folder of videos: incremental (only new or changed files are encoded), crash-safe, resumable.
@@ -297,7 +255,7 @@ def index(
     """
     json_mode = output_format is OutputFormat.json
     failed = False
-    with guarded(json_mode=json_mode, debug=ctx.obj.debug):
+    with run_guarded(ctx, json_mode):
         from hbi_runtime.errors import UsageError
 
         if status:
@@ -310,7 +268,7 @@ def index(
         else:
             if videos is None:
                 raise UsageError("give the folder of videos to index", hint="hbi-run index VIDEO_DIR (or --status)")
-            with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:
+            with _load_model(model, allow_unverified, _choice(backend, precision, engine_precision_alias)) as m:
                 summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=batch_size,
                                         window=window, stride=stride, rebuild=rebuild, quiet=json_mode,
                                         retry_failed=retry_failed, force=force, verify=verify)
@@ -352,18 +310,13 @@ def _read_lines(path: Path, what: str) -> list[str]:
     return lines
 
 
-def _parse_levels(levels: Optional[str]):
-    if levels is None:
-        return None
+def _one_source(videos: Optional[Path], index_dir: Optional[Path]) -> None:
     from hbi_runtime.errors import UsageError
 
-    try:
-        values = tuple(float(v) for v in levels.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise UsageError(f"--levels must be three comma-separated numbers (entity,action,event), got {levels!r}")
-    return values
+    if (videos is None) == (index_dir is None):
+        raise UsageError("give exactly one of --videos DIR and --index DIR",
+                         hint="--videos indexes what is missing first (into the per-folder cache); --index uses an "
+                              "existing index")
 
 
 def _fmt_time(seconds) -> str:
@@ -425,9 +378,7 @@ def retrieve(
                                                      show_default=False)] = None,
     model: ModelOption = None,
     top_k: Annotated[int, typer.Option(help="Results per query.")] = 10,
-    levels: Annotated[Optional[str], typer.Option(
-        help="Level weights entity,action,event for this search (default: the package's).",
-        show_default=False)] = None,
+    levels: LevelsOption = None,
     workers: WorkersOption = 2,
     window: Annotated[Optional[float], typer.Option(help="With --videos: index as windows of N seconds.",
                                                     show_default=False)] = None,
@@ -435,11 +386,11 @@ def retrieve(
         "--memory-limit-mb", min=16, help="Working memory of the scoring engine per chunk of videos.")] = 256,
     verify: Annotated[bool, typer.Option(
         help="Hash every byte of the index against its checksums before answering (about 0.6 s per GB).")] = False,
-    allow_unverified: UnverifiedOption = False,
+    allow_unverified: AllowUnverifiedOption = False,
     backend: BackendOption = BackendName.onnxruntime,
-    engine_precision: EnginePrecisionOption = None,
-    output_format: Annotated[TableFormat, typer.Option("--format", "-f", case_sensitive=False,
-                                                       help="table, json, jsonl or csv.")] = TableFormat.table,
+    precision: PrecisionOption = None,
+    engine_precision_alias: EnginePrecisionAlias = None,
+    output_format: TableFormatOption = TableFormat.table,
 ) -> None:
     """Search videos with text (exact HBI score), or rank captions for one video (--video --captions).
 
@@ -447,19 +398,19 @@ def retrieve(
     A damaged index is never searched: the command exits 3 naming the damaged shards and the repair command.
     """
     json_mode = output_format.is_json
-    with guarded(json_mode=json_mode, debug=ctx.obj.debug):
+    with run_guarded(ctx, output_format):
         from hbi_runtime.errors import UsageError
         from hbi_runtime.index import Index
         from hbi_runtime.search import check_queries, rank_captions, search
 
-        weights = _parse_levels(levels)
+        weights = parse_levels(levels)
         if top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {top_k}")
         if video is not None or captions is not None:
             if video is None or captions is None or queries or queries_file or videos or index_dir or verify:
                 raise UsageError("--video and --captions go together, without queries, --videos, --index or "
                                  "--verify")
-            with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:
+            with _load_model(model, allow_unverified, _choice(backend, precision, engine_precision_alias)) as m:
                 ranked = rank_captions(m, str(video), _read_lines(captions, "captions"), top_k=top_k,
                                        level_weights=weights)
                 header = {"schema": "hbi.retrieve-captions/1", "model_sha256": m.package.manifest_sha256,
@@ -471,10 +422,8 @@ def retrieve(
                                          for r in ranked))
             return
         texts = check_queries(list(queries or []) + (_read_lines(queries_file, "queries") if queries_file else []))
-        if (videos is None) == (index_dir is None):
-            raise UsageError("give exactly one of --videos DIR and --index DIR",
-                             hint="--videos indexes what is missing first; --index uses an existing index")
-        with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:
+        _one_source(videos, index_dir)
+        with _load_model(model, allow_unverified, _choice(backend, precision, engine_precision_alias)) as m:
             if videos is not None:
                 summary = _index_folder(m, videos, None, workers=workers, batch_size=16, window=window,
                                         stride=None, quiet=json_mode)
@@ -495,37 +444,41 @@ def retrieve(
 
 
 @app.command("eval", epilog="Examples:\n\n  hbi-run eval --captions MSRVTT_JSFUSION_test.csv --videos MSRVTT/videos "
-                            "--model pkg/msrvtt")
+                            "--model pkg/msrvtt\n\n  hbi-run eval --captions refs.csv --index ~/msrvtt-index "
+                            "-m pkg/msrvtt --format json")
 def eval_command(
     ctx: typer.Context,
     captions: Annotated[Path, typer.Option(help="CSV: key,vid_key,video_id,sentence (MSR-VTT JSFusion) or "
                                                 "video,caption.", show_default=False)],
-    videos: Annotated[Path, typer.Option(help="Folder holding the videos (file stem = video id).",
-                                         show_default=False)],
+    videos: Annotated[Optional[Path], typer.Option(
+        help="Folder holding the videos (file stem = video id): indexes what is missing first.",
+        show_default=False)] = None,
     model: ModelOption = None,
-    index_dir: Annotated[Optional[Path], typer.Option("--index", help="Index folder (default: per-folder cache).",
+    index_dir: Annotated[Optional[Path], typer.Option("--index", help="An index built by `hbi-run index`.",
                                                       show_default=False)] = None,
-    levels: Annotated[Optional[str], typer.Option(help="Level weights entity,action,event.",
-                                                  show_default=False)] = None,
+    levels: LevelsOption = None,
     workers: WorkersOption = 2,
-    allow_unverified: UnverifiedOption = False,
+    allow_unverified: AllowUnverifiedOption = False,
     backend: BackendOption = BackendName.onnxruntime,
-    engine_precision: EnginePrecisionOption = None,
+    precision: PrecisionOption = None,
+    engine_precision_alias: EnginePrecisionAlias = None,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Retrieval metrics: R@1/5/10/50, MdR and MnR, text->video and video->text."""
     json_mode = output_format is OutputFormat.json
-    with guarded(json_mode=json_mode, debug=ctx.obj.debug):
+    with run_guarded(ctx, json_mode):
         from hbi_runtime.index import Index
         from hbi_runtime.inputs import read_captions
         from hbi_runtime.search import evaluate
 
+        _one_source(videos, index_dir)
         pairs = read_captions(captions)
-        with _load_model(model, allow_unverified, BackendChoice(backend, engine_precision)) as m:
-            summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=16, window=None,
-                                    stride=None, quiet=json_mode)
-            idx = Index.open(summary.index_dir, m.package.manifest_sha256)
-            metrics = evaluate(m, idx, pairs, level_weights=_parse_levels(levels))
+        with _load_model(model, allow_unverified, _choice(backend, precision, engine_precision_alias)) as m:
+            if videos is not None:
+                index_dir = _index_folder(m, videos, None, workers=workers, batch_size=16, window=None,
+                                          stride=None, quiet=json_mode).index_dir
+            idx = Index.open(index_dir, m.package.manifest_sha256)
+            metrics = evaluate(m, idx, pairs, level_weights=parse_levels(levels))
             result = {"schema": "hbi.eval/1", "model_sha256": m.package.manifest_sha256, **metrics}
         if json_mode:
             emit_json(result)
@@ -538,14 +491,16 @@ def eval_command(
                              f"{result['gallery']})\n")
 
 
-@app.command(epilog="Examples:\n\n  hbi-run demo\n\n  hbi-run demo \"a green cross moves up, then a red circle appears\"")
+@app.command(epilog="Examples:\n\n  hbi-run demo\n\n"
+                    "  hbi-run demo \"a green cross moves up, then a red circle appears\"")
 def demo(
     ctx: typer.Context,
     queries: Annotated[Optional[list[str]], typer.Argument(
         help="Your own queries (default: the demo's example queries).", show_default=False)] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Results shown per query.")] = 3,
     backend: BackendOption = BackendName.onnxruntime,
-    engine_precision: EnginePrecisionOption = None,
+    precision: PrecisionOption = None,
+    engine_precision_alias: EnginePrecisionAlias = None,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Search the bundled sample videos with the bundled demo model (no download, no torch).
@@ -554,7 +509,7 @@ def demo(
     README.txt); it understands captions like "a red square moves left, then a blue circle appears".
     """
     json_mode = output_format is OutputFormat.json
-    with guarded(json_mode=json_mode, debug=ctx.obj.debug):
+    with run_guarded(ctx, json_mode):
         import json as _json
 
         from hbi_runtime.errors import UsageError
@@ -567,7 +522,7 @@ def demo(
                              hint="reinstall hbi-toolkit, or regenerate it: python -m hbi_training.demo")
         examples = _json.loads((root / "queries.json").read_text())["queries"]
         asked = [{"query": q, "expected": None} for q in queries] if queries else examples
-        with _load_model(None, False, BackendChoice(backend, engine_precision)) as m:
+        with _load_model(None, False, _choice(backend, precision, engine_precision_alias)) as m:
             summary = _index_folder(m, root / "samples", None, workers=1, batch_size=8, window=None, stride=None,
                                     quiet=True)
             idx = Index.open(summary.index_dir, m.package.manifest_sha256)
@@ -596,6 +551,7 @@ def demo(
 # Commands that live with their subsystem register themselves here (one line each).
 _register_bench(app)
 _register_tasks(app)
+keep_examples(app)  # last: every command is registered
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,9 +62,9 @@ def json_text(payload, *, indent: int | None = 2, sort_keys: bool = True) -> str
     return text
 
 
-def emit_json(payload: dict) -> None:
-    """Write one JSON document to stdout (sorted keys, UTF-8, newline-terminated)."""
-    sys.stdout.write(json_text(payload) + "\n")
+def emit_json(payload: dict, *, one_line: bool = False) -> None:
+    """Write one JSON document to stdout (sorted keys, UTF-8, newline-terminated; ``one_line`` for JSON lines)."""
+    sys.stdout.write(json_text(payload, indent=None if one_line else 2) + "\n")
     sys.stdout.flush()
 
 
@@ -74,31 +74,32 @@ def _safe(text: str) -> str:
 
 
 @contextlib.contextmanager
-def guarded(*, json_mode: bool = False, debug: bool = False) -> Iterator[None]:
-    """Run a command body; map exceptions to a message and ``SystemExit(code)``."""
+def guarded(*, json_mode: bool = False, debug: bool = False, json_lines: bool = False) -> Iterator[None]:
+    """Run a command body; map exceptions to a message and ``SystemExit(code)``. In JSON mode the error is one
+    JSON document on stdout (``json_lines``: on one line, as every line of a ``--format jsonl`` output is)."""
     try:
         yield
     except OSError as exc:  # a full disk, a size limit, a read-only folder: the machine, not a bug
         known = environment_error(exc, "cannot complete the command")
         if known is None:
-            _internal(exc, json_mode, debug)
-        _report(known, json_mode, debug)
+            _internal(exc, json_mode, debug, json_lines)
+        _report(known, json_mode, debug, json_lines)
     except HbiError as exc:
-        _report(exc, json_mode, debug)
+        _report(exc, json_mode, debug, json_lines)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         raise SystemExit(130) from None
     except (SystemExit, GeneratorExit):
         raise
     except Exception as exc:  # a bug, not a user mistake: say so, keep the traceback for --debug
-        _internal(exc, json_mode, debug)
+        _internal(exc, json_mode, debug, json_lines)
 
 
-def _report(exc: HbiError, json_mode: bool, debug: bool) -> None:
+def _report(exc: HbiError, json_mode: bool, debug: bool, json_lines: bool = False) -> None:
     if debug:
         traceback.print_exc()
     if json_mode:
-        emit_json({"error": exc.to_json()})
+        emit_json({"error": exc.to_json()}, one_line=json_lines)
     else:  # names in messages may hold terminal escapes: never let them reach the terminal raw
         sys.stderr.write(f"error: {_safe(exc.message)}\n")
         if exc.hint:
@@ -106,13 +107,13 @@ def _report(exc: HbiError, json_mode: bool, debug: bool) -> None:
     raise SystemExit(exc.exit_code) from None
 
 
-def _internal(exc: Exception, json_mode: bool, debug: bool) -> None:
+def _internal(exc: Exception, json_mode: bool, debug: bool, json_lines: bool = False) -> None:
     if debug:
         traceback.print_exc()
     message = f"internal error: {type(exc).__name__}: {exc}"
     if json_mode:
         emit_json({"error": {"type": "InternalError", "message": message,
-                             "hint": "re-run with --debug and report the traceback"}})
+                             "hint": "re-run with --debug and report the traceback"}}, one_line=json_lines)
     else:
         sys.stderr.write(f"error: {_safe(message)}\nhint: re-run with --debug and report the traceback\n")
     raise SystemExit(EXIT_INTERNAL) from None

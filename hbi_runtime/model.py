@@ -110,7 +110,13 @@ def load(pkg_dir: str | os.PathLike, *, backend: str = "onnxruntime", allow_unve
         BadInputError, MismatchError, GateFailedError: the package (see :func:`hbi_runtime.package.load_package`).
         UsageError: unknown backend or option, or a bad option value.
     """
-    package = load_package(pkg_dir, allow_unverified=allow_unverified)
+    return open_model(load_package(pkg_dir, allow_unverified=allow_unverified), backend=backend, **backend_options)
+
+
+def open_model(package: Package, *, backend: str = "onnxruntime", allow_unverified: bool = False,
+               **backend_options) -> Model:
+    """The :class:`Model` of a loaded, checked retrieval package (what :func:`hbi_runtime.package.load_any` returns
+    for one); ``backend`` and ``backend_options`` as :func:`load`."""
     backends = {name: create_backend(backend, package.graph(name), package.graph_path(name), **backend_options)
                 for name in GRAPH_NAMES}
     return Model(package, backends)
@@ -396,4 +402,4 @@ def _check_batch_size(batch_size: int) -> None:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
-__all__ = ["EncodedVideos", "Model", "TextSide", "VideoSide", "load", "side_tensor_names"]
+__all__ = ["EncodedVideos", "Model", "TextSide", "VideoSide", "load", "open_model", "side_tensor_names"]

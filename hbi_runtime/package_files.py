@@ -1,10 +1,9 @@
 """The files of a package on disk: the one integrity check every package loader runs, and its JSON reader.
 
-Three package kinds share these rules (docs/packages.md): the retrieval package (``manifest.json``,
-:mod:`hbi_runtime.package`), the QA package (``qa_manifest.json``, :mod:`hbi_runtime.tasks.qa_package`) and the
-caption package (``manifest.json`` with ``schema``, :mod:`hbi_runtime.tasks.caption`). Each loader reads its
-manifest with :func:`hbi_runtime.inputs.read_json` and hands the files it lists to :func:`check_package_files`, which
-refuses:
+Every package kind shares these rules (docs/packages.md): the one package reader,
+:func:`hbi_runtime.package.read_package`, reads a manifest of any kind (retrieval, QA, caption, or a registered one;
+new form or the forms before package kinds) with :func:`hbi_runtime.inputs.read_json` and hands the files it lists
+(its ``graphs`` and ``files``) to :func:`check_package_files`, which refuses:
 
 - a symlink anywhere in the package folder that leads outside it (a package is self-contained; a symlink that
   stays inside is followed, its target is what gets hashed);

@@ -2,7 +2,7 @@
 
 ::
 
-    hbi-train caption --data DIR --out RUN [--package hbi_runtime/data/demo/package] [--steps 4000]
+    hbi-train caption --data DIR --out RUN [--model hbi_runtime/data/demo/package] [--steps 4000]
 
 1. The video side of every synthetic video is computed **once** through the retrieval package's own
    ``video_encoder.onnx`` (``hbi_runtime.load(pkg).encode_frames`` on the frame caches of
@@ -138,10 +138,12 @@ def qa_pairs(scene: dict) -> list[tuple[str, str]]:
 
 def video_sides(package: Path, data_dir: Path, split: str, cache_dir: Path,
                 progress: Callable[[str], None] = lambda _: None) -> dict[str, np.ndarray]:
-    """The 9 video side arrays of a split, through the package's video encoder; cached by package + frames."""
+    """The 9 video side arrays of a split, through the package's video encoder; cached by package + frames.
+    ``progress`` is told when the stage starts."""
     import hbi_runtime
     from hbi_training.data import frame_cache
 
+    progress(f"video side of the {split} split (cached after the first run)")
     with hbi_runtime.load(package) as model:
         pre = model.manifest.preprocessing
         frames, mask = frame_cache(data_dir, split, max_frames=pre.max_frames, image_size=pre.image_size)
@@ -151,7 +153,6 @@ def video_sides(package: Path, data_dir: Path, split: str, cache_dir: Path,
         if path.is_file():
             with np.load(path) as z:
                 return {k: z[k] for k in SIDE_NAMES}
-        started = time.monotonic()
         parts = []
         for i in range(0, len(frames), 256):
             side = model.encode_frames(np.asarray(frames[i:i + 256]), mask[i:i + 256])
@@ -160,7 +161,6 @@ def video_sides(package: Path, data_dir: Path, split: str, cache_dir: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path.with_suffix(".tmp.npz"), **out)
     path.with_suffix(".tmp.npz").replace(path)
-    progress(f"video sides of {split}: {len(frames)} videos in {time.monotonic() - started:.0f} s")
     return out
 
 
@@ -210,6 +210,7 @@ def video_patches(encoder, data_dir: Path, split: str, cache_dir: Path, max_fram
     import torch
     from hbi_training.data import frame_cache
 
+    progress(f"patch tokens of the {split} split (cached after the first run)")
     frames, _ = frame_cache(data_dir, split, max_frames=max_frames, image_size=image_size)
     weights = hashlib.sha256()
     for name, tensor in encoder.state_dict().items():
@@ -219,7 +220,6 @@ def video_patches(encoder, data_dir: Path, split: str, cache_dir: Path, max_fram
                          f"{encoder.grid}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"patches-{split}-{key}.npy"
     if not path.is_file():
-        started = time.monotonic()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
@@ -231,7 +231,6 @@ def video_patches(encoder, data_dir: Path, split: str, cache_dir: Path, max_fram
         out.flush()
         del out
         tmp.replace(path)
-        progress(f"patch tokens of {split}: {len(frames)} videos in {time.monotonic() - started:.0f} s")
     return np.load(path)
 
 
@@ -381,10 +380,15 @@ def check_decoder_start(start, config, path) -> None:
                          hint="continue a decoder trained on the same data set and retrieval model family")
 
 
-def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """Features once, then the decoder (module docstring). Returns the summary (also ``OUT/summary.json``)."""
+def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lambda _: None, *,
+                  bar: bool = False) -> dict[str, Any]:
+    """Features once, then the decoder (module docstring). Returns the summary (also ``OUT/summary.json``).
+
+    ``progress`` is told each stage as it starts, and every ``log_every`` steps the loss unless ``bar``: then a
+    step bar (:class:`~hbi_training.progress.ProgressBar`, on a terminal) shows it."""
     import torch
     from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig, VocabMap, save_decoder
+    from hbi_training.progress import ProgressBar
 
     import hbi_runtime
 
@@ -414,6 +418,7 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
         if s.checkpoint is None:
             raise UsageError("a spatial memory (--patch-grid) needs the retrieval checkpoint",
                              hint="pass --checkpoint DIR (the one the retrieval package was exported from)")
+        progress(f"patch encoder from {s.checkpoint}")
         encoder, vision = patch_encoder(s.checkpoint, s.package, s.patch_grid, embed_dim)
     sides = {split: video_sides(s.package, s.data_dir, split, out / "cache", progress) for split in ("train", "test")}
     if encoder is not None:
@@ -448,6 +453,8 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
     caption_rows, qa_rows = np.flatnonzero(~is_qa), np.flatnonzero(is_qa)
     n_qa = int(round(s.qa_fraction * s.batch_size)) if len(qa_rows) else 0
     log = (out / "metrics.jsonl").open("w")
+    progress(f"training the decoder: {s.steps} steps")
+    steps_bar = ProgressBar(s.steps, 0, "decoder", enabled=bar, every=s.log_every)
     started = time.monotonic()
     model.train()
     running = 0.0
@@ -466,7 +473,9 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        running += float(loss.detach())
+        value = float(loss.detach())
+        running += value
+        steps_bar.update(step + 1, f"loss {value:.4f}")
         if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
             n = (step % s.log_every) + 1
             rec = {"step": step + 1, "loss": running / n, "lr": _lr_at(step, s),
@@ -474,9 +483,12 @@ def train_caption(s: CaptionTrainSettings, progress: Callable[[str], None] = lam
             running = 0.0
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            progress(f"step {step + 1}/{s.steps} loss {rec['loss']:.4f} ({rec['seconds']:.0f} s)")
+            if not steps_bar.enabled:
+                progress(f"step {step + 1}/{s.steps} loss {rec['loss']:.4f} ({rec['seconds']:.0f} s)")
+    steps_bar.close()
     log.close()
     train_seconds = time.monotonic() - started
+    progress(f"held-out captions of {len(test_v)} videos (PyTorch greedy)")
     result = evaluate(model, sides["test"], test_v, vocab, tokenizer, vocabulary)
     progress(f"held-out attribute accuracy (PyTorch greedy): {100 * result['attribute_accuracy']:.1f} % "
              f"of {len(test_v)} videos")
@@ -531,7 +543,7 @@ def export_run(decoder_dir: Path, package: Path, out: Path, data_dir: Path | Non
     """A trained decoder folder -> caption package at ``out`` (parity on ``fixtures`` held-out videos of
     ``data_dir``, or on the demo samples / random sides when there is no data set).
 
-    ``out`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``caption package``; never the decoder
+    ``out`` follows :func:`hbi_runtime.outputs.prepare_output_dir` (kind ``caption package``; never the decoder
     folder, the retrieval package or the data set; replaced only when the new package is complete).
 
     Raises:
@@ -539,9 +551,11 @@ def export_run(decoder_dir: Path, package: Path, out: Path, data_dir: Path | Non
     import hbi_runtime
     from hbi_export.tasks.caption import write_caption_package
     from hbi_export.tasks.decoder import load_decoder
-    from hbi_runtime.fileio import prepare_output_dir
+    from hbi_runtime.outputs import prepare_output_dir
 
     prepare_output_dir(out, kind="caption package", inputs=[decoder_dir, package, data_dir], overwrite=overwrite)
+    progress = progress or (lambda _: None)
+    progress(f"caption package {out}: export and parity check")
     model, meta = load_decoder(decoder_dir)
     videos = None
     if data_dir is not None:
@@ -553,5 +567,4 @@ def export_run(decoder_dir: Path, package: Path, out: Path, data_dir: Path | Non
         samples = Path(hbi_runtime.__file__).resolve().parent / "data" / "demo" / "samples"
         videos = sorted(str(p) for p in samples.glob("*.mp4"))[:fixtures] or None
     return write_caption_package(model, package, out, training=meta.get("training", {}), overwrite=overwrite,
-                                 fixture_videos=videos, inputs=[decoder_dir, data_dir],
-                                 progress=progress or (lambda _: None))
+                                 fixture_videos=videos, inputs=[decoder_dir, data_dir], progress=progress)

@@ -1,7 +1,10 @@
-"""The ``hbi-train`` command line: ``fit`` the HBI model, or pre-train its Banzhaf ``estimator``.
+"""The ``hbi-train`` command line: ``fit`` the HBI model, or pre-train its Banzhaf ``estimator``; the caption
+(``caption``, ``caption-joint``) and QA (``qa demo``, ``qa questions``) trainers register themselves.
 
 Commands are thin: they build one settings object and call one library function (``hbi_training.runs``) inside
-``guarded``. Exit codes (hbi_runtime.errors): 0 ok, 1 internal error, 2 usage, 3 bad input.
+``run_guarded``. Options come from the one vocabulary of the three command lines (``hbi_runtime.cli_options``):
+``--format/-f text|json``, global ``--debug`` and ``--version``, ``-h``; ``--out/-o`` is the run folder of every
+``hbi-train`` command. Exit codes (hbi_runtime.errors): 0 ok, 1 internal error, 2 usage, 3 bad input.
 """
 
 from __future__ import annotations
@@ -12,21 +15,21 @@ from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import emit_json, guarded
+from hbi_export.presets import MODEL_PRESETS
+from hbi_runtime.cli_options import (DebugAlias, FormatOption, JsonAlias, TorchDeviceOption, deprecated,
+                                     keep_examples, make_app, output_format, run_guarded)
+from hbi_runtime.cli_support import OutputFormat, emit_json
 from hbi_training import caption_cli, qa_cli
 
-app = typer.Typer(
-    name="hbi-train",
-    help="Train HBI video-text retrieval models and their Banzhaf interaction estimator.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,  # errors go through guarded(); tracebacks only with --debug
-)
+app = make_app(
+    "hbi-train", "Train HBI video-text retrieval models, their Banzhaf interaction estimator, and the caption and QA "
+    "models on the synthetic set.",
+    "Examples:\n\n  hbi-train estimator data/synth --out runs/est --steps 300\n\n"
+    "  hbi-train fit data/synth --out runs/hbi --estimator runs/est --epochs 20\n\n"
+    "  hbi-train --debug caption --data data/synth --out runs/caption --format json")
 
-
-class ModelPreset(str, enum.Enum):
-    tiny = "tiny"
-    vit_b_32 = "vit-b-32"
+# one registry of architectures (hbi_export.presets): the choices of --preset
+ModelPreset = enum.Enum("ModelPreset", [(name.replace("-", "_"), name) for name in MODEL_PRESETS], type=str)
 
 
 class Recipe(str, enum.Enum):
@@ -48,33 +51,43 @@ DataArg = Annotated[Path, typer.Argument(help="Data folder from `python -m hbi_t
                                          show_default=False)]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Run directory (metrics.jsonl, checkpoints/, final/).",
                                          show_default=False)]
-PresetOption = Annotated[ModelPreset, typer.Option("--preset", help="Architecture when --init is not given.")]
+PresetOption = Annotated[ModelPreset, typer.Option(
+    "--preset", help=f"Architecture when --init is not given (hbi_export.presets: {', '.join(MODEL_PRESETS)}).")]
 InitOption = Annotated[Optional[Path], typer.Option(
-    "--init", help="Start from a checkpoint: official HBI, OpenAI / HF CLIP, or an hbi-toolkit folder.")]
-StepsOption = Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimiser steps (or --epochs).")]
-EpochsOption = Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Epochs (or --steps).")]
+    "--init", help="Start from a checkpoint: official HBI, OpenAI / HF CLIP, or an hbi-toolkit folder.",
+    show_default=False)]
+StepsOption = Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimiser steps (or --epochs).",
+                                                    show_default=False)]
+EpochsOption = Annotated[Optional[float], typer.Option("--epochs", min=0.0, help="Epochs (or --steps).",
+                                                       show_default=False)]
 BatchOption = Annotated[int, typer.Option("--batch-size", "-b", min=2, help="Pairs per batch.")]
-LrOption = Annotated[Optional[float], typer.Option("--lr", help="Base learning rate (overrides the recipe's).")]
+LrOption = Annotated[Optional[float], typer.Option("--lr", help="Base learning rate (overrides the recipe's).",
+                                                   show_default=False)]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seeds initialisation, data order and sampling.")]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 AmpOption = Annotated[bool, typer.Option("--amp/--no-amp", help="fp16 autocast + GradScaler on CUDA.")]
 ClipOption = Annotated[float, typer.Option("--grad-clip", min=0.0, help="Global gradient-norm clip; 0 = off.")]
 ResumeOption = Annotated[Optional[Path], typer.Option(
-    "--resume", help="Continue from a run directory or one of its checkpoints/step_* folders.")]
+    "--resume", help="Continue from a run directory or one of its checkpoints/step_* folders.", show_default=False)]
 FramesOption = Annotated[int, typer.Option("--max-frames", min=1, help="Frames per video (T).")]
 WordsOption = Annotated[int, typer.Option("--max-words", min=2, help="Text length (L).")]
-WorkersOption = Annotated[int, typer.Option("--num-workers", min=0, help="DataLoader worker processes.")]
+# --workers of the shared vocabulary, but DataLoader workers: 0 loads in the main process
+WorkersOption = Annotated[int, typer.Option("--workers", min=0,
+                                            help="DataLoader worker processes (0: load in the main process).")]
+NumWorkersAlias = Annotated[Optional[int], typer.Option("--num-workers", min=0, hidden=True,
+                                                        help="Deprecated: --workers.")]
 ValEveryOption = Annotated[int, typer.Option("--val-every", min=0, help="Validate every N steps (0: at the end).")]
 CkptEveryOption = Annotated[int, typer.Option("--ckpt-every", min=0, help="Checkpoint every N steps (0: at the end).")]
 LogEveryOption = Annotated[int, typer.Option("--log-every", min=1, help="Metrics-log interval in steps.")]
-ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the summary (and errors) as JSON.")]
-DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+ProgressOption = Annotated[bool, typer.Option(
+    "--progress/--no-progress", help="On a terminal: a line per stage and a step bar (never with --format json).")]
 
 
-@app.callback()
-def _main() -> None:
-    """Train HBI video-text retrieval models and their Banzhaf interaction estimator."""
+def workers(value: int, alias: Optional[int]) -> int:
+    """``--workers``, honouring the deprecated ``--num-workers`` (with a warning)."""
+    if alias is not None:
+        deprecated("--num-workers", "--workers")
+        return alias
+    return value
 
 
 FIT_HELP = (
@@ -83,21 +96,26 @@ FIT_HELP = (
     "the full rate); with --init it fine-tunes (recipe `finetune`, the official one: CLIP at lr x 1e-3). "
     "--no-banzhaf and --no-hierarchy are the ablations; both together train plain WTI at the entity level. "
     "Validation R@1 on the test split is logged to OUT/metrics.jsonl; the trained model is OUT/final "
-    "(load it with `hbi-export inspect` / build_model).\n\n"
+    "(load it with `hbi-export inspect` / build_model)."
+)
+FIT_EXAMPLES = (
     "Examples:\n\n"
     "  hbi-train estimator data/synth --out runs/est --steps 300\n\n"
     "  hbi-train fit data/synth --out runs/hbi --estimator runs/est --epochs 20 --batch-size 32\n\n"
+    "  hbi-train fit data/synth --out runs/demo --preset demo --estimator runs/est --steps 2000 --format json\n\n"
     "  hbi-train fit data/synth --out runs/wti --no-banzhaf --no-hierarchy --steps 2000\n\n"
     "  hbi-train fit data/synth --out runs/hbi --estimator runs/est --epochs 20 --resume runs/hbi"
 )
 
 
-@app.command(help=FIT_HELP)
+@app.command(help=FIT_HELP, epilog=FIT_EXAMPLES)
 def fit(
+    ctx: typer.Context,
     data: DataArg,
     out: OutOption,
     estimator: Annotated[Optional[Path], typer.Option(
-        "--estimator", help="Banzhaf teacher: estimator.safetensors, its run folder, or an official file.")] = None,
+        "--estimator", help="Banzhaf teacher: estimator.safetensors, its run folder, or an official file.",
+        show_default=False)] = None,
     no_banzhaf: Annotated[bool, typer.Option("--no-banzhaf", help="Drop the Banzhaf KL (ablation).")] = False,
     no_hierarchy: Annotated[bool, typer.Option(
         "--no-hierarchy", help="Entity level only, no self-distillation (ablation).")] = False,
@@ -106,16 +124,17 @@ def fit(
     transpose: Annotated[Transpose, typer.Option(
         "--banzhaf-transpose", help="Banzhaf KL second term: fixed (words) or official (batch axis).")]
     = Transpose.fixed,
-    preset: PresetOption = ModelPreset.tiny,
+    preset: PresetOption = ModelPreset("tiny"),
     init: InitOption = None,
     recipe: Annotated[Optional[Recipe], typer.Option(
-        "--recipe", help="Optimiser preset (default: finetune with --init, else scratch).")] = None,
+        "--recipe", help="Optimiser preset (default: finetune with --init, else scratch).", show_default=False)]
+    = None,
     steps: StepsOption = None,
     epochs: EpochsOption = None,
     batch_size: BatchOption = 32,
     lr: LrOption = None,
     seed: SeedOption = 0,
-    device: DeviceOption = "auto",
+    device: TorchDeviceOption = "auto",
     amp: AmpOption = True,
     grad_clip: ClipOption = 1.0,
     resume: ResumeOption = None,
@@ -126,23 +145,30 @@ def fit(
     ckpt_every: CkptEveryOption = 0,
     log_every: LogEveryOption = 10,
     progress: ProgressOption = True,
-    json_output: JsonOption = False,
-    debug: DebugOption = False,
+    fmt: FormatOption = OutputFormat.text,
+    json_alias: JsonAlias = False,
+    num_workers_alias: NumWorkersAlias = None,
+    debug: DebugAlias = False,
 ) -> None:
     """Fit the HBI model (``hbi_training.runs.run_fit``)."""
-    with guarded(json_mode=json_output, debug=debug):
+    json_mode = output_format(fmt, json_alias) is OutputFormat.json
+    with run_guarded(ctx, json_mode, debug):
         from hbi_training.losses import LossConfig
+        from hbi_training.progress import stages
         from hbi_training.runs import FitSettings, run_fit
 
+        show = progress and not json_mode
         loss = LossConfig(kl=kl, skl=skl, banzhaf=not no_banzhaf, hierarchy=not no_hierarchy,
                           transpose=transpose.value)
         settings = FitSettings(
             data_dir=data, out_dir=out, model_preset=preset.value, init=init, steps=steps, epochs=epochs,
             batch_size=batch_size, recipe=recipe.value if recipe else None, lr=lr, seed=seed, device=device,
             amp=amp, grad_clip=grad_clip or None, max_frames=max_frames, max_words=max_words,
-            num_workers=num_workers, val_every=val_every, ckpt_every=ckpt_every, log_every=log_every,
-            resume=resume, progress=progress, loss=loss, estimator=estimator)
-        _report(run_fit(settings), json_output)
+            num_workers=workers(num_workers, num_workers_alias), val_every=val_every, ckpt_every=ckpt_every,
+            log_every=log_every, resume=resume, progress=show, loss=loss, estimator=estimator)
+        with stages(show) as say:
+            summary = run_fit(settings, progress=say)
+        _report(summary, json_mode)
 
 
 ESTIMATOR_HELP = (
@@ -150,28 +176,31 @@ ESTIMATOR_HELP = (
     "The model (from --init, else a random --preset one, as the official script starts from CLIP) is frozen; "
     "only the estimator learns (default lr 1e-2, the official). Labels: --variant textbook (the definition, "
     "default) or official (reproduces the released estimator's labels). Writes OUT/final/estimator.safetensors."
-    "\n\nExamples:\n\n"
+)
+ESTIMATOR_EXAMPLES = (
+    "Examples:\n\n"
     "  hbi-train estimator data/synth --out runs/est --steps 300\n\n"
     "  hbi-train estimator data/synth --out runs/est --init ViT-B-32.pt --preset vit-b-32 --variant official "
     "--samples 100 --epochs 6"
 )
 
 
-@app.command(help=ESTIMATOR_HELP)
+@app.command(help=ESTIMATOR_HELP, epilog=ESTIMATOR_EXAMPLES)
 def estimator(
+    ctx: typer.Context,
     data: DataArg,
     out: OutOption,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Monte-Carlo samples per cell.")] = 100,
     variant: Annotated[Variant, typer.Option("--variant", help="Label variant.")] = Variant.textbook,
     scale: Annotated[float, typer.Option("--scale", help="Label scale (official x1000).")] = 1000.0,
-    preset: PresetOption = ModelPreset.tiny,
+    preset: PresetOption = ModelPreset("tiny"),
     init: InitOption = None,
     steps: StepsOption = None,
     epochs: EpochsOption = None,
     batch_size: BatchOption = 32,
     lr: LrOption = None,
     seed: SeedOption = 0,
-    device: DeviceOption = "auto",
+    device: TorchDeviceOption = "auto",
     amp: AmpOption = True,
     grad_clip: ClipOption = 1.0,
     resume: ResumeOption = None,
@@ -181,25 +210,32 @@ def estimator(
     ckpt_every: CkptEveryOption = 0,
     log_every: LogEveryOption = 10,
     progress: ProgressOption = True,
-    json_output: JsonOption = False,
-    debug: DebugOption = False,
+    fmt: FormatOption = OutputFormat.text,
+    json_alias: JsonAlias = False,
+    num_workers_alias: NumWorkersAlias = None,
+    debug: DebugAlias = False,
 ) -> None:
     """Pre-train the estimator (``hbi_training.runs.run_estimator``)."""
-    with guarded(json_mode=json_output, debug=debug):
+    json_mode = output_format(fmt, json_alias) is OutputFormat.json
+    with run_guarded(ctx, json_mode, debug):
         from hbi_training.estimator import EstimatorConfig
+        from hbi_training.progress import stages
         from hbi_training.runs import EstimatorSettings, run_estimator
 
+        show = progress and not json_mode
         settings = EstimatorSettings(
             data_dir=data, out_dir=out, model_preset=preset.value, init=init, steps=steps, epochs=epochs,
             batch_size=batch_size, lr=lr, seed=seed, device=device, amp=amp, grad_clip=grad_clip or None,
-            max_frames=max_frames, max_words=max_words, num_workers=num_workers, ckpt_every=ckpt_every,
-            log_every=log_every, resume=resume, progress=progress,
+            max_frames=max_frames, max_words=max_words, num_workers=workers(num_workers, num_workers_alias),
+            ckpt_every=ckpt_every, log_every=log_every, resume=resume, progress=show,
             estimator=EstimatorConfig(samples=samples, variant=variant.value, scale=scale, seed=seed))
-        _report(run_estimator(settings), json_output)
+        with stages(show) as say:
+            summary = run_estimator(settings, progress=say)
+        _report(summary, json_mode)
 
 
-def _report(summary: dict, json_output: bool) -> None:
-    if json_output:
+def _report(summary: dict, json_mode: bool) -> None:
+    if json_mode:
         emit_json(summary)
         return
     typer.echo(f"trained {summary['steps']} steps on {summary['device']}; last loss {summary['last_loss']:.4f}")
@@ -212,6 +248,7 @@ def _report(summary: dict, json_output: bool) -> None:
 # Task commands that live with their trainers register themselves here.
 qa_cli.register(app)
 caption_cli.register(app)
+keep_examples(app)  # last: every command is registered
 
 
 def main() -> None:

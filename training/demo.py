@@ -51,7 +51,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -264,11 +264,11 @@ def write_artifacts(dest: Path, *, data: Path, final: Path, recipe: DemoRecipe, 
                     joint: dict[str, Any] | None = None, overwrite: bool = True) -> dict[str, Any]:
     """Build the artifact folder next to ``dest`` and swap it in; returns the report (also in README.txt).
 
-    ``dest`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``demo artifact folder``: an earlier demo
+    ``dest`` follows :func:`hbi_runtime.outputs.prepare_output_dir` (kind ``demo artifact folder``: an earlier demo
     folder is replaced, but never the data set, the checkpoint or a folder of other files), and is replaced only
     once the new folder is complete. ``joint``: the model was trained with the caption decoder
     (``hbi_training.joint``): its ``command`` and ``history`` (README lines), for the README."""
-    from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+    from hbi_runtime.outputs import prepare_output_dir, staged_output_dir
 
     dest = prepare_output_dir(dest, kind="demo artifact folder", inputs=[data, final], overwrite=overwrite,
                               option="--artifacts")
@@ -283,17 +283,20 @@ def write_artifacts(dest: Path, *, data: Path, final: Path, recipe: DemoRecipe, 
 
 def build_artifacts(tmp: Path, *, data: Path, final: Path, recipe: DemoRecipe, seed: int, summary: dict[str, Any],
                     ablation: dict[str, Any] | None,
-                    joint: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict]]:
-    """:func:`write_artifacts`' work, in the empty folder ``tmp``: (report, the checked queries)."""
+                    joint: dict[str, Any] | None = None,
+                    log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """:func:`write_artifacts`' work, in the empty folder ``tmp``: (report, the checked queries). ``log``: where
+    its messages go (default: stderr lines)."""
     from hbi_export.onnx.package import export_package
 
+    log = log or _log
     save_checkpoint(final, tmp / "checkpoint", recipe.precision)
     cwd = os.getcwd()
     os.chdir(tmp)  # the manifest records the checkpoint path as given: "checkpoint", the folder beside it
     try:
         _, parity = export_package(Path("checkpoint"), Path("package"), max_words=MAX_WORDS,
                                    max_frames=MAX_FRAMES, precision=recipe.precision,
-                                   progress=lambda m: _log(f"export: {m}"))
+                                   progress=lambda m: log(f"export: {m}"))
     finally:
         os.chdir(cwd)
     if not parity.ok:
@@ -302,7 +305,7 @@ def build_artifacts(tmp: Path, *, data: Path, final: Path, recipe: DemoRecipe, s
                             f"--out DIR --precision {recipe.precision} --max-words {MAX_WORDS} --max-frames "
                             f"{MAX_FRAMES}`")
     recall = package_recall(tmp / "package", data)
-    _log(f"package ({recipe.precision}): t2v R@1 {100 * recall['t2v_r1']:.1f} % over {recall['videos']} videos")
+    log(f"package ({recipe.precision}): t2v R@1 {100 * recall['t2v_r1']:.1f} % over {recall['videos']} videos")
     samples = pick_samples(data, recipe.n_samples, seed)
     (tmp / "samples").mkdir()
     for v in samples:
@@ -426,7 +429,7 @@ def run_demo(out: Path, seed: int = 0, *, artifacts: Path = DEMO_DIR, recipe: De
     :class:`CaptionDemoRecipe`): the retrieval model trains with the caption decoder and both ship, the decoder
     as ``caption/`` (``hbi_training.joint.write_joint_artifacts``).
 
-    ``artifacts`` is checked before anything is rendered or trained (:func:`hbi_runtime.fileio.prepare_output_dir`,
+    ``artifacts`` is checked before anything is rendered or trained (:func:`hbi_runtime.outputs.prepare_output_dir`,
     kind ``demo artifact folder``; never the work folder ``out``, what it holds or a folder holding it), and
     replaced only once the new artifacts are complete.
 
@@ -435,7 +438,7 @@ def run_demo(out: Path, seed: int = 0, *, artifacts: Path = DEMO_DIR, recipe: De
     """
     import torch
 
-    from hbi_runtime.fileio import prepare_output_dir
+    from hbi_runtime.outputs import prepare_output_dir
 
     out = Path(out)
     prepare_output_dir(artifacts, kind="demo artifact folder", inputs=[out], overwrite=True, option="--artifacts")

@@ -22,7 +22,7 @@ and the held-out attribute accuracy of PyTorch greedy captions (``hbi_training.c
 
 Output: ``RUN/final/`` (the retrieval checkpoint, ``hbi_export.checkpoints`` format) and ``RUN/decoder/``
 (``save_decoder``: the caption decoder, trained on that model's side), ``RUN/summary.json``. Export the two with
-``hbi-train caption-joint-export`` (or :func:`write_joint_artifacts`): a retrieval package + caption package laid
+``hbi-export caption-joint-export`` (or :func:`write_joint_artifacts`): a retrieval package + caption package laid
 out like ``hbi_runtime/data/demo``.
 """
 
@@ -416,6 +416,7 @@ def run_joint(s: JointSettings, progress: Callable[[str], None] | None = None) -
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocabulary, train_v, test_v = read_splits(s.data_dir)
+    log("model, estimator and data (the videos are decoded on first use)")
 
     fs = FitSettings(data_dir=Path(s.data_dir), out_dir=out, model_preset=s.model_preset, init=s.init,
                      batch_size=s.batch_size, seed=s.seed, device="cpu", max_frames=s.max_frames,
@@ -491,9 +492,12 @@ def run_joint(s: JointSettings, progress: Callable[[str], None] | None = None) -
     loop = LoopConfig(steps=s.steps, batch_size=s.batch_size, seed=s.seed, device=device, amp=False,
                       optim=OptimConfig(lr=s.lr, clip_lr_coef=s.clip_lr_coef, weight_decay=s.weight_decay, warmup=s.warmup),
                       log_every=s.log_every, val_every=s.val_every, progress=s.progress)
+    log(f"training: {s.steps} steps (validation every {s.val_every})" if s.val_every else
+        f"training: {s.steps} steps")
     started = time.monotonic()
     history = fit(task, train, loop, out, val_dataset=test, sampler=sampler)
     train_seconds = time.monotonic() - started
+    log(f"held-out captions and QA of {len(test_v)} videos (PyTorch greedy)")
     vals = [r for r in history if r.get("kind") == "val"]
     final = vals[-1] if vals else {}
 
@@ -607,7 +611,7 @@ def write_joint_artifacts(run: Path, dest: Path, data_dir: Path, *, seed: int = 
     queries.json, README.txt from ``hbi_training.demo.build_artifacts``; caption/ from ``export_run``, with its
     README.txt). Returns the report (retrieval + runtime caption figures).
 
-    ``dest`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``demo artifact folder``: an earlier
+    ``dest`` follows :func:`hbi_runtime.outputs.prepare_output_dir` (kind ``demo artifact folder``: an earlier
     artifact folder is replaced, never the run, the data sets or a folder of other files). Everything is built in a
     temporary sibling folder that replaces ``dest`` only when complete: a failure (an export, the decoder stage, a
     parity check) leaves the previous artifacts as they were.
@@ -626,7 +630,7 @@ def write_joint_artifacts(run: Path, dest: Path, data_dir: Path, *, seed: int = 
     Raises:
         UsageError: ``dest`` may not be written (see above). HbiError: a package failed its parity check.
     """
-    from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+    from hbi_runtime.outputs import prepare_output_dir, staged_output_dir
 
     run, dest = Path(run), Path(dest)
     dest = prepare_output_dir(dest, kind="demo artifact folder", inputs=[run, data_dir, decoder_data, decoder_run],
@@ -649,10 +653,12 @@ def _build_joint_artifacts(run: Path, dest: Path, final: Path, data_dir: Path, *
     summary = json.loads((run / "summary.json").read_text())
     command = command or JOINT_COMMAND.format(seed=seed)
     history = list(history or joint_history(summary))
+    log("retrieval package, checkpoint, samples and queries")
     report, _ = build_artifacts(dest, data=data_dir, final=run / "final", recipe=DemoRecipe(), seed=seed,
                                 summary={"validation": {"t2v_r1": summary["test_t2v_r1"]},
                                          "train_seconds": summary["train_seconds"]},
-                                ablation=None, joint={"command": command, "history": history, "recipe": recipe})
+                                ablation=None, joint={"command": command, "history": history, "recipe": recipe},
+                                log=log)
     log(f"retrieval package: t2v R@1 {100 * report['package_t2v_r1']:.1f} %, queries "
         f"{report['queries_first']}/{report['queries']}")
     decoder_dir = run / DECODER_DIR
@@ -682,8 +688,9 @@ def _build_joint_artifacts(run: Path, dest: Path, final: Path, data_dir: Path, *
         from hbi_runtime.errors import HbiError
 
         raise HbiError("the caption package failed its parity check; no artifacts written",
-                       hint="export the decoder alone to read the parity report: `hbi-train caption-export "
-                            f"--decoder {decoder_dir} --retrieval PKG --out DIR`")
+                       hint="export the decoder alone to read the parity report: `hbi-export caption-export "
+                            f"--decoder {decoder_dir} --model PKG --out DIR`")
+    log("caption figures of the package on the held-out videos, through the runtime")
     figures = runtime_caption_figures(dest / "caption", data_dir)
     from hbi_export.tasks.decoder import load_decoder
 

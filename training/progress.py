@@ -1,4 +1,11 @@
-"""Run reporting: a JSON-lines metrics log and a progress bar with ETA (rich when installed, else stderr lines)."""
+"""Run reporting: a JSON-lines metrics log, and what a long run is doing on a terminal.
+
+On a terminal, an ``hbi-train`` command shows one line per stage with its elapsed time (:func:`stages`: the house
+:class:`hbi_runtime.cli_options.Steps`) and, while a training loop runs, a step bar with ETA and the latest loss
+(:class:`ProgressBar`) nested under the stage lines: both draw on one rich console on stderr (:func:`console`).
+Both are silent when disabled (``--format json``, ``--no-progress``) or when stderr is not a terminal, so logs,
+pipes and JSON output stay clean; ``metrics.jsonl`` records the run either way.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,34 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from hbi_runtime.cli_options import Steps
+
+Say = Callable[[str], None]  # a stage message: ``say("video side of the train split")``
+
+_CONSOLE = None
+
+
+def console():
+    """The one rich console (stderr) of the stage lines and the step bars."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        from rich.console import Console
+
+        _CONSOLE = Console(stderr=True)
+    return _CONSOLE
+
+
+def stages(enabled: bool = True) -> Steps:
+    """Stage lines on :func:`console` (a context manager; call it with each stage's message as the stage
+    starts). Silent when ``enabled`` is False or stderr is not a terminal."""
+    return Steps(enabled, console=console())
+
+
+def on_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 class MetricsLog:
@@ -25,27 +59,33 @@ class MetricsLog:
 
 
 class ProgressBar:
-    """Steps done / total, elapsed, ETA and the latest loss; silent when ``enabled`` is False.
+    """Steps done / total, elapsed, ETA and the latest loss, on stderr; silent when ``enabled`` is False or stderr
+    is not a terminal.
 
-    Uses ``rich`` (a Typer dependency) when importable; otherwise prints a line to stderr every ``every`` steps.
+    Uses ``rich`` (a Typer dependency) when importable, on :func:`console` (nested under the stage lines of
+    :func:`stages` when they are showing); otherwise prints a line every ``every`` steps.
     """
 
     def __init__(self, total: int, start: int, description: str, enabled: bool = True, every: int = 10) -> None:
-        self.total, self.done, self.every, self.enabled = total, start, every, enabled
+        self.total, self.done, self.every, self.enabled = total, start, every, enabled and on_terminal()
         self.t0, self.start = time.monotonic(), start
         self._rich = None
-        if not enabled:
+        if not self.enabled:
             return
         try:
+            from rich.errors import LiveError
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn)
         except ImportError:
             return
         self._rich = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                              TextColumn("{task.fields[info]}"), transient=False)
+                              TextColumn("{task.fields[info]}"), console=console(), transient=False)
         self._task = self._rich.add_task(description, total=total, completed=start, info="")
-        self._rich.start()
+        try:
+            self._rich.start()
+        except LiveError:  # rich before 14 cannot nest live displays: the stage line alone then
+            self._rich, self.enabled = None, False
 
     def update(self, step: int, info: str) -> None:
         self.done = step

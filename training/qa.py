@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -164,25 +164,32 @@ def _log(message: str) -> None:
 
 
 def train_demo(data: Path, run_dir: Path, recipe: QARecipe = QARecipe(), seed: int = 0,
-               init: Path = DEMO_DIR / "checkpoint") -> tuple[Any, dict]:
-    """Train the demo QA model; returns (model, summary) and saves it under ``run_dir/final``."""
+               init: Path = DEMO_DIR / "checkpoint", *, log: Callable[[str], None] | None = None,
+               bar: bool = False) -> tuple[Any, dict]:
+    """Train the demo QA model; returns (model, summary) and saves it under ``run_dir/final``.
+
+    ``log``: told each stage as it starts and each validation (default: stderr lines); ``bar``: a step bar
+    (:class:`~hbi_training.progress.ProgressBar`, on a terminal) shows the loss and validations instead."""
     import torch
     import torch.nn.functional as F
 
-    from hbi_export.checkpoints.qa import save_qa_model
     from hbi_export.tasks.qa import QAModel
+    from hbi_export.tasks.qa_checkpoint import save_qa_model
     from hbi_runtime.tokenizer import ClipTokenizer
     from hbi_training.data import frame_cache
+    from hbi_training.progress import ProgressBar
 
+    log = log or _log
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(seed)
     config = demo_config()
     model = QAModel(config)
     copied = init_from_retrieval(model, init)
-    _log(f"video side: {copied} tensors from {init}")
+    log(f"video side: {copied} tensors from {init}")
     tok = ClipTokenizer(max_words=MAX_WORDS)
     label = {a: i for i, a in enumerate(ANSWERS)}
     splits = {}
+    log("data: frames and questions of both splits (the videos are decoded on first use)")
     for split in ("train", "test"):
         frames, mask = frame_cache(data, split, max_frames=MAX_FRAMES, image_size=config.model.vision.image_size)
         rows = question_rows(data, split)
@@ -220,6 +227,8 @@ def train_demo(data: Path, run_dir: Path, recipe: QARecipe = QARecipe(), seed: i
 
     rng = np.random.default_rng(seed)
     train, history = splits["train"], []
+    log(f"training: {recipe.steps} steps (validation every {recipe.val_every})")
+    steps_bar = ProgressBar(recipe.steps, 0, "qa", enabled=bar)
     t0 = time.monotonic()
     for step in range(1, recipe.steps + 1):
         model.train()
@@ -233,8 +242,13 @@ def train_demo(data: Path, run_dir: Path, recipe: QARecipe = QARecipe(), seed: i
         if step % recipe.val_every == 0 or step == recipe.steps:
             val = evaluate(splits["test"])
             history.append({"step": step, "loss": loss.item(), "test_top1": val["top1"]})
-            _log(f"step {step}: loss {loss.item():.3f}, held-out top-1 {100 * val['top1']:.1f} % "
-                 f"({time.monotonic() - t0:.0f} s) {val['by_kind']}")
+            if not steps_bar.enabled:
+                log(f"step {step}: loss {loss.item():.3f}, held-out top-1 {100 * val['top1']:.1f} % "
+                    f"({time.monotonic() - t0:.0f} s) {val['by_kind']}")
+        seen = f", held-out top-1 {100 * history[-1]['test_top1']:.1f} %" if history else ""
+        steps_bar.update(step, f"loss {loss.item():.3f}{seen}")
+    steps_bar.close()
+    log("final weights and accuracy")
     model.eval()
     final = save_qa_model(model, run_dir / "final")
     (final / "answers.json").write_text(json.dumps({a: i for i, a in enumerate(ANSWERS)}, indent=1) + "\n")
@@ -246,42 +260,50 @@ def train_demo(data: Path, run_dir: Path, recipe: QARecipe = QARecipe(), seed: i
 
 
 def run_demo(data: Path, out: Path, *, artifacts: Path = QA_DEMO_DIR, recipe: QARecipe = QARecipe(),
-             seed: int = 0, n_train: int = 2400, n_test: int = 120, trained: Path | None = None) -> dict:
+             seed: int = 0, n_train: int = 2400, n_test: int = 120, trained: Path | None = None,
+             progress: Callable[[str], None] | None = None, bar: bool = False) -> dict:
     """Data (reused when present), training, package export + parity, accuracy through the runtime, artifacts.
 
     ``trained``: a finished run folder (``final/`` and ``summary.json`` written by :func:`train_demo`), exported and
     evaluated instead of training again (the same seed and recipe give the same weights).
 
-    ``artifacts`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``QA demo folder``: an earlier QA demo
+    ``artifacts`` follows :func:`hbi_runtime.outputs.prepare_output_dir` (kind ``QA demo folder``: an earlier QA demo
     folder is replaced; never the data set, the run folders, the retrieval demo's checkpoint and samples it reads,
     nor a folder of other files); it is checked before anything is rendered or trained, and replaced only once
     the new folder is complete.
 
+    ``progress``: told each stage as it starts (default: stderr lines); ``bar``: a step bar while training (see
+    :func:`train_demo`).
+
     Raises:
         UsageError: ``artifacts`` may not be written. HbiError: the package failed its parity check or is too large.
     """
-    from hbi_export.checkpoints.qa import build_qa_model
-    from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+    from hbi_export.tasks.qa_checkpoint import build_qa_model
+    from hbi_runtime.outputs import prepare_output_dir, staged_output_dir
     from hbi_training.data import generate
 
     inputs = [data, out, trained, DEMO_DIR / "samples", DEMO_DIR / "checkpoint" if trained is None else None]
     artifacts = prepare_output_dir(artifacts, kind="QA demo folder", inputs=inputs, overwrite=True,
                                    option="--artifacts")
+    log = progress or _log
+    log(f"data: {n_train} + {n_test} videos in {data} (rendered unless already there)")
     paths = generate(data, n_train, n_test, seed)
     if trained is not None:
+        log(f"model: {Path(trained) / 'final'}")
         model = build_qa_model(Path(trained) / "final")[0]
         summary = json.loads((Path(trained) / "summary.json").read_text())
     else:
-        model, summary = train_demo(paths.root, Path(out), recipe, seed)
+        model, summary = train_demo(paths.root, Path(out), recipe, seed, log=log, bar=bar)
     # again: training took minutes, and whatever `artifacts` holds when the new folder is swapped in goes
     prepare_output_dir(artifacts, kind="QA demo folder", inputs=inputs, overwrite=True, option="--artifacts")
     with staged_output_dir(artifacts) as tmp:
-        report = build_qa_artifacts(tmp, model, summary, data_root=paths.root, data=data, out=Path(out))
+        report = build_qa_artifacts(tmp, model, summary, data_root=paths.root, data=data, out=Path(out), log=log)
     (Path(out) / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
-def build_qa_artifacts(tmp: Path, model, summary: dict, *, data_root: Path, data: Path, out: Path) -> dict:
+def build_qa_artifacts(tmp: Path, model, summary: dict, *, data_root: Path, data: Path, out: Path,
+                       log: Callable[[str], None] | None = None) -> dict:
     """:func:`run_demo`'s artifacts, written into the empty folder ``tmp``: the QA package (parity-checked), its
     accuracy through the runtime on the held-out questions (``out/test_questions.csv``) and on the demo samples
     (``questions.csv``), README.txt. Returns the report.
@@ -292,17 +314,21 @@ def build_qa_artifacts(tmp: Path, model, summary: dict, *, data_root: Path, data
     from hbi_export.tasks.qa_export import export_qa_model
     from hbi_runtime.tasks.qa import accuracy, load_qa
 
+    log = log or _log
+    log("QA package: export and parity check")
     _, parity = export_qa_model(model, tmp / "package", answers=ANSWERS, max_words=MAX_WORDS, max_frames=MAX_FRAMES,
                                 source={"checkpoint": "hbi-train qa demo", "format": "hbi-toolkit-qa", "sha256": None},
-                                progress=lambda m: _log(f"export: {m}"))
+                                progress=lambda m: log(f"export: {m}"))
     if not parity.ok:
         raise HbiError("the exported QA package failed its parity check")
+    log("held-out questions through the runtime")
     n = write_questions_csv(data_root, "test", out / "test_questions.csv")
     with load_qa(tmp / "package") as qa, open(out / "test_questions.csv", newline="") as fh:
         result = qa.ask([(r["video"], r["question"], r["answer"]) for r in csv.DictReader(fh)], top_k=5, workers=1)
         acc = accuracy(result.rows, qa.answers)
-    _log(f"package: held-out top-1 {100 * acc['top1']:.1f} %, top-5 {100 * acc['top5']:.1f} % over {n} "
+    log(f"package: held-out top-1 {100 * acc['top1']:.1f} %, top-5 {100 * acc['top5']:.1f} % over {n} "
          "questions (through hbi_runtime)")
+    log("questions of the demo sample videos through the runtime")
     n_samples = write_sample_questions(data_root, DEMO_DIR / "samples", tmp / "questions.csv")
     with open(tmp / "questions.csv", newline="") as fh:  # its paths are relative to the installed qa/ folder
         sample_rows = [(str(DEMO_DIR / "samples" / Path(r["video"]).name), r["question"], r["answer"])
@@ -311,7 +337,7 @@ def build_qa_artifacts(tmp: Path, model, summary: dict, *, data_root: Path, data
         sample_acc = accuracy(qa.ask(sample_rows, workers=1).rows, qa.answers)
     report = {k: v for k, v in summary.items() if k != "history"}
     report["samples_accuracy"] = sample_acc
-    _log(f"sample videos: top-1 {100 * sample_acc['top1']:.1f} % over {n_samples} questions")
+    log(f"sample videos: top-1 {100 * sample_acc['top1']:.1f} % over {n_samples} questions")
     report.update(package_accuracy=acc, failed=len(result.failed), questions=n,
                   command=f"hbi-train qa demo --data {data} --out {out}")
     (tmp / "README.txt").write_text(_readme(report))

@@ -1,77 +1,112 @@
-"""``hbi-train qa``: the QA demo (train + export + accuracy), question files from the synthetic set, export."""
+"""``hbi-train qa``: the QA demo (train + export + accuracy) and question files from the synthetic set.
+
+Exporting a QA checkpoint is ``hbi-export qa-export``; ``hbi-train qa export`` survives only as a hidden,
+deprecated alias that forwards to it.
+"""
 
 from __future__ import annotations
 
-import json
-import sys
+import enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import emit_json, guarded
+from hbi_runtime.cli_options import DebugAlias, FormatOption, JsonAlias, deprecated, output_format, run_guarded
+from hbi_runtime.cli_support import OutputFormat, emit_json
 
-qa_app = typer.Typer(name="qa", help="Video QA: train the demo QA model, write question files, export packages.",
+qa_app = typer.Typer(name="qa", help="Video QA: train the demo QA model, write question files.",
                      no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                      rich_markup_mode=None)
 
 
+class Split(str, enum.Enum):
+    train = "train"
+    test = "test"
+
+
 @qa_app.command(epilog="Examples:\n\n  hbi-train qa demo --data /tmp/syn --out /tmp/qa-run\n\n"
-                       "  hbi-train qa demo --data /tmp/syn --out /tmp/qa-run --steps 500 --artifacts /tmp/qa-demo")
+                       "  hbi-train qa demo --data /tmp/syn --out /tmp/qa-run --steps 500 --artifacts /tmp/qa-demo "
+                       "--format json")
 def demo(
-    data: Annotated[Path, typer.Option(help="Synthetic set folder (generated, or reused when identical).",
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option("--data", help="Synthetic set folder (generated, or reused when identical).",
                                        show_default=False)],
-    out: Annotated[Path, typer.Option(help="Run folder: weights, test_questions.csv, report.json.",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: weights, test_questions.csv, report.json.",
                                       show_default=False)],
     artifacts: Annotated[Optional[Path], typer.Option(
-        help="Where the demo QA package goes (default: hbi_runtime/data/demo/qa); an earlier QA demo folder there is "
-             "replaced, any other non-empty folder refused.", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (recipe default).",
+        "--artifacts", help="Where the demo QA package goes (default: hbi_runtime/data/demo/qa); an earlier QA demo "
+                            "folder there is replaced, any other non-empty folder refused.", show_default=False)]
+    = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Training steps (recipe default).",
                                                  show_default=False)] = None,
-    seed: Annotated[int, typer.Option(help="Data and training seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Data and training seed.")] = 0,
     trained: Annotated[Optional[Path], typer.Option(
-        help="A finished run folder (with final/ and summary.json): export and evaluate it, no training.",
+        "--trained", help="A finished run folder (with final/ and summary.json): export and evaluate it, no training.",
         show_default=False)] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    fmt: FormatOption = OutputFormat.text,
+    json_alias: JsonAlias = False,
+    debug: DebugAlias = False,
 ) -> None:
     """Train the demo QA model on the synthetic set, export its package (parity) and measure held-out accuracy."""
-    with guarded(json_mode=json_output):
+    json_mode = output_format(fmt, json_alias) is OutputFormat.json
+    with run_guarded(ctx, json_mode, debug):
         from dataclasses import replace
 
+        from hbi_training.progress import stages
         from hbi_training.qa import QA_DEMO_DIR, QARecipe, run_demo
 
         recipe = QARecipe() if steps is None else replace(QARecipe(), steps=steps)
-        report = run_demo(data, out, artifacts=artifacts or QA_DEMO_DIR, recipe=recipe, seed=seed,
-                          trained=trained)
-        if json_output:
+        with stages(not json_mode) as say:
+            report = run_demo(data, out, artifacts=artifacts or QA_DEMO_DIR, recipe=recipe, seed=seed,
+                              trained=trained, progress=say, bar=say.enabled)
+        if json_mode:
             emit_json({"schema": "hbi.train-qa-demo/1", **report})
         else:
             acc = report["package_accuracy"]
-            sys.stdout.write(f"held-out QA accuracy (package, runtime): top-1 {100 * acc['top1']:.1f} %, top-5 "
-                             f"{100 * acc['top5']:.1f} % over {acc['questions']} questions\n")
+            typer.echo(f"held-out QA accuracy (package, runtime): top-1 {100 * acc['top1']:.1f} %, top-5 "
+                       f"{100 * acc['top5']:.1f} % over {acc['questions']} questions")
 
 
 @qa_app.command(epilog="Examples:\n\n  hbi-train qa questions --data /tmp/syn --split test --out q.csv\n\n"
-                       "  hbi-run qa --questions q.csv")
+                       "  hbi-train qa questions --data /tmp/syn --out q.csv --format json")
 def questions(
-    data: Annotated[Path, typer.Option(help="Synthetic set folder.", show_default=False)],
-    out: Annotated[Path, typer.Option(help="CSV to write (video,question,answer).", show_default=False)],
-    split: Annotated[str, typer.Option(help="train or test.")] = "test",
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option("--data", help="Synthetic set folder.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV to write (video,question,answer).",
+                                      show_default=False)],
+    split: Annotated[Split, typer.Option("--split", help="Which split's videos.")] = Split.test,
+    fmt: FormatOption = OutputFormat.text,
+    json_alias: JsonAlias = False,
+    debug: DebugAlias = False,
 ) -> None:
-    """Write the questions (with answers) of a synthetic split for `hbi-run qa --questions`."""
-    with guarded():
-        from hbi_runtime.errors import UsageError
+    """Write the questions (with answers) of a synthetic split, for `hbi-run qa --questions FILE`."""
+    json_mode = output_format(fmt, json_alias) is OutputFormat.json
+    with run_guarded(ctx, json_mode, debug):
         from hbi_training.qa import write_questions_csv
 
-        if split not in ("train", "test"):
-            raise UsageError(f"--split must be train or test, got {split!r}")
-        n = write_questions_csv(data, split, out)
-        sys.stdout.write(json.dumps({"questions": n, "file": str(out)}) + "\n")
+        n = write_questions_csv(data, split.value, out)
+        if json_mode:
+            emit_json({"schema": "hbi.train-qa-questions/1", "questions": n, "file": str(out)})
+        else:
+            typer.echo(f"wrote {n} questions to {out}")
+
+
+@qa_app.command("export", hidden=True, add_help_option=False, help="Deprecated: use `hbi-export qa-export`.",
+                context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+def export_alias(ctx: typer.Context) -> None:
+    """``hbi-train qa export ARGS`` runs ``hbi-export qa-export ARGS`` (after a deprecation warning)."""
+    deprecated("`hbi-train qa export`", "`hbi-export qa-export`")
+    from hbi_export.tasks import qa_cli as export_qa_cli
+
+    forward = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                          context_settings={"help_option_names": ["-h", "--help"]})
+    forward.callback()(lambda: None)  # a group, so that the command keeps its name
+    export_qa_cli.register(forward)
+    typer.main.get_command(forward).main(["qa-export", *ctx.args], prog_name="hbi-export",
+                                         obj=ctx.find_root().obj)
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``hbi-train qa ...`` (demo, questions, export) to ``app``."""
-    from hbi_export.tasks.qa_cli import register as register_export
-
-    register_export(qa_app, "export")
+    """Add ``hbi-train qa ...`` (demo, questions; the hidden deprecated export alias) to ``app``."""
     app.add_typer(qa_app, name="qa")

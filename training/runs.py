@@ -9,42 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+# the one preset registry; MODEL_PRESETS / preset_config stay importable from here too
+from hbi_export.presets import MODEL_PRESETS, preset_config  # noqa: F401
 from hbi_runtime.errors import UsageError
 from hbi_training.estimator import ESTIMATOR_NAME, EstimatorConfig, EstimatorTask
 from hbi_training.loop import FINAL_DIR, LoopConfig, fit, seed_everything
 from hbi_training.losses import HBILoss, LossConfig
 from hbi_training.optim import OptimConfig, preset
 from hbi_training.tasks import HBITask
-
-MODEL_PRESETS = ("tiny", "demo", "vit-b-32")
-
-
-def preset_config(name: str):
-    """The :class:`~hbi_export.model.HBIConfig` of a model preset (see :data:`MODEL_PRESETS`).
-
-    ``tiny``: the test-sized model (``HBIConfig.tiny()``, 16-pixel patches: 4 per 32x32 frame). ``demo``: the
-    model of the synthetic-data demo (``hbi_training.demo``): ``tiny`` with a vision tower of 4-pixel patches (64
-    per frame), width 128, 4 layers and 4 heads (the 8-pixel, 2-layer, 64-wide tower before it could not tell the
-    small shapes apart, docs/captioning.md), one temporal layer and a 32-wide text tower; ~3.0 M parameters, 1.6 M
-    of them the CLIP token-embedding table (49408 x 32), so that the fp32 checkpoint and fp32 package together
-    stay under 24 MB. ``vit-b-32``: the official retrieval model.
-    """
-    from hbi_export.model import HBIConfig
-    from hbi_export.model.config import TextConfig, VisionConfig
-
-    if name == "tiny":
-        return HBIConfig.tiny()
-    if name == "demo":
-        return HBIConfig.tiny(vision=VisionConfig(width=128, layers=4, heads=4, patch_size=4, image_size=32),
-                              text=TextConfig(width=32, layers=2, heads=2, context_length=32, vocab_size=49408),
-                              temporal_layers=1)
-    if name == "vit-b-32":
-        return HBIConfig.vit_b_32()
-    raise UsageError(f"unknown model preset {name!r}", hint=f"use one of {', '.join(MODEL_PRESETS)}")
 
 
 @dataclass(frozen=True)
@@ -53,7 +29,7 @@ class RunSettings:
 
     data_dir: Path
     out_dir: Path
-    model_preset: str = "tiny"  # architecture when ``init`` is not given (random initialisation)
+    model_preset: str = "tiny"  # hbi_export.presets name: architecture when ``init`` is not given (random init)
     init: Path | None = None  # any checkpoint build_model reads (official HBI, OpenAI / HF CLIP, hbi-toolkit)
     steps: int | None = None  # exactly one of steps / epochs
     epochs: float | None = None
@@ -148,10 +124,16 @@ def resolve_estimator(path: Path) -> Path:
     raise UsageError(f"no estimator weights at {path}", hint="train one with `hbi-train estimator`")
 
 
-def run_fit(settings: FitSettings) -> dict[str, Any]:
-    """Train the HBI model; returns a summary (schema ``hbi.train-fit/1``)."""
+def _say_model(settings: RunSettings, say: Callable[[str], None]) -> None:
+    say(f"model: {settings.init}" if settings.init is not None else f"model: preset '{settings.model_preset}', random weights")
+
+
+def run_fit(settings: FitSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train the HBI model; returns a summary (schema ``hbi.train-fit/1``). ``progress`` is told each stage as
+    it starts (``hbi_training.progress.stages``)."""
     from hbi_training.banzhaf import load_estimator_state
 
+    say = progress or (lambda _: None)
     teacher = None
     if settings.loss.banzhaf:
         if settings.estimator is None:
@@ -159,23 +141,32 @@ def run_fit(settings: FitSettings) -> dict[str, Any]:
                              hint="pass --estimator (from `hbi-train estimator`), or --no-banzhaf")
         teacher = load_estimator_state(resolve_estimator(settings.estimator), settings.loss.planes)
     seed_everything(settings.seed)
+    _say_model(settings, say)
     model = build_start_model(settings)
+    say("data: the train split (its videos are decoded on first use)")
     train, sampler, per_epoch = _train_data(settings, model.config)
+    say("data: the test split")
     test = open_split(settings, "test", model.config)
     recipe = settings.recipe or ("finetune" if settings.init is not None else "scratch")
     config = loop_config(settings, preset(recipe, lr=settings.lr), per_epoch)
+    say(f"training: {config.steps} steps, validation, final weights")
     history = fit(HBITask(model, HBILoss(settings.loss, teacher)), train, config, settings.out_dir,
                   val_dataset=test, sampler=sampler, resume=settings.resume)
     return _summary("hbi.train-fit/1", settings, config, history, recipe)
 
 
-def run_estimator(settings: EstimatorSettings) -> dict[str, Any]:
-    """Pre-train the Banzhaf estimator on a frozen model; returns a summary (``hbi.train-estimator/1``)."""
+def run_estimator(settings: EstimatorSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Pre-train the Banzhaf estimator on a frozen model; returns a summary (``hbi.train-estimator/1``).
+    ``progress`` is told each stage as it starts."""
+    say = progress or (lambda _: None)
     seed_everything(settings.seed)
+    _say_model(settings, say)
     model = build_start_model(settings)
+    say("data: the train split (its videos are decoded on first use)")
     train, sampler, per_epoch = _train_data(settings, model.config)
     # Official estimator recipe: lr 1e-2 ("Estimator_1e-2_epoch6"); only the estimator trains.
     config = loop_config(settings, OptimConfig(lr=settings.lr or 1e-2), per_epoch)
+    say(f"training: {config.steps} steps (Monte-Carlo labels), final weights")
     task = EstimatorTask(model, settings.estimator)
     history = fit(task, train, config, settings.out_dir, sampler=sampler, resume=settings.resume)
     return _summary("hbi.train-estimator/1", settings, config, history, "estimator")

@@ -1,6 +1,6 @@
 """``hbi-export convert`` and ``hbi-export init``'s library half: write a model in the hbi-toolkit format.
 
-The output folder follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``checkpoint folder``: never the source,
+The output folder follows :func:`hbi_runtime.outputs.prepare_output_dir` (kind ``checkpoint folder``: never the source,
 never a folder of other files, ``overwrite`` to replace a checkpoint folder) and is written into a temporary
 sibling that replaces it when complete.
 """
@@ -14,11 +14,8 @@ import torch
 
 from hbi_export.checkpoints.loader import load_checkpoint
 from hbi_export.checkpoints.native import save_state_dict
-from hbi_export.model.config import HBIConfig
-from hbi_runtime.errors import UsageError
-from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
-
-PRESETS = {"vit-b-32": HBIConfig.vit_b_32, "vit-b-16": HBIConfig.vit_b_16, "tiny": HBIConfig.tiny}
+from hbi_export.presets import preset_config
+from hbi_runtime.outputs import prepare_output_dir, staged_output_dir
 
 
 def convert_checkpoint(source: str | Path, out: str | Path, *, overwrite: bool = False,
@@ -40,17 +37,16 @@ def convert_checkpoint(source: str | Path, out: str | Path, *, overwrite: bool =
 
 
 def init_random(out: str | Path, preset: str, *, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
-    """Write a randomly initialised model of a preset architecture (pipeline tests, benchmarks).
+    """Write a randomly initialised model of a preset architecture (:mod:`hbi_export.presets`; pipeline tests,
+    benchmarks).
 
     Raises:
         UsageError: unknown preset, or ``out`` may not be written (see the module).
     """
     from hbi_export.model import HBIModel
 
-    if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}", hint=f"choose one of {', '.join(PRESETS)}")
+    config = preset_config(preset)
     out = prepare_output_dir(out, kind="checkpoint folder", overwrite=overwrite, option="OUT")
-    config = PRESETS[preset]()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = HBIModel(config)

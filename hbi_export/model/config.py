@@ -146,3 +146,18 @@ class HBIConfig:
         )
         base.update(overrides)
         return cls(**base)
+
+    @classmethod
+    def demo(cls, **overrides: Any) -> "HBIConfig":
+        """The synthetic-data demo's model (``hbi_training.demo``, the shipped demo package): :meth:`tiny` with a
+        vision tower of 4-pixel patches (64 per frame), width 128, 4 layers and 4 heads (the 8-pixel, 2-layer,
+        64-wide tower before it could not tell the small shapes apart, docs/captioning.md), one temporal layer and
+        a 32-wide text tower; ~3.0 M parameters, 1.6 M of them the CLIP token-embedding table (49408 x 32), so that
+        the fp32 checkpoint and fp32 package together stay under 24 MB."""
+        base: dict[str, Any] = dict(
+            vision=VisionConfig(width=128, layers=4, heads=4, patch_size=4, image_size=32),
+            text=TextConfig(width=32, layers=2, heads=2, context_length=32, vocab_size=49408),
+            temporal_layers=1,
+        )
+        base.update(overrides)
+        return cls.tiny(**base)

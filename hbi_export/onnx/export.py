@@ -47,8 +47,10 @@ def example_inputs(gdef: GraphDef, batch: dict[str, int], seed: int = 0) -> tupl
     return tuple(out)
 
 
-def export_graph(gdef: GraphDef, model: HBIModel, path: str | Path, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Export one graph with dynamic batch axes, attach the ``hbi`` functions, check it fully, save it.
+def export_graph(gdef: GraphDef, model: HBIModel, path: str | Path, opset: int = DEFAULT_OPSET, *,
+                 progress: Callable[[str], None] | None = None) -> onnx.ModelProto:
+    """Export one graph with dynamic batch axes, attach the ``hbi`` functions, check it fully, save it
+    (``progress`` hears when the check starts).
 
     Raises:
         ExportError: the exporter or the ONNX checker failed.
@@ -61,14 +63,17 @@ def export_graph(gdef: GraphDef, model: HBIModel, path: str | Path, opset: int =
     inputs = example_inputs(gdef, {"text_batch": 2, "video_batch": 3})
     with custom_merge_ops(model):
         return run_export(gdef, module, inputs, dynamic, path, opset,
-                          options={"custom_translation_table": TRANSLATION_TABLE}, finish=attach_functions)
+                          options={"custom_translation_table": TRANSLATION_TABLE}, finish=attach_functions,
+                          progress=progress)
 
 
 def run_export(gdef: GraphDef, module: torch.nn.Module, inputs: tuple, dynamic: tuple, path: str | Path,
                opset: int, *, options: dict | None = None,
-               finish: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None) -> onnx.ModelProto:
+               finish: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+               progress: Callable[[str], None] | None = None) -> onnx.ModelProto:
     """The shared tail of every graph export: the dynamo exporter, ``finish`` on its proto (e.g. attaching the
-    ``hbi`` functions), the spec's graph and axis names, the full ONNX check, save.
+    ``hbi`` functions), the spec's graph and axis names, the full ONNX check, save. ``progress`` hears
+    ``checking NAME`` once the exporter is done.
 
     Raises:
         ExportError: the exporter or the ONNX checker failed.
@@ -79,6 +84,8 @@ def run_export(gdef: GraphDef, module: torch.nn.Module, inputs: tuple, dynamic: 
                 module, inputs, dynamo=True, opset_version=opset, verbose=False,
                 input_names=[s.name for s in gdef.inputs], output_names=[s.name for s in gdef.outputs],
                 dynamic_shapes=dynamic, **(options or {}))
+        if progress is not None:
+            progress(f"checking {gdef.name}")
         proto = finish(program.model_proto) if finish else program.model_proto
         proto.graph.name = gdef.name
         _name_dynamic_axes(proto, gdef)

@@ -8,9 +8,7 @@ and never loses the package it replaces (``hbi_runtime.fileio``'s output-folder 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,7 +19,7 @@ from hbi_export.onnx.graphs import GraphDef, graph_defs
 from hbi_export.onnx.precision import PRECISIONS, for_precision
 from hbi_runtime import __version__
 from hbi_runtime.errors import UsageError
-from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+from hbi_runtime.outputs import prepare_output_dir, staged_output_dir
 from hbi_runtime.names import display_path
 from hbi_runtime.package import (GraphSpec, Manifest, Preprocessing, TensorSpec, TokenizerSpec, hash_files,
                                  sha256_file, write_manifest)
@@ -75,13 +73,11 @@ def write_package(model: HBIModel, root: Path, *, source: dict, max_words: int, 
     exported["interaction"] = model
     graphs = {}
     for name, gdef in defs.items():
-        started = time.perf_counter()
         graph_precision = "fp32" if name == "interaction" else precision
-        proto = export_graph(gdef, exported[name], root / f"{name}.onnx", opset)
+        progress(f"exporting {name} ({graph_precision})")  # then "checking {name}" (export_graph)
+        proto = export_graph(gdef, exported[name], root / f"{name}.onnx", opset, progress=progress)
         custom = sorted({f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain})
         graphs[name] = _graph_spec(gdef, root, opset, graph_precision, custom)
-        progress(f"exported {name} ({graph_precision}, {os.path.getsize(root / graphs[name].file) / 2**20:.1f} MiB) "
-                 f"in {time.perf_counter() - started:.1f} s")
     (root / TOKENIZER_DIR).mkdir()
     vocab = f"{TOKENIZER_DIR}/{DEFAULT_VOCAB_PATH.name}"
     shutil.copyfile(DEFAULT_VOCAB_PATH, root / vocab)
@@ -103,7 +99,7 @@ def export_package(checkpoint: str | Path, out: str | Path, *, level_weights: Se
                    progress: Progress = lambda _: None) -> tuple[Manifest, object]:
     """Checkpoint -> model package at ``out``; then parity (unless ``parity=False``).
 
-    ``out`` follows the rules of :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``model package``; never the
+    ``out`` follows the rules of :func:`hbi_runtime.outputs.prepare_output_dir` (kind ``model package``; never the
     checkpoint, never a folder of other files). The package is written and parity-checked in a temporary sibling
     folder, which replaces ``out`` only when complete: an export that fails leaves a previous package as it was.
 
@@ -119,9 +115,8 @@ def export_package(checkpoint: str | Path, out: str | Path, *, level_weights: Se
 
     out, checkpoint = Path(out), Path(checkpoint)
     prepare_output_dir(out, kind="model package", inputs=[checkpoint], overwrite=overwrite)
-    started = time.perf_counter()
+    progress(f"loading checkpoint {display_path(checkpoint)}")
     model, report = build_model(checkpoint, level_weights=level_weights)
-    progress(f"loaded {report.format} checkpoint {checkpoint} in {time.perf_counter() - started:.1f} s")
     with staged_output_dir(out) as tmp:
         write_package(model, tmp, source=_source(checkpoint, report.format), max_words=max_words,
                       max_frames=max_frames, opset=opset, precision=precision, progress=progress)

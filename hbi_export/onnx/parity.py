@@ -98,24 +98,30 @@ class BackendSession:
 
 
 def compare_package(pkg: Package, model: HBIModel, seed: int = 0, *,
-                    open_graph: Callable[[str], Any] | None = None, tolerance: str | None = None) -> ParityResult:
+                    open_graph: Callable[[str], Any] | None = None, tolerance: str | None = None,
+                    progress: Callable[[str], None] = lambda _: None) -> ParityResult:
     """Run the comparisons (no manifest change). Tolerance: the encoders' precision unless ``tolerance`` names one.
 
     Args:
         open_graph: graph name -> an object with ONNX Runtime's ``run(None, feeds)``; default: a CPU session.
+        progress: hears each step before it starts (the PyTorch reference, then each graph).
     """
     open_graph = open_graph or (lambda name: _session(pkg.graph_path(name)))
     _check_same_model(pkg, model)
     m = pkg.manifest
     x = parity_inputs(model, m.max_words, m.max_frames, seed)
+    progress("parity: PyTorch reference")
     with torch.no_grad():
         t_ref, v_ref = model.encode_text(x["input_ids"], x["attention_mask"]), model.encode_video(
             x["frames"], x["frame_mask"])
         levels_ref = model.score_levels(t_ref, v_ref).numpy()
+    progress("parity: text_encoder")
     text = _run_split(open_graph("text_encoder"),
                       {"input_ids": x["input_ids"].numpy(), "attention_mask": x["attention_mask"].numpy()})
+    progress("parity: video_encoder")
     video = _run_split(open_graph("video_encoder"),
                        {"frames": x["frames"].numpy(), "frame_mask": x["frame_mask"].numpy()})
+    progress("parity: interaction")
     interaction = open_graph("interaction")
     names = [t.name for t in pkg.graph("interaction").inputs]
     weights = np.asarray(m.level_weights, np.float32)
@@ -139,7 +145,7 @@ def _package_tolerance(pkg: Package) -> str:
 
 
 def compare_engines(pkg_dir: str | Path, model: HBIModel, precision: str, *, seed: int = 0, backend: str = "trt",
-                    **backend_options: Any) -> ParityResult:
+                    progress: Callable[[str], None] = lambda _: None, **backend_options: Any) -> ParityResult:
     """PyTorch vs the package's engines of ``precision``, run by ``backend`` (see the module docstring).
 
     Raises:
@@ -158,7 +164,7 @@ def compare_engines(pkg_dir: str | Path, model: HBIModel, precision: str, *, see
         return opened[-1]
 
     try:
-        return compare_package(pkg, model, seed, open_graph=open_graph, tolerance=precision)
+        return compare_package(pkg, model, seed, open_graph=open_graph, tolerance=precision, progress=progress)
     finally:
         for session in opened:
             session.backend.close()
@@ -166,9 +172,9 @@ def compare_engines(pkg_dir: str | Path, model: HBIModel, precision: str, *, see
 
 def check_package(pkg_dir: str | Path, model: HBIModel, *, seed: int = 0,
                   progress: Callable[[str], None] = lambda _: None) -> ParityResult:
-    """Compare, then record the verdict in the manifest (``verified`` / ``failed``) with the full report."""
+    """Compare, then record the verdict in the manifest (``verified`` / ``failed``) with the full report.
+    ``progress`` hears each step before it starts (the verdict is the result's)."""
     pkg = load_package(pkg_dir, allow_unverified=True)
-    result = compare_package(pkg, model, seed)
+    result = compare_package(pkg, model, seed, progress=progress)
     update_status(pkg_dir, "verified" if result.ok else "failed", result.to_dict())
-    progress(f"parity {'passed' if result.ok else 'FAILED'} ({len(result.comparisons)} outputs)")
     return result

@@ -12,11 +12,13 @@ Graphs (all fp32, opset 18, torch dynamo exporter, one dynamic batch axis each):
 The video side comes from the retrieval package's own ``video_encoder.onnx``, which the caption package
 references by path and ``manifest_sha256`` (one exported backbone serves retrieval, captioning and QA).
 
-The caption package (``manifest.json`` written by :func:`write_caption_package`)::
+The caption package's ``manifest.json`` (:class:`hbi_runtime.tasks.caption.CaptionPackageManifest`, the package
+format every kind shares, written by :func:`write_caption_package`)::
 
-    {"schema": "hbi.caption-package", "schema_version": 1, "retrieval": {"path", "manifest_sha256"},
-     "decoder": DecoderConfig, "tasks": [...], "graphs": {name: GraphSpec}, "parity": {...}, "status",
-     "training": {...}, "toolkit_version", "created", "manifest_sha256"}
+    {"kind": "caption", "schema_version": 2, "toolkit_version", "created", "graphs": {name: GraphSpec},
+     "files": {}, "status", "parity": {"graphs": {...}, "decode": {...}}, "source": null,
+     "retrieval": {"path", "manifest_sha256"}, "decoder": DecoderConfig, "tasks": [...], "generation": {...},
+     "training": {...}, "manifest_sha256"}
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from hbi_export.onnx.export import DEFAULT_OPSET, run_export
 from hbi_export.onnx.graphs import GraphDef, TensorDef, side_defs
 from hbi_export.tasks.decoder import CaptionDecoder, DecoderConfig
 from hbi_runtime.errors import UsageError
-from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+from hbi_runtime.outputs import prepare_output_dir, staged_output_dir
 from hbi_runtime.package import GraphSpec, TensorSpec, sha256_file
 from hbi_runtime.tasks.caption import PATCH_GRAPH
 
@@ -314,7 +316,7 @@ def write_caption_package(model: CaptionDecoder, retrieval_pkg: str | Path, out:
     ``out``, and its ``manifest_sha256``); parity graph by graph and as whole decodes (greedy and beam) on the
     fixture videos (or random sides). Returns the manifest.
 
-    ``out`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``caption package``; never the retrieval
+    ``out`` follows :func:`hbi_runtime.outputs.prepare_output_dir` (kind ``caption package``; never the retrieval
     package, a fixture video or one of ``inputs``, the files the decoder came from): the package is written and
     checked in a temporary sibling folder that replaces ``out`` only when complete, so a failed export leaves a
     previous package as it was.
@@ -338,11 +340,10 @@ def _write_checked(model: CaptionDecoder, retrieval, retrieval_pkg: Path, out: P
                    training: dict | None, opset: int, fixture_videos: Sequence[str] | None,
                    progress: Callable[[str], None]) -> dict:
     """:func:`write_caption_package`'s work in the temporary folder ``tmp`` (the manifest's paths are ``out``'s)."""
-    import datetime as dt
+    from dataclasses import replace
 
-    import hbi_runtime
-    from hbi_runtime.package import manifest_sha256
-    from hbi_runtime.tasks.caption import SCHEMA, SCHEMA_VERSION, CaptionModel, read_caption_manifest
+    from hbi_runtime.package import HASH_FIELD, write_manifest
+    from hbi_runtime.tasks.caption import CaptionModel, CaptionPackageManifest, read_caption_manifest
 
     rsha = retrieval.package.manifest_sha256
     if tuple(retrieval.manifest.tokens_per_level["video"]) != tuple(model.config.tokens_per_level) or \
@@ -354,17 +355,13 @@ def _write_checked(model: CaptionDecoder, retrieval, retrieval_pkg: Path, out: P
     graph_report = graph_parity(model, tmp, specs)
     progress(f"graph parity: {'ok' if graph_report['ok'] else 'FAILED'} "
              f"(max abs {max(v['max_abs'] for k, v in graph_report.items() if isinstance(v, dict)):.1e})")
-    body = {
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "toolkit_version": hbi_runtime.__version__,
-        "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "retrieval": {"path": os.path.relpath(retrieval_pkg.resolve(), out.parent.resolve() / out.name),
-                      "manifest_sha256": rsha},
-        "decoder": model.config.to_dict(), "tasks": ["caption", "qa"],
-        "generation": {"beam_size": 1, "max_length": 40, "length_penalty": 1.0, "no_repeat_ngram": 0},
-        "graphs": {name: spec.to_dict() for name, spec in specs.items()},
-        "parity": {"graphs": graph_report}, "status": "unverified", "training": training or {},
-    }
-    _write(tmp, body, manifest_sha256)
+    manifest = CaptionPackageManifest(
+        retrieval={"path": os.path.relpath(retrieval_pkg.resolve(), out.parent.resolve() / out.name),
+                   "manifest_sha256": rsha},
+        decoder=model.config.to_dict(), tasks=("caption", "qa"),
+        generation={"beam_size": 1, "max_length": 40, "length_penalty": 1.0, "no_repeat_ngram": 0},
+        graphs=specs, parity={"graphs": graph_report}, status="unverified", training=training or {})
+    write_manifest(tmp, manifest)
     # decode parity: the same token sequences from PyTorch and from the ONNX graphs
     cm = CaptionModel(tmp, read_caption_manifest(tmp), retrieval)
     try:
@@ -377,18 +374,10 @@ def _write_checked(model: CaptionDecoder, retrieval, retrieval_pkg: Path, out: P
         for b in cm._backends.values():
             b.close()
     progress(f"decode parity: {'ok' if decode_report['ok'] else 'FAILED'} {decode_report['settings']}")
-    body["parity"]["decode"] = decode_report
-    body["status"] = "verified" if graph_report["ok"] and decode_report["ok"] else "failed"
-    _write(tmp, body, manifest_sha256)
-    return body
-
-
-def _write(root: Path, body: dict, digest) -> None:
-    import json
-
-    body.pop("manifest_sha256", None)
-    body["manifest_sha256"] = digest(body)
-    (root / "manifest.json").write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+    manifest = replace(manifest, parity={"graphs": graph_report, "decode": decode_report},
+                       status="verified" if graph_report["ok"] and decode_report["ok"] else "failed")
+    write_manifest(tmp, manifest)
+    return {**manifest.to_dict(), HASH_FIELD: manifest.sha256}
 
 
 def _random_side(config: DecoderConfig, n: int):

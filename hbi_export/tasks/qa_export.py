@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -20,14 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from hbi_export.checkpoints.qa import build_qa_model
 from hbi_export.onnx.export import DEFAULT_OPSET, export_graph
 from hbi_export.onnx.graphs import GraphDef, TensorDef
 from hbi_export.onnx.parity import _run_split, _session, parity_inputs
 from hbi_export.tasks.qa import QAModel
+from hbi_export.tasks.qa_checkpoint import build_qa_model
 from hbi_runtime.compare import Check, ParityResult, compare_tensors, evaluate, top1_agreement_rows
 from hbi_runtime.errors import UsageError
-from hbi_runtime.fileio import prepare_output_dir, staged_output_dir
+from hbi_runtime.outputs import prepare_output_dir, staged_output_dir
 from hbi_runtime.names import display_path
 from hbi_runtime.package import GraphSpec, Preprocessing, TensorSpec, TokenizerSpec, hash_files, sha256_file
 from hbi_runtime.tasks.qa_package import (ANSWERS_FILE, LEVEL_TAGS, QA_MANIFEST, QAManifest, load_qa_package,
@@ -117,13 +116,12 @@ def write_qa_package(model: QAModel, root: Path, *, answers: Sequence[str], sour
         raise UsageError(f"max_frames {max_frames} is outside 1..{c.model.frame_positions}")
     graphs = {}
     for name, gdef in qa_graph_defs(model, max_words, max_frames).items():
-        started = time.perf_counter()
-        proto = export_graph(gdef, model, root / f"{name}.onnx", opset)
+        progress(f"exporting {name}")
+        proto = export_graph(gdef, model, root / f"{name}.onnx", opset, progress=progress)
         custom = sorted({f"{n.domain}.{n.op_type}" for n in proto.graph.node if n.domain})
         graphs[name] = GraphSpec(f"{name}.onnx", sha256_file(root / f"{name}.onnx"), opset, "fp32",
                                  tuple(TensorSpec(t.name, t.dtype, t.shape) for t in gdef.inputs),
                                  tuple(TensorSpec(t.name, t.dtype, t.shape) for t in gdef.outputs), tuple(custom))
-        progress(f"exported {name} in {time.perf_counter() - started:.1f} s")
     write_answers(root / ANSWERS_FILE, answers)
     (root / "tokenizer").mkdir()
     vocab = f"tokenizer/{DEFAULT_VOCAB_PATH.name}"
@@ -191,7 +189,7 @@ def export_qa_model(model: QAModel, out: str | Path, *, answers: Sequence[str] |
                     progress: Progress = lambda _: None) -> tuple[QAManifest, ParityResult | None]:
     """An in-memory QA model -> QA package at ``out``, then parity.
 
-    ``out`` follows :func:`hbi_runtime.fileio.prepare_output_dir` (kind ``QA package``; never one of ``inputs``, the
+    ``out`` follows :func:`hbi_runtime.outputs.prepare_output_dir` (kind ``QA package``; never one of ``inputs``, the
     files the model came from): the package is written and parity-checked in a temporary sibling folder that
     replaces ``out`` only when complete, so a failed export leaves a previous package as it was.
 
@@ -207,9 +205,9 @@ def export_qa_model(model: QAModel, out: str | Path, *, answers: Sequence[str] |
                          source=dict(source or {"checkpoint": "(in memory)", "format": "hbi-toolkit-qa",
                                                 "sha256": None}), progress=progress)
         if parity:
+            progress("parity: comparing with PyTorch")
             result = compare_qa_package(tmp, model)
             update_qa_status(tmp, "verified" if result.ok else "failed", result.to_dict())
-            progress(f"parity {'passed' if result.ok else 'FAILED'} ({len(result.comparisons)} outputs)")
     return load_qa_package(out, allow_unverified=True).manifest, result
 
 
@@ -220,7 +218,7 @@ def export_qa_package(checkpoint: str | Path, out: str | Path, *, answers_file: 
 
     ``answers_file``: the ``train_ans2label.json`` of the model (``{"answer": id}``); default: the checkpoint
     folder's ``answers.json`` when present, else placeholder names ``answer_<id>``. ``out`` is checked before the
-    checkpoint is loaded: never the checkpoint or the answers file (``hbi_runtime.fileio.prepare_output_dir``).
+    checkpoint is loaded: never the checkpoint or the answers file (``hbi_runtime.outputs.prepare_output_dir``).
     """
     checkpoint = Path(checkpoint)
     inputs = [checkpoint, answers_file]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import OutputFormat, emit_json, guarded
+from hbi_runtime.cli_options import AllowUnverifiedOption, DebugAlias, FormatOption, Steps, run_guarded
+from hbi_runtime.cli_support import OutputFormat, emit_json
 
 BUILD_HELP = (
     "Build a TensorRT engine for every graph of a model package, on the machine that will run it.\n\n"
@@ -17,11 +17,15 @@ BUILD_HELP = (
     "version, GPU, precision, profiles and plugin library). Needs tensorrt, onnx and cuda-python, not torch. "
     "fp16 pins LayerNorm and softmax to fp32 (TensorRT 10) or takes the fp16 package's types (TensorRT 11, "
     "--strongly-typed); int8 needs a Q/DQ package from `hbi-export calibrate`. With --plugins, the hbi custom ops "
-    "run as the hbi TensorRT plugins, otherwise as their standard-op decompositions.\n\n"
+    "run as the hbi TensorRT plugins, otherwise as their standard-op decompositions. On a terminal each graph's "
+    "build is shown on stderr (it takes minutes)."
+)
+BUILD_EXAMPLES = (
     "Examples:\n\n"
     "  hbi-export build-engine pkg/msrvtt --precision fp16 --max-batch 64\n\n"
-    "  hbi-export build-engine pkg/msrvtt --plugins build/libhbi_trt_plugins.so --axis video_batch=1:16:64 "
-    "--timing-cache ~/.cache/hbi/trt.cache\n\n"
+    "  hbi-export build-engine pkg/msrvtt --axis video_batch=1:16:64\n\n"
+    "  hbi-export build-engine pkg/msrvtt --plugins build/libhbi_trt_plugins.so\n\n"
+    "  hbi-export build-engine pkg/msrvtt --timing-cache ~/.cache/hbi/trt.cache\n\n"
     "  hbi-export build-engine pkg/msrvtt-int8 --precision int8 --format json"
 )
 
@@ -34,34 +38,36 @@ class Precision(str, enum.Enum):
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
-    app.command("build-engine", help=BUILD_HELP)(build_engine)
+    app.command("build-engine", help=BUILD_HELP, epilog=BUILD_EXAMPLES)(build_engine)
 
 
 def build_engine(
+    ctx: typer.Context,
     package: Annotated[Path, typer.Argument(help="Model package folder.", show_default=False)],
-    precision: Annotated[Precision, typer.Option(help="Engine precision.")] = Precision.fp16,
-    min_batch: Annotated[int, typer.Option(min=1, help="Smallest batch of every dynamic axis.")] = 1,
-    opt_batch: Annotated[int, typer.Option(min=1, help="Batch TensorRT tunes for.")] = 8,
-    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch (bigger calls are split).")] = 32,
+    precision: Annotated[Precision, typer.Option("--precision", help="Engine precision.")] = Precision.fp16,
+    min_batch: Annotated[int, typer.Option("--min-batch", min=1, help="Smallest batch of every dynamic axis.")] = 1,
+    opt_batch: Annotated[int, typer.Option("--opt-batch", min=1, help="Batch TensorRT tunes for.")] = 8,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Largest batch (bigger calls are split).")] = 32,
     axis: Annotated[Optional[list[str]], typer.Option(
-        help="Override one axis: NAME=MIN:OPT:MAX (repeatable), e.g. video_batch=1:16:64.",
+        "--axis", help="Override one axis: NAME=MIN:OPT:MAX (repeatable), e.g. video_batch=1:16:64.",
         show_default=False)] = None,
-    workspace: Annotated[int, typer.Option(min=16, help="Builder workspace in MiB.")] = 4096,
+    workspace: Annotated[int, typer.Option("--workspace", min=16, help="Builder workspace in MiB.")] = 4096,
     timing_cache: Annotated[Optional[Path], typer.Option(
-        help="Timing cache file: read if present, written after the build.", show_default=False)] = None,
+        "--timing-cache", help="Timing cache file: read if present, written after the build.",
+        show_default=False)] = None,
     plugins: Annotated[Optional[Path], typer.Option(
-        help="The hbi plugin library (libhbi_trt_plugins.so); default $HBI_TRT_PLUGINS.",
+        "--plugins", help="The hbi plugin library (libhbi_trt_plugins.so); default $HBI_TRT_PLUGINS.",
         show_default=False)] = None,
     strongly_typed: Annotated[bool, typer.Option(
-        help="TensorRT 10: strongly typed network (types from the ONNX graph); always so on TensorRT 11.")] = False,
-    allow_unverified: Annotated[bool, typer.Option(
-        help="Build from a package whose parity check failed or never ran.")] = False,
-    output: Annotated[OutputFormat, typer.Option("--format", help="Output as text or JSON.")] = OutputFormat.text,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")] = False,
+        "--strongly-typed", help="TensorRT 10: strongly typed network (types from the ONNX graph); always so on "
+                                 "TensorRT 11.")] = False,
+    allow_unverified: AllowUnverifiedOption = False,
+    fmt: FormatOption = OutputFormat.text,
+    debug: DebugAlias = False,
 ) -> None:
     """Build engines (``build_package_engines``)."""
-    json_mode = output is OutputFormat.json
-    with guarded(json_mode=json_mode, debug=debug):
+    json_mode = fmt is OutputFormat.json
+    with run_guarded(ctx, json_mode, debug):
         from hbi_export.trt.package import EngineOptions, build_package_engines, render_text
         from hbi_export.trt.profiles import parse_axis_override
         from hbi_runtime.backends.tensorrt import default_plugin_library
@@ -71,8 +77,8 @@ def build_engine(
             precision=precision.value, batch=AxisRange(min_batch, opt_batch, max_batch),
             axes=dict(parse_axis_override(a) for a in axis or []), workspace_mb=workspace,
             timing_cache=timing_cache, plugins=plugins or default_plugin_library(), strongly_typed=strongly_typed)
-        summary = build_package_engines(package, options, allow_unverified=allow_unverified,
-                                        progress=lambda m: sys.stderr.write(m + "\n"))
+        with Steps(enabled=not json_mode) as say:
+            summary = build_package_engines(package, options, allow_unverified=allow_unverified, progress=say)
         if json_mode:
             emit_json(summary)
         else:

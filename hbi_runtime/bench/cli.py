@@ -12,13 +12,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import OutputFormat, emit_json, guarded
+from hbi_runtime.cli_options import (AllowUnverifiedOption, BackendName, BackendOption, DeviceOption,
+                                     FormatOption, ModelOption, Steps, WorkersOption, run_guarded)
+from hbi_runtime.cli_support import OutputFormat, emit_json
 
 EPILOG = """Examples:
 
   hbi-run bench --model pkg/b32 --batch-sizes 1,8,32 --out cpu.json --plot cpu.png
 
-  hbi-run bench --model pkg/b32 --device cuda --backend ort --out gpu.json
+  hbi-run bench --model pkg/b32 --device cuda --out gpu.json
 
   hbi-run bench --model pkg/b32 --backend trt --precision fp16 --out trt16.json
 
@@ -63,12 +65,9 @@ def register(app: typer.Typer) -> None:
     @app.command(epilog=EPILOG)
     def bench(
         ctx: typer.Context,
-        model: Annotated[Optional[Path], typer.Option(
-            "--model", "-m", help="Model package folder. Default: the demo model.", show_default=False)] = None,
-        backend: Annotated[str, typer.Option(help="Backend: ort (onnxruntime) or trt (TensorRT engines of the "
-                                                  "package, hbi-export build-engine).")] = "ort",
-        device: Annotated[Optional[str], typer.Option(help="cpu or cuda. Default: cuda for trt, else cpu.",
-                                                      show_default=False)] = None,
+        model: ModelOption = None,
+        backend: BackendOption = BackendName.onnxruntime,
+        device: DeviceOption = None,
         precision: Annotated[Optional[str], typer.Option(
             help="Engine precision for trt (fp32, fp16, int8). Default: the package's / the one built.",
             show_default=False)] = None,
@@ -85,7 +84,7 @@ def register(app: typer.Typer) -> None:
         index_dir: Annotated[Optional[Path], typer.Option(
             "--index", help="Index (of this model) for the retrieve stage. Default: a temporary index of --videos.",
             show_default=False)] = None,
-        workers: Annotated[int, typer.Option(help="Decoding worker processes.")] = 2,
+        workers: WorkersOption = 2,
         threads: Annotated[Optional[int], typer.Option(
             help="CPU threads of the encoders and the scoring engine. Default: every usable core.",
             show_default=False)] = None,
@@ -94,13 +93,11 @@ def register(app: typer.Typer) -> None:
         plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of latency and throughput vs batch size "
                                                           "(needs matplotlib).", show_default=False)] = None,
         include: Annotated[Optional[list[Path]], typer.Option(
-            metavar="RECORD.json", help="Earlier records (--out files) drawn in the same --plot, e.g. another backend or precision.",
+            metavar="RECORD.json",
+            help="Earlier records (--out files) drawn in the same --plot, e.g. another backend or precision.",
             show_default=False)] = None,
-        allow_unverified: Annotated[bool, typer.Option(
-            "--allow-unverified", help="Use a package whose parity check failed or never ran.")] = False,
-        output_format: Annotated[OutputFormat, typer.Option("--format", "-f", case_sensitive=False,
-                                                           help="text (a table) or json (the record).")] = (
-            OutputFormat.text),
+        allow_unverified: AllowUnverifiedOption = False,
+        output_format: FormatOption = OutputFormat.text,
     ) -> None:
         """Measure latency (p50/p90/p99) and throughput per stage: text encoding (texts/s), video encoding
         (frames/s), scoring (query x video pairs/s), decoding (videos/s) and one retrieval end to end.
@@ -110,7 +107,7 @@ def register(app: typer.Typer) -> None:
         different machines compare directly (docs/bench.md).
         """
         json_mode = output_format is OutputFormat.json
-        with guarded(json_mode=json_mode, debug=ctx.obj.debug if ctx.obj else False):
+        with run_guarded(ctx, json_mode):
             from hbi_runtime.bench.plot import plot_records
             from hbi_runtime.bench.records import write_record
             from hbi_runtime.bench.run import render_text, run_bench
@@ -124,9 +121,10 @@ def register(app: typer.Typer) -> None:
             if include and plot is None:
                 raise UsageError("--include only adds records to a --plot", hint="add --plot FILE.png")
             included = [_read_record(p) for p in include or []]
-            record = run_bench(_package(model), backend=backend, device=device, precision=precision, config=config,
-                               encoder_threads=threads, allow_unverified=allow_unverified,
-                               progress=lambda line: sys.stderr.write(f"bench: {line}\n"))
+            with Steps(enabled=not json_mode) as say:
+                record = run_bench(_package(model), backend=backend.value, device=device and device.value,
+                                   precision=precision, config=config, encoder_threads=threads,
+                                   allow_unverified=allow_unverified, progress=say)
             if out is not None:
                 _write(out, "the record", lambda p: write_record(record, p))
             if plot is not None:

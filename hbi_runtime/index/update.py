@@ -144,7 +144,8 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
                  extensions: Iterable[str] = DEFAULT_EXTENSIONS, follow_symlinks: bool = False,
                  timeout_s: float = 120.0, retry_failed: bool = False, full_hash: bool = False,
                  rebuild: bool = False, force: bool = False, verify: bool = False,
-                 verify_budget_bytes: int = VERIFY_BUDGET_BYTES, progress: Progress | None = None) -> IndexSummary:
+                 verify_budget_bytes: int = VERIFY_BUDGET_BYTES, progress: Progress | None = None,
+                 window_progress: Callable[[int, str], None] | None = None) -> IndexSummary:
     """Index the videos of ``video_dir`` (recursively) into ``index_dir``, re-encoding only what changed.
 
     Readers see the index as it was before the run until the run ends, then as it is after it (one
@@ -167,6 +168,8 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
         verify: hash every shard against its checksums (default: :data:`VERIFY_BUDGET_BYTES` of them per run).
         progress: called after each committed file as ``progress(done, total, path, files_per_second)``, and
             once with ``(0, total, None, 0.0)`` before the first.
+        window_progress: with ``window``, called as each group of windows is decoded, with the number of windows
+            decoded so far and the file's display path (a long file shows progress before it is committed).
     Returns:
         :class:`IndexSummary`.
     Raises:
@@ -215,8 +218,8 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
             first_new_shard = writer.next_shard_id()
             sink = _Sink(writer, model, dtype, batch_size, full_hash, summary, progress, len(plan.jobs))
             if plan.jobs:
-                stream = (_decode_windows(model, plan.jobs, window, stride, workers, timeout_s) if window is not None
-                          else _decode_whole(model, plan.jobs, workers, timeout_s))
+                stream = (_decode_windows(model, plan.jobs, window, stride, workers, timeout_s, window_progress)
+                          if window is not None else _decode_whole(model, plan.jobs, workers, timeout_s))
                 for job in stream:
                     sink.add(job)
                 sink.flush()
@@ -389,10 +392,11 @@ def _decode_whole(model, jobs: list[_Job], workers: int, timeout_s: float) -> It
             yield job
 
 
-def _decode_windows(model, jobs: list[_Job], window: float, stride: float, workers: int,
-                    timeout_s: float) -> Iterator[_Job]:
+def _decode_windows(model, jobs: list[_Job], window: float, stride: float, workers: int, timeout_s: float,
+                    on_windows: Callable[[int, str], None] | None = None) -> Iterator[_Job]:
     from hbi_runtime.video import VideoDecodeError
 
+    decoded = 0
     with WindowDecoder(model.manifest.preprocessing, workers=workers, timeout_s=timeout_s) as pool:
         for start in range(0, len(jobs), PROBE_CHUNK):
             chunk = jobs[start:start + PROBE_CHUNK]
@@ -413,6 +417,9 @@ def _decode_windows(model, jobs: list[_Job], window: float, stride: float, worke
                     job.fail(result.reason, failure_kind(result))
                 elif job.error is None:
                     job.windows.extend((dw.window, dw.video) for dw in result)
+                    decoded += len(result)
+                    if on_windows is not None:
+                        on_windows(decoded, job.entry.display)
                 pending[id(job)] -= 1
                 while queue and pending[id(queue[0])] == 0:  # in job order, as soon as complete
                     yield queue.popleft()

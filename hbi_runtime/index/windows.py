@@ -221,17 +221,7 @@ class WindowDecoder(video_pool.VideoDecoder):
     ``(task, Probe | list[DecodedWindow] | VideoDecodeError)`` in order. Same arguments; ``timeout_s`` is per
     task (a probe, or up to :data:`WINDOWS_PER_TASK` windows)."""
 
-    def _start(self) -> None:
-        while len(self._workers) < self._n_workers:
-            self._workers.append(_WindowWorker(self._ctx, self._args))
-
-    def _replace(self, w, done, error) -> None:
-        if error is not None:
-            done[w.task.task_id] = (w.task.path, error)
-        w.task = None
-        w.kill()
-        self.restarts += 1
-        self._workers[self._workers.index(w)] = _WindowWorker(self._ctx, self._args)
+    worker_class = _WindowWorker
 
 
 __all__ = ["DecodedWindow", "MAX_WINDOWS_PER_VIDEO", "MIN_STRIDE_S", "MIN_WINDOW_S", "Probe", "WINDOWS_PER_TASK",

@@ -2,7 +2,9 @@
 
 A caption package is a folder beside (or anywhere relative to) a retrieval package::
 
-    manifest.json        schema "hbi.caption-package" v1 (:func:`read_caption_manifest`), manifest_sha256
+    manifest.json        kind ``caption`` (:class:`CaptionPackageManifest`, read by :func:`read_caption_manifest`),
+                         manifest_sha256; a package written before package kinds has ``schema:
+                         hbi.caption-package`` (schema version 1) instead and loads as it is
     caption_memory.onnx  video side (+ patch map) -> per-layer cross-attention keys / values + memory bias
     frame_patches.onnx   only for a decoder with a spatial memory: frames -> the pooled patch map
     decoder_init.onnx    prefix (no past) -> next-token log-probabilities + the self-attention cache
@@ -16,8 +18,8 @@ where things are in each frame: ``frame_patches.onnx`` holds a frozen copy of th
 but the last and maps the same preprocessed frames to pooled patch tokens (:class:`CaptionVideos`). Loading
 refuses an edited manifest, a graph (or its listed ``external_data``) whose sha256 differs, external data a graph
 reads that the manifest does not list, a symlink leading out of the folder (the checks every package kind shares,
-:func:`hbi_runtime.package_files.check_package_files`), a retrieval package with another hash, and (unless
-allowed) a package whose parity failed.
+:func:`hbi_runtime.package.read_package`), a retrieval package with another hash, and (unless allowed) a package
+whose parity failed.
 
 Token ids inside the graphs are *decoder indices*: ``decoder.vocab_ids[i]`` is the CLIP BPE id of index ``i``
 (all 49408 when ``vocab_ids`` is null); CLIP ids outside the list map to the unknown index ``len(vocab_ids)``.
@@ -33,15 +35,16 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from hbi_runtime.errors import BadInputError, GateFailedError, MismatchError, UsageError
-from hbi_runtime.package import GraphSpec, manifest_sha256
+from hbi_runtime.errors import BadInputError, MismatchError, UsageError
 from hbi_runtime.inputs import read_json
-from hbi_runtime.package_files import check_package_files
+from hbi_runtime.package import (FORMAT_VERSION, Package, PackageManifest, _Fields, _list_of, _object, _pos_int,
+                                 _sha256, _str, manifest_field, read_package, register_kind)
 from hbi_runtime.tasks.generate import Hypothesis, SearchOptions, generate
 from hbi_runtime.tokenizer import EOT_ID, SOT_ID, VOCAB_SIZE
 
-SCHEMA = "hbi.caption-package"
-SCHEMA_VERSION = 1
+KIND = "caption"
+SCHEMA = "hbi.caption-package"  # the marker of the manifest form before package kinds
+SCHEMA_VERSION = FORMAT_VERSION
 GRAPHS = ("caption_memory", "decoder_init", "decoder_step")
 PATCH_GRAPH = "frame_patches"  # only in packages whose decoder has a spatial memory (decoder.patch_grid > 0)
 SIDE_NAMES = tuple(f"video_{part}_{tag}" for tag in ("l0", "l1", "l2") for part in ("tokens", "weights", "mask"))
@@ -49,16 +52,63 @@ DEMO_CAPTION_PACKAGE = Path(__file__).resolve().parent.parent / "data" / "demo" 
 _SPACE_BEFORE_PUNCT = re.compile(r" ([,.;:!?])")
 
 
+def _hint(root: Path) -> str:
+    return f"re-export it: `hbi-export caption-export --decoder RUN/decoder --out {root}`"
+
+
+def _retrieval_ref(value: Any, path: str) -> dict:
+    """The retrieval package a caption package reads video sides from: ``path`` (relative to the caption package)
+    and ``manifest_sha256``. A reference, not a file of the package: :func:`load_caption` loads it as a package."""
+    f = _Fields(value, path, ("path", "manifest_sha256"))
+    return {"path": f.get("path", _str), "manifest_sha256": f.get("manifest_sha256", _sha256)}
+
+
+def _of_manifest(name: str) -> property:
+    return property(lambda self: getattr(self.manifest, name), doc=f"The manifest's ``{name}``.")
+
+
 @dataclass(frozen=True)
-class CaptionManifest:
-    raw: dict
-    sha256: str
-    graphs: dict  # name -> GraphSpec
-    decoder: dict
-    retrieval_path: str
-    retrieval_sha256: str
-    status: str
-    generation: dict
+class CaptionPackage(Package):
+    """A loaded, checked caption package (:func:`read_caption_manifest`), with the manifest's facts the decoder
+    runtime reads by name (``CaptionModel.manifest`` is this package)."""
+
+    graphs = _of_manifest("graphs")
+    decoder = _of_manifest("decoder")
+    generation = _of_manifest("generation")
+    status = _of_manifest("status")
+    layers = _of_manifest("layers")
+    patch_grid = _of_manifest("patch_grid")
+
+    @property
+    def sha256(self) -> str:
+        """The package's identity: the ``manifest_sha256`` its manifest was written with."""
+        return self.manifest_sha256
+
+    @property
+    def retrieval_path(self) -> str:
+        return self.manifest.retrieval["path"]
+
+    @property
+    def retrieval_sha256(self) -> str:
+        return self.manifest.retrieval["manifest_sha256"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptionPackageManifest(PackageManifest):
+    """A caption package's manifest: the decoder's configuration, the retrieval package it reads video sides from,
+    the tasks it serves, default generation settings and how it was trained (``parity``: per graph and whole
+    decodes, ``{"graphs": ..., "decode": ...}``)."""
+
+    KIND = KIND
+    LABEL = "caption package"
+    GRAPHS = GRAPHS
+    PACKAGE = CaptionPackage
+
+    decoder: dict = manifest_field(_object)  # hbi_export.tasks.decoder.DecoderConfig.to_dict()
+    retrieval: dict = manifest_field(_retrieval_ref)
+    tasks: tuple[str, ...] = manifest_field(_list_of(_str), default=("caption", "qa"))
+    generation: dict = manifest_field(_object, default_factory=dict)
+    training: dict = manifest_field(_object, default_factory=dict)
 
     @property
     def layers(self) -> int:
@@ -68,48 +118,32 @@ class CaptionManifest:
     def patch_grid(self) -> int:
         return int(self.decoder.get("patch_grid") or 0)
 
+    def required_graphs(self) -> tuple[str, ...]:
+        return GRAPHS + ((PATCH_GRAPH,) if self.patch_grid else ())
 
-def _hint(root: Path) -> str:
-    return f"re-export it: `hbi-train caption-export --decoder RUN/decoder --out {root}`"
+    def check(self) -> None:
+        for key in ("layers", "max_positions"):
+            _pos_int(self.decoder.get(key), f"decoder.{key}")
+        super().check()
+
+    @classmethod
+    def export_hint(cls, root: Path, source: Any = None) -> str:
+        return _hint(root)
 
 
-def read_caption_manifest(root: str | os.PathLike, *, verify_hashes: bool = True) -> CaptionManifest:
-    """Read and check a caption package's manifest and graph files (module docstring).
+def read_caption_manifest(root: str | os.PathLike, *, verify_hashes: bool = True,
+                          allow_unverified: bool = True) -> CaptionPackage:
+    """Read and check a caption package (:func:`hbi_runtime.package.read_package` with ``kind="caption"``).
 
     Raises:
         BadInputError: missing folder / manifest / file, unreadable / oversized / too deeply nested manifest,
             malformed field, a symlink leading out of the package (exit 3).
-        MismatchError: another schema, an edited manifest, a modified graph, external data the manifest does not
-            list (exit 4).
+        MismatchError: another kind of package, an edited manifest, a modified graph, external data the manifest
+            does not list (exit 4).
+        GateFailedError: parity failed or never ran, unless ``allow_unverified`` (the default: the status is
+            :func:`load_caption`'s to judge).
     """
-    root = Path(root)
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise BadInputError(f"{root} is not a caption package: it has no manifest.json",
-                            hint="pass --caption-model DIR (a folder written by `hbi-train caption-export`)")
-    raw = read_json(path, what="caption package manifest", hint=_hint(root))
-    if not isinstance(raw, dict):
-        raise BadInputError(f"{path} is not a JSON object, so not a caption package manifest", hint=_hint(root))
-    if raw.get("schema") != SCHEMA:
-        raise MismatchError(f"{path} is not a caption package manifest (schema {raw.get('schema')!r})",
-                            hint="a retrieval package is not a caption package; pass the caption package folder")
-    if raw.get("schema_version") != SCHEMA_VERSION:
-        raise MismatchError(f"{path}: caption package schema version {raw.get('schema_version')!r}; this runtime "
-                            f"reads {SCHEMA_VERSION}", hint="upgrade hbi-toolkit or re-export the package")
-    if raw.get("manifest_sha256") != manifest_sha256(raw):
-        raise MismatchError(f"{path} was edited after export (manifest_sha256 does not match its content)",
-                            hint=_hint(root))
-    try:
-        decoder, retrieval = dict(raw["decoder"]), dict(raw["retrieval"])
-        names = GRAPHS + ((PATCH_GRAPH,) if decoder.get("patch_grid") else ())
-        graphs = {name: GraphSpec.from_dict(raw["graphs"][name], f"graphs.{name}") for name in names}
-        rpath, rsha = str(retrieval["path"]), str(retrieval["manifest_sha256"])
-        status = str(raw["status"])
-        generation = dict(raw.get("generation", {}))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadInputError(f"{path}: a required field is missing or malformed ({exc})", hint=_hint(root)) from None
-    check_package_files(root, graphs=graphs, verify_hashes=verify_hashes, kind="caption package", hint=_hint(root))
-    return CaptionManifest(raw, raw["manifest_sha256"], graphs, decoder, rpath, rsha, status, generation)
+    return read_package(root, kind=KIND, allow_unverified=allow_unverified, verify_hashes=verify_hashes)
 
 
 class _Steps:
@@ -192,7 +226,7 @@ class CaptionResult:
 class CaptionModel:
     """A loaded caption package plus its retrieval package (``load_caption``)."""
 
-    def __init__(self, root: Path, manifest: CaptionManifest, retrieval, backend: str = "onnxruntime") -> None:
+    def __init__(self, root: Path, manifest: CaptionPackage, retrieval, backend: str = "onnxruntime") -> None:
         self.root, self.manifest, self.retrieval = root, manifest, retrieval
         self.backend = backend
         self._backends: dict[str, Any] = {}
@@ -361,31 +395,35 @@ def load_caption(caption_dir: str | os.PathLike | None = None, *, retrieval: str
         BadInputError / MismatchError: see :func:`read_caption_manifest`; a retrieval package with another
         hash is a MismatchError. GateFailedError: parity failed or never ran, without ``allow_unverified``.
     """
-    from hbi_runtime.model import load
-
     if caption_dir is None:
         if not (DEMO_CAPTION_PACKAGE / "manifest.json").is_file():
             raise UsageError("no caption package given", hint="pass --caption-model DIR")
         caption_dir = DEMO_CAPTION_PACKAGE
-    root = Path(caption_dir)
-    if not root.is_dir():
-        raise BadInputError(f"caption package {root} does not exist or is not a folder",
-                            hint="pass --caption-model DIR (a folder written by `hbi-train caption-export`)")
-    manifest = read_caption_manifest(root)
-    if not allow_unverified and manifest.status != "verified":
-        raise GateFailedError(f"caption package {root} has status {manifest.status!r} (its PyTorch vs ONNX "
-                              "parity check failed or never ran); refusing to load it",
-                              hint="re-export it, or pass --allow-unverified to use it anyway")
-    rpath = Path(retrieval) if retrieval is not None else (root / manifest.retrieval_path)
+    package = read_caption_manifest(caption_dir, allow_unverified=allow_unverified)
+    return open_caption(package, retrieval=retrieval, allow_unverified=allow_unverified, backend=backend)
+
+
+def open_caption(package: CaptionPackage, *, retrieval: str | os.PathLike | None = None,
+                 allow_unverified: bool = False, backend: str = "onnxruntime") -> CaptionModel:
+    """The :class:`CaptionModel` of a loaded, checked caption package: its retrieval package is loaded (with all of
+    its checks) and must have the ``manifest_sha256`` the caption package names (what
+    :func:`hbi_runtime.package.load_any` returns for a caption package)."""
+    from hbi_runtime.model import load
+
+    root = package.dir
+    rpath = Path(retrieval) if retrieval is not None else (root / package.retrieval_path)
     model = load(rpath, allow_unverified=allow_unverified)
-    if model.package.manifest_sha256 != manifest.retrieval_sha256:
+    if model.package.manifest_sha256 != package.retrieval_sha256:
         model.close()
         raise MismatchError(f"caption package {root} was trained on the retrieval package with manifest_sha256 "
-                            f"{manifest.retrieval_sha256[:12]}..., but {rpath} has "
+                            f"{package.retrieval_sha256[:12]}..., but {rpath} has "
                             f"{model.package.manifest_sha256[:12]}...",
                             hint="pass the retrieval package it was exported with (--retrieval-model), or "
                                  "retrain the decoder on this one")
-    return CaptionModel(root, manifest, model, backend)
+    return CaptionModel(root, package, model, backend)
+
+
+register_kind(CaptionPackageManifest, open_caption)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import TableFormat, csv_text, emit_json, guarded, json_text
+from hbi_runtime.cli_options import (AllowUnverifiedOption, FormatOption, TableFormatOption, WorkersOption,
+                                     Steps, deprecated, run_guarded, strict_option)
+from hbi_runtime.cli_support import OutputFormat, TableFormat, csv_text, emit_json, json_text
 from hbi_runtime.names import display_path, printable
 
 CAPTION_SCHEMA = "hbi.caption/1"
@@ -17,8 +19,10 @@ EVAL_SCHEMA = "hbi.eval-caption/1"
 
 
 CaptionModelOption = Annotated[Optional[Path], typer.Option(
-    "--caption-model", help="Caption package folder (default: the demo decoder, when installed).",
+    "--model", "-m", help="Caption package folder (default: the demo decoder, when installed).",
     show_default=False)]
+CaptionModelAlias = Annotated[Optional[Path], typer.Option("--caption-model", hidden=True,
+                                                           help="Deprecated: --model.")]
 RetrievalOption = Annotated[Optional[Path], typer.Option(
     "--retrieval-model", help="Retrieval package the caption package was trained on (default: the path in its "
                               "manifest). Its hash must match.", show_default=False)]
@@ -28,13 +32,12 @@ PenaltyOption = Annotated[float, typer.Option("--length-penalty",
                                               help="Beam ranking: logprob / length ** penalty.")]
 NgramOption = Annotated[int, typer.Option("--no-repeat-ngram", help="Forbid repeating n-grams of this size "
                                                                     "(0 = off).")]
-WorkersOption = Annotated[int, typer.Option(min=1, help="Decoding worker processes.")]
-UnverifiedOption = Annotated[bool, typer.Option(
-    "--allow-unverified", help="Use packages whose parity check failed or never ran.")]
 
 
-def _debug(ctx: typer.Context) -> bool:
-    return bool(getattr(ctx.obj, "debug", False))
+def _caption_package(model: Optional[Path], alias: Optional[Path]) -> Optional[Path]:
+    if alias is not None:
+        deprecated("--caption-model", "--model")
+    return model or alias
 
 
 def _options(beam_size: int, max_length: int, length_penalty: float, no_repeat_ngram: int):
@@ -87,7 +90,7 @@ def register(app: typer.Typer) -> None:
         "Examples:\n\n  hbi-run caption clip1.mp4 clip2.mp4\n\n"
         "  hbi-run caption clip.mp4 --beam-size 3 --no-repeat-ngram 3 --format json\n\n"
         "  hbi-run caption clip.mp4 --question \"what happens first?\"\n\n"
-        "  hbi-run caption clips/*.mp4 --caption-model pkg/caption --format csv > captions.csv"))
+        "  hbi-run caption clips/*.mp4 --model pkg/caption --format csv > captions.csv"))
     def caption(
         ctx: typer.Context,
         videos: Annotated[list[Path], typer.Argument(help="Video files.", show_default=False)],
@@ -95,16 +98,16 @@ def register(app: typer.Typer) -> None:
             "--question", "-q", help="Answer this question about every video (open-ended QA) instead of "
                                      "captioning.", show_default=False)] = None,
         caption_model: CaptionModelOption = None,
+        caption_model_alias: CaptionModelAlias = None,
         retrieval_model: RetrievalOption = None,
         beam_size: BeamOption = 1,
         max_length: MaxLengthOption = 40,
         length_penalty: PenaltyOption = 1.0,
         no_repeat_ngram: NgramOption = 0,
         workers: WorkersOption = 1,
-        strict: Annotated[bool, typer.Option(help="Exit 3 when any file failed.")] = False,
-        allow_unverified: UnverifiedOption = False,
-        output_format: Annotated[TableFormat, typer.Option(
-            "--format", "-f", case_sensitive=False, help="table, json, jsonl or csv.")] = TableFormat.table,
+        strict: strict_option("Exit 3 when any file failed.") = False,
+        allow_unverified: AllowUnverifiedOption = False,
+        output_format: TableFormatOption = TableFormat.table,
     ) -> None:
         """Caption videos (or answer --question about them) with the encoder-decoder on the retrieval backbone.
 
@@ -114,14 +117,15 @@ def register(app: typer.Typer) -> None:
         """
         json_mode = output_format.is_json
         failed = False
-        with guarded(json_mode=json_mode, debug=_debug(ctx)):
+        with run_guarded(ctx, output_format):
             options = _options(beam_size, max_length, length_penalty, no_repeat_ngram)
             _check_files(videos)
-            with _load(caption_model, retrieval_model, allow_unverified) as model:
-                if not json_mode:
-                    sys.stderr.write(f"captioning {len(videos)} video(s)...\n")
+            with _load(_caption_package(caption_model, caption_model_alias), retrieval_model,
+                       allow_unverified) as model:
                 questions = None if question is None else [question] * len(videos)
-                results, errors = model.caption_videos(videos, questions, options, workers=workers)
+                with Steps(enabled=not json_mode) as say:
+                    say(f"captioning {len(videos)} video(s)")
+                    results, errors = model.caption_videos(videos, questions, options, workers=workers)
                 rows = [{"path": r.path, "question": r.question, "text": r.text, "tokens": list(r.tokens),
                          "logprob": round(r.logprob, 6), "score": round(r.score, 6), "error": None}
                         for r in results]
@@ -149,27 +153,27 @@ def register(app: typer.Typer) -> None:
         videos: Annotated[Path, typer.Option("--videos", help="Folder the video paths are relative to.",
                                              show_default=False)],
         caption_model: CaptionModelOption = None,
+        caption_model_alias: CaptionModelAlias = None,
         retrieval_model: RetrievalOption = None,
         beam_size: BeamOption = 1,
         max_length: MaxLengthOption = 40,
         length_penalty: PenaltyOption = 1.0,
         no_repeat_ngram: NgramOption = 0,
         workers: WorkersOption = 1,
-        allow_unverified: UnverifiedOption = False,
-        output_format: Annotated[TableFormat, typer.Option(
-            "--format", "-f", case_sensitive=False, help="table or json.")] = TableFormat.table,
+        allow_unverified: AllowUnverifiedOption = False,
+        output_format: FormatOption = OutputFormat.text,
     ) -> None:
         """Caption every referenced video and score the captions: BLEU-4, ROUGE-L, CIDEr-D (METEOR: not offline)."""
-        json_mode = output_format.is_json
-        with guarded(json_mode=json_mode, debug=_debug(ctx)):
+        json_mode = output_format is OutputFormat.json
+        with run_guarded(ctx, json_mode):
             from hbi_runtime.tasks.caption import evaluate_captions, read_references
 
             options = _options(beam_size, max_length, length_penalty, no_repeat_ngram)
             refs = read_references(captions, videos)
-            with _load(caption_model, retrieval_model, allow_unverified) as model:
-                report = evaluate_captions(model, refs, options, workers=workers,
-                                           progress=None if json_mode else
-                                           lambda m: sys.stderr.write(m + "\n"))
+            with _load(_caption_package(caption_model, caption_model_alias), retrieval_model,
+                       allow_unverified) as model:
+                with Steps(enabled=not json_mode) as say:
+                    report = evaluate_captions(model, refs, options, workers=workers, progress=say)
                 report = {"schema": EVAL_SCHEMA, "caption_package_sha256": model.manifest.sha256,
                           "model_sha256": model.retrieval.package.manifest_sha256, **report}
             if json_mode:

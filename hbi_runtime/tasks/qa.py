@@ -107,9 +107,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def load_qa(pkg_dir: str | os.PathLike, *, backend: str = "onnxruntime", allow_unverified: bool = False,
             **backend_options) -> QAModelRuntime:
     """Load a QA package (see :func:`hbi_runtime.tasks.qa_package.load_qa_package` for its checks)."""
-    package = load_qa_package(pkg_dir, allow_unverified=allow_unverified)
-    backends = {name: create_backend(backend, package.manifest.graphs[name], package.graph_path(name),
-                                     **backend_options) for name in QA_GRAPHS}
+    return open_qa(load_qa_package(pkg_dir, allow_unverified=allow_unverified), backend=backend, **backend_options)
+
+
+def open_qa(package: QAPackage, *, backend: str = "onnxruntime", allow_unverified: bool = False,
+            **backend_options) -> QAModelRuntime:
+    """The runtime of a loaded, checked QA package (what :func:`hbi_runtime.package.load_any` returns for one)."""
+    backends = {name: create_backend(backend, package.graph(name), package.graph_path(name), **backend_options)
+                for name in QA_GRAPHS}
     return QAModelRuntime(package, backends)
 
 

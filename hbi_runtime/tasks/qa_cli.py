@@ -8,26 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime.cli_support import TableFormat, csv_text, emit_json, guarded, json_text
+from hbi_runtime.cli_options import (AllowUnverifiedOption, LevelsOption, TableFormatOption, WorkersOption,
+                                     parse_levels, run_guarded, strict_option)
+from hbi_runtime.cli_support import TableFormat, csv_text, emit_json, json_text
 from hbi_runtime.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED
 from hbi_runtime.names import display_path, printable
 
 DEMO_QA_PACKAGE = Path(__file__).resolve().parent.parent / "data" / "demo" / "qa" / "package"
 SCHEMA = "hbi.qa/1"
-
-
-def _parse_weights(text: Optional[str]):
-    if text is None:
-        return None
-    from hbi_runtime.errors import UsageError
-
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 3:
-        raise UsageError(f"--levels must be three comma-separated numbers (entity,action,event), got {text!r}")
-    return values
 
 
 def _rows(video: Optional[str], question: Optional[str], questions: Optional[Path]) -> list[tuple]:
@@ -98,17 +86,13 @@ def register(app: typer.Typer) -> None:
             "--model", "-m", help="QA package folder. Default: the demo QA model, when installed.",
             show_default=False)] = None,
         top_k: Annotated[int, typer.Option("--top-k", help="Answers per question.")] = 5,
-        levels: Annotated[Optional[str], typer.Option(
-            help="Answer-logit weights entity,action,event (default: the package's, official 0.4,0.4,0.2).",
-            show_default=False)] = None,
-        workers: Annotated[int, typer.Option(min=1, help="Decoding worker processes.")] = 2,
-        strict: Annotated[bool, typer.Option(help="Exit 3 when any video could not be decoded.")] = False,
+        levels: LevelsOption = None,
+        workers: WorkersOption = 2,
+        strict: strict_option("Exit 3 when any video could not be decoded.") = False,
         min_accuracy: Annotated[Optional[float], typer.Option(
             "--min-accuracy", help="Exit 5 when top-1 accuracy (0..1) is below this.", show_default=False)] = None,
-        allow_unverified: Annotated[bool, typer.Option(
-            "--allow-unverified", help="Use a package whose parity check failed or never ran.")] = False,
-        output_format: Annotated[TableFormat, typer.Option("--format", "-f", case_sensitive=False,
-                                                           help="table, json, jsonl or csv.")] = TableFormat.table,
+        allow_unverified: AllowUnverifiedOption = False,
+        output_format: TableFormatOption = TableFormat.table,
     ) -> None:
         """Answer questions about videos (classifier over the package's answer vocabulary).
 
@@ -116,15 +100,17 @@ def register(app: typer.Typer) -> None:
         """
         json_mode = output_format.is_json
         failed = gate_failed = False
-        with guarded(json_mode=json_mode, debug=ctx.obj.debug if ctx.obj else False):
+        with run_guarded(ctx, output_format):
             from hbi_runtime.errors import UsageError
             from hbi_runtime.tasks.qa import accuracy, load_qa
 
             rows = _rows(video, question, questions)
-            weights = _parse_weights(levels)
+            weights = parse_levels(levels)
             pkg = model
             if pkg is None:
-                if not (DEMO_QA_PACKAGE / "qa_manifest.json").is_file():
+                from hbi_runtime.package import detect_kind
+
+                if detect_kind(DEMO_QA_PACKAGE) != "qa":
                     raise UsageError("no QA package given", hint="pass --model QA_PKG (docs/qa.md)")
                 pkg = DEMO_QA_PACKAGE
             with load_qa(pkg, allow_unverified=allow_unverified) as runtime:

@@ -129,6 +129,8 @@ class VideoDecoder:
             the memory of results waiting to be consumed.
     """
 
+    worker_class = _Worker  # a subclass with another task function (windows) sets its own
+
     def __init__(self, preprocessing, *, workers: int = 2, timeout_s: float = 120.0,
                  memory_limit_mb: float | None = DEFAULT_MEMORY_LIMIT_MB, decoder: str = "auto", threads: int = 1,
                  start_method: str = "spawn", max_pending: int | None = None) -> None:
@@ -159,7 +161,7 @@ class VideoDecoder:
 
     def _start(self) -> None:
         while len(self._workers) < self._n_workers:
-            self._workers.append(_Worker(self._ctx, self._args))
+            self._workers.append(self.worker_class(self._ctx, self._args))
 
     def close(self) -> None:
         """Stop the workers (politely, then by force)."""
@@ -313,7 +315,7 @@ class VideoDecoder:
         w.task = None
         w.kill()
         self.restarts += 1
-        self._workers[self._workers.index(w)] = _Worker(self._ctx, self._args)
+        self._workers[self._workers.index(w)] = self.worker_class(self._ctx, self._args)
 
 
 def _fatal(name: str, message: str, hint: str | None) -> HbiError:

@@ -191,13 +191,48 @@ def test_gate_recall_matches_an_independent_measurement(int8_trt, captions_csv):
     assert metrics["recall"]["r1_drop"] == pytest.approx(recall["reference"] - recall["int8"], abs=0.01)
 
 
+class _Steps:
+    """Stands for hbi_runtime.cli_options.Steps: records every step, shown or not."""
+
+    made: list = []
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled, self.messages = enabled, []
+        _Steps.made.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, message: str) -> None:
+        self.messages.append(message)
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 @pytest.mark.slow
-def test_impossible_gate_falls_back_to_the_source_graphs(tmp_path, captions_csv):
+def test_impossible_gate_falls_back_to_the_source_graphs(tmp_path, captions_csv, monkeypatch):
+    import hbi_calibration.cli
+
+    _Steps.made = []
+    monkeypatch.setattr(hbi_calibration.cli, "Steps", _Steps)
     out = tmp_path / "pkg"
     result = _calibrate("--videos", str(SAMPLES), "--captions", str(captions_csv), "--holdout", "0.5",
                         "--max-r1-drop", "-200", "--out", str(out), "--format", "json")
     assert result.exit_code == 0, result.output
-    assert "failed the accuracy gate" in result.stderr
+    assert result.stderr.startswith("warning: INT8 failed the accuracy gate")  # no progress in JSON mode
+    # each phase is announced before it starts (shown on a terminal, in text mode)
+    [steps] = _Steps.made
+    assert not steps.enabled
+    phases = [m for m in steps.messages if not m.startswith(("held-out:", "calibration:"))]
+    assert phases[:4] == ["videos: 4 to calibrate, 4 held out for the gate (with captions)",
+                          "decoding 4 held-out videos",
+                          "encoding the held-out videos with the source package (the reference)",
+                          "collecting activation ranges (minmax) on up to 4 videos"]
+    assert phases[4:7] == ["gate attempt 1/3 (all MatMul/Gemm): quantizing",
+                           "gate attempt 1/3 (all MatMul/Gemm): encoding the held-out videos",
+                           phases[6]] and phases[6].startswith("gate attempt 1/3 (all MatMul/Gemm, 50 nodes int8): FAIL")
+    assert len(phases) == 4 + 3 * 3 + 1 and phases[-1] == f"writing {out}"
     report = json.loads(result.stdout)
     assert report["outcome"] == "fallback" and not report["gate"]["passed"]
     attempts = report["gate"]["attempts"]
@@ -295,7 +330,7 @@ def test_derived_package_refuses_to_overwrite_its_source():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# --out and --overwrite (hbi_runtime.fileio.prepare_output_dir): never the source package, the videos or the
+# --out and --overwrite (hbi_runtime.outputs.prepare_output_dir): never the source package, the videos or the
 # captions file, never a folder of other files; a previous package is replaced only once the new one is complete
 
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from hbi_export.checkpoints import build_model, load_checkpoint
 from hbi_export.cli import app
+from hbi_export.presets import preset_config
 from hbi_runtime.errors import EXIT_USAGE
 
 runner = CliRunner()
@@ -39,7 +40,15 @@ def test_init_refuses_to_overwrite_and_unknown_presets(tmp_path):
     assert "--overwrite" in again.stderr
     assert runner.invoke(app, ["init", str(tmp_path / "m"), "--preset", "tiny", "--overwrite"]).exit_code == 0
     bad = runner.invoke(app, ["init", str(tmp_path / "x"), "--preset", "huge"])
-    assert bad.exit_code == 2 and "unknown preset 'huge'" in bad.stderr and "Traceback" not in bad.output
+    assert bad.exit_code == 2 and "unknown model preset 'huge'" in bad.stderr and "Traceback" not in bad.output
+    assert "tiny, demo, vit-b-32, vit-b-16" in bad.stderr  # the hint lists hbi_export.presets
+
+
+def test_init_takes_every_small_preset_of_the_registry(tmp_path):
+    """``demo`` was missing from init's own table: init reads hbi_export.presets now (vit-b-* are too big here)."""
+    result = runner.invoke(app, ["init", str(tmp_path / "m"), "--preset", "demo", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert build_model(tmp_path / "m")[0].config == preset_config("demo")
 
 
 def test_convert_official_checkpoint_keeps_weights(official_file, tmp_path):
@@ -67,7 +76,7 @@ def test_convert_missing_source_exits_3(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# OUT and --overwrite (hbi_runtime.fileio.prepare_output_dir): never the source, never a folder of other files,
+# OUT and --overwrite (hbi_runtime.outputs.prepare_output_dir): never the source, never a folder of other files,
 # a previous checkpoint folder replaced only as a whole and only once the new one is complete
 
 

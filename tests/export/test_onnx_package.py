@@ -55,6 +55,9 @@ def test_export_writes_a_verified_package(packages, precision):
     assert m.graphs["text_encoder"].precision == precision and m.graphs["interaction"].precision == "fp32"
     assert m.graphs["interaction"].custom_ops == ("hbi.WeightedTokenInteraction",)
     assert doc["package_sha256"] == pkg.manifest_sha256
+    body = json.loads((path / "manifest.json").read_text())  # the one package format
+    assert (body["kind"], body["schema_version"], body["manifest_sha256"]) == ("retrieval", 2, pkg.manifest_sha256)
+    assert body["files"] == m.tokenizer.files and not pkg.legacy
     names = {c["name"] for c in doc["parity"]["outputs"]}
     assert {"scores", "score_entity", "score_action", "score_event", "video_tokens_l1"} <= names
     for name in ("text_encoder", "video_encoder", "interaction"):
@@ -136,7 +139,7 @@ def test_existing_package_needs_overwrite(packages, ckpt):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# --out and --overwrite (hbi_runtime.fileio.prepare_output_dir): never the checkpoint, never a folder of other
+# --out and --overwrite (hbi_runtime.outputs.prepare_output_dir): never the checkpoint, never a folder of other
 # files; a previous package is replaced only once the new one is written and parity-checked
 
 

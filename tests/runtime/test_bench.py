@@ -185,7 +185,7 @@ def test_bench_decode_and_retrieve_text_table():
     lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
     assert lines["decode"][1] == "8" and lines["decode"][-1] == "videos/s"  # the 8 demo samples
     assert lines["retrieve"][-1] == "queries/s"
-    assert "bench: retrieve, 1 query over 8 indexed videos" in result.stderr
+    assert result.stderr == ""  # progress is shown on a terminal only
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -193,9 +193,9 @@ def test_bench_decode_and_retrieve_text_table():
     (("--batch-sizes", "abc"), "--batch-sizes must be comma-separated positive integers"),
     (("--iters", "0"), "iters must be at least 1"),
     (("--stages", "video,warp"), "unknown stage(s) ['warp']"),
-    (("--backend", "nonsense"), "unknown backend 'nonsense'; available: onnxruntime"),
+    (("--backend", "nonsense"), "'nonsense' is not one of onnxruntime, trt"),
     (("--precision", "fp16"), "runs the package's own precision"),
-    (("--device", "tpu"), "--device must be one of cpu, cuda"),
+    (("--device", "tpu"), "'tpu' is not one of 'cpu', 'cuda', 'tensorrt'"),
     (("--threads", "0"), "--threads must be a positive integer"),
     (("--include", "x.json"), "--include only adds records to a --plot"),
 ])

@@ -95,3 +95,42 @@ def test_version_option():
 
 def test_bad_format_is_a_usage_error():
     assert invoke("doctor", "--format", "xml").exit_code == 2
+
+
+def test_steps_show_progress_on_a_terminal_only(monkeypatch):
+    """Long steps say what they do, with elapsed time, on a terminal; pipes, logs and JSON runs stay clean."""
+    import io
+    import sys
+
+    from hbi_runtime.cli_options import Steps
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    with Steps() as say:
+        say("exporting text_encoder")
+    assert pipe.getvalue() == ""
+    tty = Terminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    with Steps(enabled=False) as say:  # --format json
+        say("exporting text_encoder")
+    assert tty.getvalue() == ""
+    with Steps() as say:
+        say("exporting text_encoder")
+        say("checking parity")
+    shown = tty.getvalue()
+    assert "exporting text_encoder" in shown and "checking parity" in shown and "0:00:0" in shown
+
+
+def test_jsonl_errors_are_one_line():
+    from typer.testing import CliRunner
+
+    from hbi_runtime.cli import app
+
+    result = CliRunner().invoke(app, ["retrieve", "x", "--format", "jsonl"])
+    assert result.exit_code == 2
+    (line,) = result.stdout.splitlines()
+    assert json.loads(line)["error"]["message"].startswith("give exactly one of --videos DIR and --index DIR")

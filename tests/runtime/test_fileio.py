@@ -9,7 +9,8 @@ import pytest
 
 import hbi_runtime
 from hbi_runtime.errors import HbiError, UsageError
-from hbi_runtime.fileio import ARTIFACT_KINDS, prepare_output_dir, replace_dir, staged_output_dir, write_atomic
+from hbi_runtime.fileio import replace_dir, write_atomic
+from hbi_runtime.outputs import ARTIFACT_KINDS, prepare_output_dir, staged_output_dir
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")

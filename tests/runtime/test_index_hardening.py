@@ -590,7 +590,10 @@ def test_windowed_video_whose_later_window_fails_stores_no_row(tmp_path, monkeyp
     monkeypatch.setattr(upd, "WindowDecoder", FakePool)
     jobs = [upd._Job(ScanEntry(n.encode(), n.encode(), 1, 1), "new") for n in ("a.mp4", "long.mp4", "z.mp4")]
     model = type("M", (), {"manifest": type("Man", (), {"preprocessing": None})()})()
-    done = list(upd._decode_windows(model, jobs, 1.0, 1.0, 1, 1.0))
+    seen = []
+    done = list(upd._decode_windows(model, jobs, 1.0, 1.0, 1, 1.0, lambda n, path: seen.append((n, path))))
+    # the windows of a long file report progress as they decode, before the file is committed
+    assert seen == [(2, "a.mp4"), (10, "long.mp4"), (12, "z.mp4")]
     assert [j.entry.rel for j in done] == [b"a.mp4", b"long.mp4", b"z.mp4"]
     a, long_, z = done
     assert (a.error, len(a.windows)) == (None, 2) and (z.error, len(z.windows)) == (None, 2)

@@ -1,7 +1,8 @@
-"""hbi_runtime.model on a real package: the tiny model exported once per module, against its PyTorch reference.
+"""hbi_runtime.model on a real package: the shipped demo package (hbi_runtime/data/demo/package), without torch.
 
-Needs torch and hbi_export (to build the package and the reference), onnxruntime and onnxruntime-extensions (the
-kernel-path test; deliberately not skipped when they are missing: the test environment has them).
+Needs onnxruntime and onnxruntime-extensions (the kernel-path test; deliberately not skipped when they are missing:
+the test environment has them) and PyAV (the video-file tests). Shapes come from the package's manifest. The
+comparison with the PyTorch reference, on a freshly exported tiny model, is tests/export/test_model_api_reference.py.
 """
 
 from __future__ import annotations
@@ -11,38 +12,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from hbi_export.checkpoints import build_model
-from hbi_export.checkpoints.convert import init_random
-from hbi_export.onnx.package import export_package
 from hbi_runtime import model as model_module
 from hbi_runtime import sides
 from hbi_runtime.errors import BadInputError, GateFailedError, UsageError
 from hbi_runtime.model import Model, TextSide, VideoSide, load, side_tensor_names
 from hbi_runtime.package import update_status
 
-pytestmark = pytest.mark.slow  # one export of the tiny model (~20 s on 2 cores)
-
-MAX_WORDS, MAX_FRAMES = 12, 8
+DEMO_PACKAGE = Path(__file__).resolve().parents[2] / "hbi_runtime" / "data" / "demo" / "package"
 TEXTS = ["a dog runs", "a cat"]
-ATOL = 1e-4  # ONNX Runtime vs PyTorch, fp32 (docs/architecture.md tolerance table)
 SAME = 1e-5  # two runtime paths of the same computation
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    init_random(root / "m", "tiny")
-    manifest, parity = export_package(root / "m", root / "pkg", max_words=MAX_WORDS, max_frames=MAX_FRAMES)
-    assert manifest.status == "verified" and parity.ok
-    return {"root": root, "checkpoint": root / "m", "pkg": root / "pkg"}
-
-
-@pytest.fixture(scope="module")
-def reference(built):
-    model, _ = build_model(built["checkpoint"])
-    return model
+def built() -> dict[str, Path]:
+    """The package (read only: tests that change one work on a copy)."""
+    return {"pkg": DEMO_PACKAGE}
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +37,24 @@ def model(built):
 
 
 @pytest.fixture(scope="module")
-def videos() -> tuple[np.ndarray, np.ndarray]:
+def dims(model) -> dict:
+    """The package's sizes: frames per video T, frame size, embedding width D, tokens per level per side."""
+    m = model.manifest
+    assert m.max_frames >= 8  # the videos below have up to 8 valid frames
+    return {"T": m.max_frames, "size": m.preprocessing.image_size, "D": m.embed_dim,
+            "text": m.tokens_per_level["text"], "video": m.tokens_per_level["video"]}
+
+
+@pytest.fixture(scope="module")
+def videos(dims) -> tuple[np.ndarray, np.ndarray]:
     """Three preprocessed-looking videos: 8, 5 and 1 valid frames, zero frames at padding."""
     rng = np.random.default_rng(7)
-    frames = rng.standard_normal((3, MAX_FRAMES, 3, 32, 32)).astype(np.float32)
-    mask = np.zeros((3, MAX_FRAMES), dtype=np.int64)
+    frames = rng.standard_normal((3, dims["T"], 3, dims["size"], dims["size"])).astype(np.float32)
+    mask = np.zeros((3, dims["T"]), dtype=np.int64)
     for i, n in enumerate((8, 5, 1)):
         mask[i, :n] = 1
         frames[i, n:] = 0
     return frames, mask
-
-
-def assert_side_close(side, ref, atol: float) -> None:
-    for level, (got, want) in enumerate(zip(side.levels, ref.levels)):
-        for part in ("tokens", "weights", "mask"):
-            np.testing.assert_allclose(getattr(got, part).astype(np.float32), getattr(want, part).numpy(),
-                                       rtol=0, atol=atol, err_msg=f"level {level} {part}")
 
 
 def assert_sides_equal(a, b, atol: float = 0.0) -> None:
@@ -77,33 +64,8 @@ def assert_sides_equal(a, b, atol: float = 0.0) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Against the PyTorch reference
+# Scores (against the PyTorch reference: tests/export/test_model_api_reference.py)
 # ---------------------------------------------------------------------------------------------------------------
-
-def test_encode_text_matches_pytorch(model, reference):
-    side = model.encode_text(TEXTS)
-    assert isinstance(side, TextSide) and side.kind == "text" and side.n == 2 and side.truncated == (False, False)
-    assert [lv.tokens.shape for lv in side.levels] == [(2, 12, 64), (2, 3, 64), (2, 2, 64)]
-    ids, mask, _ = model.tokenizer(TEXTS)
-    with torch.no_grad():
-        ref = reference.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
-    assert_side_close(side, ref, ATOL)
-
-
-def test_encode_frames_and_scores_match_pytorch(model, reference, videos):
-    frames, mask = videos
-    text, video = model.encode_text(TEXTS), model.encode_frames(frames, mask)
-    assert isinstance(video, VideoSide) and video.kind == "video" and video.n == 3
-    ids, text_mask, _ = model.tokenizer(TEXTS)
-    with torch.no_grad():
-        ref_text = reference.encode_text(torch.from_numpy(ids), torch.from_numpy(text_mask))
-        ref_video = reference.encode_video(torch.from_numpy(frames), torch.from_numpy(mask))
-        ref_levels = reference.score_levels(ref_text, ref_video).numpy()
-        ref_scores = reference.score(ref_text, ref_video).numpy()
-    assert_side_close(video, ref_video, ATOL)
-    np.testing.assert_allclose(model.score(text, video), ref_scores, rtol=0, atol=ATOL)
-    np.testing.assert_allclose(model.score_levels(text, video), ref_levels, rtol=0, atol=ATOL)
-
 
 def test_graph_scores_equal_numpy_scores(model, videos):
     text, video = model.encode_text(TEXTS), model.encode_frames(*videos)
@@ -181,11 +143,11 @@ def test_video_batches_do_not_change_sides(model, videos):
     assert_sides_equal(one, many, 1e-6)
 
 
-def test_interaction_chunks_do_not_change_scores(model, videos, monkeypatch):
+def test_interaction_chunks_do_not_change_scores(model, videos, dims, monkeypatch):
     text = model.encode_text(TEXTS + ["a bird sings"])
     video = model.encode_frames(*videos)
     whole = model.score_levels(text, video), model.score(text, video, (0.2, 0.3, 0.5))
-    pair_bytes = 12 * MAX_FRAMES * 4  # the entity level's similarity block of one (text, video) pair
+    pair_bytes = dims["text"][0] * dims["video"][0] * 4  # the entity level's similarity block of one pair
     backend = model.backends["interaction"]
     calls = []
     monkeypatch.setattr(backend, "_infer", lambda feed, run=backend._infer: calls.append(feed) or run(feed))
@@ -210,19 +172,19 @@ def test_bad_batch_size(model, videos, batch_size):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_tokenizer_comes_from_the_package(model, built):
-    assert model.tokenizer.max_words == MAX_WORDS
+    assert model.tokenizer.max_words == model.manifest.max_words
     assert model.tokenizer.vocab_path == built["pkg"] / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def test_truncation_is_reported_per_text(model):
-    side = model.encode_text(["a cat", "one two three four five six seven eight nine ten eleven"])
+    side = model.encode_text(["a cat", " ".join(["word"] * model.manifest.max_words)])  # + start and end tokens
     assert side.truncated == (False, True)
 
 
-def test_empty_text_list_gives_an_empty_side(model, videos):
+def test_empty_text_list_gives_an_empty_side(model, videos, dims):
     side = model.encode_text([])
     assert side.n == 0 and side.truncated == ()
-    assert [lv.tokens.shape for lv in side.levels] == [(0, 12, 64), (0, 3, 64), (0, 2, 64)]
+    assert [lv.tokens.shape for lv in side.levels] == [(0, n, dims["D"]) for n in dims["text"]]
     assert model.score(side, model.encode_frames(*videos)).shape == (0, 3)
 
 
@@ -233,14 +195,15 @@ def test_text_errors(model):
         model.encode_text(["a dog", "   "])
 
 
-def test_frame_errors(model, videos):
+def test_frame_errors(model, videos, dims):
     frames, mask = videos
+    t, size = dims["T"], dims["size"]
     with pytest.raises(BadInputError) as exc:
         model.encode_frames(frames[:, :4], mask)
-    assert str(exc.value) == ("Input tensor: frames | Received incompatible shape: (3, 4, 3, 32, 32). Note: "
-                              "Expected a shape compatible with: (video_batch, 8, 3, 32, 32)")
-    with pytest.raises(BadInputError, match=r"^Input tensor: frame_mask \| Received incompatible shape: \(2, 8\)\. "
-                                            r"Note: Expected a shape compatible with: \(video_batch, 8\), where "
+    assert str(exc.value) == (f"Input tensor: frames | Received incompatible shape: (3, 4, 3, {size}, {size}). Note: "
+                              f"Expected a shape compatible with: (video_batch, {t}, 3, {size}, {size})")
+    with pytest.raises(BadInputError, match=rf"^Input tensor: frame_mask \| Received incompatible shape: \(2, {t}\)\. "
+                                            rf"Note: Expected a shape compatible with: \(video_batch, {t}\), where "
                                             r"video_batch = 3 \(from input frames\)$"):
         model.encode_frames(frames, mask[:2], batch_size=1)  # checked whole, before any batch runs
     with pytest.raises(BadInputError, match="Received unexpected dtype: float64. Note: Expected type: float32"):
@@ -249,15 +212,15 @@ def test_frame_errors(model, videos):
         model.encode_frames(frames, mask * 2)
 
 
-def test_score_needs_a_text_and_a_video_side(model, videos):
+def test_score_needs_a_text_and_a_video_side(model, videos, dims):
     text, video = model.encode_text(TEXTS), model.encode_frames(*videos)
     with pytest.raises(UsageError, match="must be a text Side and a video Side, in order"):
         model.score(video, text)
     short = VideoSide(tuple(sides.SideLevel(lv.tokens[:, :1], lv.weights[:, :1], lv.mask[:, :1])
                             for lv in video.levels))
-    with pytest.raises(BadInputError, match=r"^Input tensor: video_tokens_l0 \| Received incompatible shape: "
-                                            r"\(3, 1, 64\)\. Note: Expected a shape compatible with: "
-                                            r"\(video_batch, 8, 64\)$"):
+    with pytest.raises(BadInputError, match=rf"^Input tensor: video_tokens_l0 \| Received incompatible shape: "
+                                            rf"\(3, 1, {dims['D']}\)\. Note: Expected a shape compatible with: "
+                                            rf"\(video_batch, {dims['video'][0]}, {dims['D']}\)$"):
         model.score(text, short)
 
 
@@ -306,7 +269,7 @@ def video_files(tmp_path_factory) -> dict[str, Path]:
             "broken": broken}
 
 
-def test_encode_videos_equals_encoding_the_decoded_frames(model, video_files):
+def test_encode_videos_equals_encoding_the_decoded_frames(model, video_files, dims):
     from hbi_runtime.video import VideoDecodeError, decode_video
 
     files = [video_files["short"], video_files["broken"], video_files["long"]]
@@ -314,13 +277,13 @@ def test_encode_videos_equals_encoding_the_decoded_frames(model, video_files):
     assert paths == [video_files["short"], video_files["long"]]
     assert len(errors) == 1 and isinstance(errors[0], VideoDecodeError) and errors[0].path == video_files["broken"]
     decoded = [decode_video(p, model.manifest.preprocessing) for p in paths]
-    assert [int(d.mask.sum()) for d in decoded] == [3, 8]
+    assert [int(d.mask.sum()) for d in decoded] == [3, dims["T"]]
     want = model.encode_frames(np.stack([d.frames for d in decoded]), np.stack([d.mask for d in decoded]))
     assert isinstance(side, VideoSide) and side.n == 2
     assert_sides_equal(side, want, 1e-6)
 
 
-def test_encode_videos_with_a_shared_decoder(model, video_files):
+def test_encode_videos_with_a_shared_decoder(model, video_files, dims):
     from hbi_runtime.video import VideoDecoder
 
     with VideoDecoder(model.manifest.preprocessing, workers=1) as decoder:
@@ -329,7 +292,7 @@ def test_encode_videos_with_a_shared_decoder(model, video_files):
         assert decoder.worker_pids  # still open: the caller owns it
     assert first.paths == [video_files["long"], video_files["short"]] and first.errors == []
     assert none.side.n == 0 and none.paths == [] and len(none.errors) == 1
-    assert [lv.tokens.shape for lv in none.side.levels] == [(0, 8, 64), (0, 2, 64), (0, 1, 64)]
+    assert [lv.tokens.shape for lv in none.side.levels] == [(0, n, dims["D"]) for n in dims["video"]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,7 +326,7 @@ def test_backend_options_reach_every_graph(built):
         assert {b.intra_op_threads for b in m.backends.values()} == {1}
 
 
-def test_load_errors(built):
+def test_load_errors(built, tmp_path):
     with pytest.raises(UsageError, match=r"unknown backend 'tensorrt'; known backends: \['onnxruntime', 'trt'\]"):
         load(built["pkg"], backend="tensorrt")
     with pytest.raises(UsageError, match=r"backend 'onnxruntime' has no option\(s\) \['threads'\]"):
@@ -371,4 +334,4 @@ def test_load_errors(built):
     with pytest.raises(UsageError, match="unknown providers 'gpu'"):
         load(built["pkg"], providers="gpu")
     with pytest.raises(BadInputError, match="does not exist"):
-        load(built["root"] / "nowhere")
+        load(tmp_path / "nowhere")

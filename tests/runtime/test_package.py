@@ -198,12 +198,14 @@ def test_json_that_is_not_an_object_is_refused(pkg: Path) -> None:
         load_package(pkg)
 
 
-@pytest.mark.parametrize("version, hint", [(2, "upgrade hbi-toolkit"), (0, "re-export")])
+@pytest.mark.parametrize("version, hint", [(SCHEMA_VERSION + 1, "upgrade hbi-toolkit"), (0, "re-export"),
+                                           (1, "re-export")])
 def test_unknown_schema_is_refused(pkg: Path, version: int, hint: str) -> None:
     raw = read_raw(pkg)
-    raw["schema_version"] = version
+    raw["schema_version"] = version  # (1 is only the form before package kinds, which has no kind)
     write_raw(pkg, raw, rehash=True)
-    with pytest.raises(MismatchError, match=f"schema version {version} is unknown.*reads schema version 1") as exc:
+    with pytest.raises(MismatchError, match=f"schema version {version} is unknown.*reads schema version "
+                                            f"{SCHEMA_VERSION}") as exc:
         load_package(pkg)
     assert exc.value.exit_code == EXIT_MISMATCH
     assert hint in exc.value.hint

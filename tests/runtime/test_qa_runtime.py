@@ -169,7 +169,7 @@ def test_hostile_qa_manifest_and_answers_are_bad_input(tmp_path, text, match):
     (copy / QA_MANIFEST).write_text(text)
     with pytest.raises(BadInputError, match=match) as exc:
         load_qa_package(copy)
-    assert exc.value.exit_code == 3 and "hbi-train qa export" in exc.value.hint
+    assert exc.value.exit_code == 3 and "hbi-export qa-export" in exc.value.hint
 
 
 def test_qa_graph_external_data_must_be_listed_and_is_hashed(tmp_path):
@@ -184,7 +184,7 @@ def test_qa_graph_external_data_must_be_listed_and_is_hashed(tmp_path):
     with pytest.raises(MismatchError, match=r"answer_head.onnx.data, which the manifest of QA package .* does not "
                                             r"list") as exc:
         load_qa_package(copy)
-    assert "hbi-train qa export" in exc.value.hint
+    assert "hbi-export qa-export" in exc.value.hint
     data = copy / "answer_head.onnx.data"
     rewrite_manifest(copy, lambda b: b["graphs"]["answer_head"].update(
         external_data={"answer_head.onnx.data": sha256_file(data)}))

@@ -65,7 +65,9 @@ def test_package_verified_and_graphs_match(exported):
     assert all(graphs[g]["max_abs"] <= 1e-4 for g in ("caption_memory", "decoder_init", "decoder_step"))
     assert manifest["retrieval"]["manifest_sha256"] == cm.retrieval.package.manifest_sha256
     on_disk = json.loads((cm.root / "manifest.json").read_text())
-    assert on_disk["manifest_sha256"] == manifest["manifest_sha256"]
+    assert on_disk["manifest_sha256"] == manifest["manifest_sha256"] == cm.manifest.sha256
+    assert (on_disk["kind"], on_disk["schema_version"]) == ("caption", 2) and "schema" not in on_disk
+    assert on_disk == manifest and not cm.manifest.legacy
 
 
 def test_greedy_and_beam_token_sequences_identical(exported):
@@ -210,7 +212,7 @@ def test_patch_encoder_reads_what_the_towers_last_block_reads():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# hbi-train caption-export --out / --overwrite (hbi_runtime.fileio.prepare_output_dir): never the decoder folder or
+# hbi-export caption-export --out / --overwrite (hbi_runtime.outputs.prepare_output_dir): never the decoder folder or
 # the retrieval package, never a folder of other files; a previous caption package is replaced only once the new one
 # is written and checked
 
@@ -229,10 +231,15 @@ def decoder_dir(tmp_path_factory) -> Path:
 
 
 def _caption_export(*args: str):
-    from hbi_training.cli import app as train_app
+    """``hbi-export caption-export`` (registered into hbi-export by hbi_training.caption_cli.register_export)."""
+    from hbi_training.caption_cli import register_export
     from typer.testing import CliRunner
 
-    return CliRunner().invoke(train_app, ["caption-export", *args])
+    from hbi_runtime.cli_options import make_app
+
+    app = make_app("hbi-export", "caption-export alone")
+    register_export(app)
+    return CliRunner().invoke(app, ["caption-export", *args])
 
 
 @pytest.mark.parametrize("where", ["the decoder folder", "a folder holding it", "the retrieval package"])
@@ -242,7 +249,7 @@ def test_out_may_not_be_an_input(decoder_dir, tmp_path, where):
     shutil.copytree(DEMO / "package", retrieval)
     before = _tree(tmp_path)
     out = {"the decoder folder": decoder, "a folder holding it": decoder.parent, "the retrieval package": retrieval}
-    result = _caption_export("--decoder", str(decoder), "--retrieval", str(retrieval), "--out", str(out[where]),
+    result = _caption_export("--decoder", str(decoder), "--model", str(retrieval), "--out", str(out[where]),
                              "--overwrite")
     assert result.exit_code == EXIT_USAGE, result.output
     assert "the input" in result.stderr and "Traceback" not in result.output
@@ -264,7 +271,7 @@ def test_overwrite_replaces_a_previous_caption_package(exported, decoder_dir, tm
     out = tmp_path / "caption"
     shutil.copytree(cm.root, out)
     before = _tree(out)
-    result = _caption_export("--decoder", str(decoder_dir), "--out", str(out), "--overwrite", "--json")
+    result = _caption_export("--decoder", str(decoder_dir), "--out", str(out), "--overwrite", "--format", "json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["status"] == "verified"
     with load_caption(out) as model:  # hash-checked, and its retrieval package found from the new place

@@ -11,11 +11,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hbi_export.checkpoints.qa import save_qa_model
 from hbi_export.cli import app as export_app
 from hbi_export.tasks.qa import QAConfig, QAModel
+from hbi_export.tasks.qa_checkpoint import save_qa_model
 from hbi_runtime.errors import EXIT_USAGE, GateFailedError, MismatchError
 from hbi_runtime.tasks.qa import load_qa
+from hbi_runtime.package import MANIFEST_NAME
 from hbi_runtime.tasks.qa_package import QA_MANIFEST, load_qa_package, update_qa_status
 from hbi_training.cli import app as train_app
 
@@ -27,15 +28,15 @@ ANSWERS = ["red", "green", "blue", "square", "circle", "left", "two"]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny QA model saved in our QA format with its answers.json, exported through `hbi-train qa export`."""
+    """A tiny QA model saved in our QA format with its answers.json, exported through `hbi-export qa-export`."""
     torch.manual_seed(0)
     model = QAModel(QAConfig.tiny(answers=len(ANSWERS), proj_dim=16, hidden_dim=32)).eval()
     root = tmp_path_factory.mktemp("qa")
     save_qa_model(model, root / "ckpt")
     (root / "ckpt" / "answers.json").write_text(json.dumps({a: i for i, a in enumerate(ANSWERS)}))
-    result = CliRunner().invoke(train_app, ["qa", "export", "--checkpoint", str(root / "ckpt"), "--out",
-                                            str(root / "pkg"), "--max-words", str(L), "--max-frames", str(T),
-                                            "--json"])
+    result = CliRunner().invoke(export_app, ["qa-export", "--checkpoint", str(root / "ckpt"), "--out",
+                                             str(root / "pkg"), "--max-words", str(L), "--max-frames", str(T),
+                                             "--format", "json"])
     assert result.exit_code == 0, result.output
     return model, root / "pkg", json.loads(result.stdout)
 
@@ -50,6 +51,11 @@ def test_parity_verdict_recorded(exported):
     assert pkg.manifest.status == "verified" and pkg.answers == tuple(ANSWERS)
     assert sorted(pkg.manifest.graphs) == ["answer_head", "question_encoder", "video_encoder"]
     assert json.loads((out / "answers.json").read_text()) == {a: i for i, a in enumerate(ANSWERS)}
+    # the one package format: manifest.json of kind "qa", every file listed with its sha256 in "files"
+    body = json.loads((out / MANIFEST_NAME).read_text())
+    assert body["kind"] == "qa" and body["schema_version"] == 2 and not (out / QA_MANIFEST).exists()
+    assert sorted(body["files"]) == ["answers.json", "tokenizer/bpe_simple_vocab_16e6.txt.gz"]
+    assert not pkg.legacy and pkg.manifest_sha256 == body["manifest_sha256"]
 
 
 def test_runtime_logits_match_pytorch(exported):
@@ -81,9 +87,9 @@ def test_tampered_packages_refused(exported, tmp_path):
         load_qa_package(copy)
     shutil.rmtree(copy)
     shutil.copytree(out, copy)
-    body = json.loads((copy / QA_MANIFEST).read_text())
+    body = json.loads((copy / MANIFEST_NAME).read_text())
     body["answer_weights"] = [1.0, 0.0, 0.0]
-    (copy / QA_MANIFEST).write_text(json.dumps(body))
+    (copy / MANIFEST_NAME).write_text(json.dumps(body))
     with pytest.raises(MismatchError, match="edited after export"):
         load_qa_package(copy)
 
@@ -93,19 +99,19 @@ def test_unverified_package_refused_unless_allowed(exported, tmp_path):
     copy = tmp_path / "pkg"
     shutil.copytree(out, copy)
     update_qa_status(copy, "failed", None)  # the one sanctioned manifest edit
-    with pytest.raises(GateFailedError, match="parity status 'failed'"):
+    with pytest.raises(GateFailedError, match=r"failed its parity check .*status 'failed'"):
         load_qa_package(copy)
     assert load_qa_package(copy, allow_unverified=True).manifest.status == "failed"
 
 
 def test_retrieval_package_is_not_a_qa_package(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
-    with pytest.raises(MismatchError, match="retrieval model package"):
+    with pytest.raises(MismatchError, match=r"holds a model package \(kind 'retrieval'\), not a QA package"):
         load_qa_package(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# --out and --overwrite (hbi_runtime.fileio.prepare_output_dir): never the checkpoint or the answers file, never a
+# --out and --overwrite (hbi_runtime.outputs.prepare_output_dir): never the checkpoint or the answers file, never a
 # folder of other files; a previous QA package is replaced only once the new one is written and parity-checked
 
 
@@ -117,7 +123,8 @@ def _siblings(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir())
 
 
-@pytest.mark.parametrize("command", [(train_app, "qa", "export"), (export_app, "qa-export")], ids=["train", "export"])
+@pytest.mark.parametrize("command", [(train_app, "qa", "export"), (export_app, "qa-export")],
+                         ids=["train-deprecated-alias", "export"])
 @pytest.mark.parametrize("where", ["the checkpoint", "a folder holding it", "the answers file's folder"])
 def test_out_may_not_be_an_input(exported, tmp_path, command, where):
     _, out, _ = exported
@@ -170,7 +177,7 @@ def test_an_export_that_fails_midway_leaves_the_previous_qa_package(exported, tm
     before = _tree(pkg)
 
     def write_qa_package(model, root, **_):  # (the real export takes seconds; what it writes does not matter)
-        (root / QA_MANIFEST).write_text("{}")
+        (root / MANIFEST_NAME).write_text("{}")
 
     def compare_qa_package(*_, **__):
         raise RuntimeError("onnxruntime crashed")

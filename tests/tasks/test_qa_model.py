@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hbi_export.checkpoints.qa import build_qa_model, load_qa_checkpoint, save_qa_model
 from hbi_export.model import HBIConfig
 from hbi_export.model.config import TextConfig, VisionConfig
 from hbi_export.tasks.qa import QAConfig, QAModel
+from hbi_export.tasks.qa_checkpoint import build_qa_model, load_qa_checkpoint, save_qa_model
 from hbi_runtime.errors import CheckpointError
 
 W = 64  # 1 head under CLIP's width // 64 rule (what inference from weights assumes)

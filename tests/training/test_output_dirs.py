@@ -1,4 +1,4 @@
-"""Where the hbi-train exports and the demos write (hbi_runtime.fileio.prepare_output_dir / staged_output_dir).
+"""Where the hbi-train exports and the demos write (hbi_runtime.outputs.prepare_output_dir / staged_output_dir).
 
 ``caption --export`` and ``caption-joint --export`` are checked before any training; ``caption-joint-export``,
 ``python -m hbi_training.demo`` and ``qa demo`` never write over their inputs or over a folder of other files, and
@@ -16,12 +16,16 @@ from types import SimpleNamespace
 
 import pytest
 from hbi_training import demo, joint, qa  # (ruff files hbi_training with the third-party packages)
+from hbi_training.caption_cli import register_export
 from hbi_training.cli import app
 from typer.testing import CliRunner
 
+from hbi_runtime.cli_options import make_app
 from hbi_runtime.errors import EXIT_USAGE, UsageError
 
 runner = CliRunner()
+export_app = make_app("hbi-export", "the caption exports, as hbi-export registers them")
+register_export(export_app)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -98,22 +102,23 @@ def test_a_refused_export_folder_costs_no_training(tmp_path, data, user_files, c
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# hbi-train caption-joint-export (write_joint_artifacts)
+# hbi-export caption-joint-export (write_joint_artifacts)
 
 
 @pytest.mark.parametrize("where", ["the run folder", "a folder inside it", "the data set"])
 def test_joint_export_refuses_its_inputs(tmp_path, run, data, where):
     before = _tree(tmp_path)
     out = {"the run folder": run, "a folder inside it": run / "final", "the data set": data}[where]
-    result = runner.invoke(app, ["caption-joint-export", "--run", str(run), "--data", str(data), "--out", str(out)])
+    result = runner.invoke(export_app, ["caption-joint-export", "--run", str(run), "--data", str(data), "--out",
+                                        str(out)])
     assert result.exit_code == EXIT_USAGE, result.output
     assert "the input" in result.stderr and "Traceback" not in result.output
     assert _tree(tmp_path) == before
 
 
 def test_joint_export_refuses_a_folder_of_other_files(tmp_path, run, data, user_files):
-    result = runner.invoke(app, ["caption-joint-export", "--run", str(run), "--data", str(data), "--out",
-                                 str(user_files)])
+    result = runner.invoke(export_app, ["caption-joint-export", "--run", str(run), "--data", str(data), "--out",
+                                        str(user_files)])
     assert result.exit_code == EXIT_USAGE, result.output
     assert "does not hold a demo artifact folder" in result.stderr
     assert _tree(user_files) == {"notes.txt": b"keep me"}
@@ -263,7 +268,7 @@ def _qa_demo(tmp_path: Path, data: Path, artifacts: Path, monkeypatch) -> dict:
     """run_demo on a finished run, with stand-ins for the data set, the model and the artifact builder."""
     import hbi_training.data
 
-    import hbi_export.checkpoints.qa
+    import hbi_export.tasks.qa_checkpoint
 
     trained = tmp_path / "trained"
     trained.mkdir(exist_ok=True)
@@ -274,7 +279,7 @@ def _qa_demo(tmp_path: Path, data: Path, artifacts: Path, monkeypatch) -> dict:
         return {"bytes": 1}
 
     monkeypatch.setattr(hbi_training.data, "generate", lambda root, *_: SimpleNamespace(root=Path(root)))
-    monkeypatch.setattr(hbi_export.checkpoints.qa, "build_qa_model", lambda *_: (object(), None, None))
+    monkeypatch.setattr(hbi_export.tasks.qa_checkpoint, "build_qa_model", lambda *_: (object(), None, None))
     monkeypatch.setattr(qa, "build_qa_artifacts", build_qa_artifacts)
     (tmp_path / "qa-run").mkdir(exist_ok=True)
     return qa.run_demo(data, tmp_path / "qa-run", artifacts=artifacts, trained=trained)

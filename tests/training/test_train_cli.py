@@ -51,7 +51,7 @@ def test_not_a_data_folder_and_steps_with_epochs_are_usage_errors(tmp_path, data
 def test_estimator_then_fit_then_resume(tmp_path, data_dir):
     from hbi_export.checkpoints import build_model
 
-    common = ("--batch-size", 4, "--no-progress", "--device", "cpu", "--json")
+    common = ("--batch-size", 4, "--no-progress", "--device", "cpu", "--format", "json")
     est = _invoke("estimator", data_dir, "--out", tmp_path / "est", "--steps", 2, "--samples", 4, *common)
     assert est.exit_code == 0, est.output
     assert json.loads(est.output)["schema"] == "hbi.train-estimator/1"
@@ -85,7 +85,7 @@ def test_caption_joint_scratch_excludes_init_and_a_missing_gpu_is_a_usage_error(
 
 
 def test_caption_patch_grid_needs_the_packages_checkpoint(tmp_path, data_dir):
-    """--patch-grid with another --package and no --checkpoint is refused before training; a checkpoint that is
+    """--patch-grid with another --model and no --checkpoint is refused before training; a checkpoint that is
     not the package's (the demo's with its patch embedding perturbed) is refused by comparing their video sides."""
     import shutil
 
@@ -94,7 +94,7 @@ def test_caption_patch_grid_needs_the_packages_checkpoint(tmp_path, data_dir):
     from hbi_training.caption_cli import _demo_checkpoint, _demo_package
 
     alone = _invoke("caption", "--data", data_dir, "--out", tmp_path / "a", "--patch-grid", 2,
-                    "--package", _demo_package())
+                    "--model", _demo_package())
     assert alone.exit_code == 2 and "--checkpoint" in alone.output
     assert not (tmp_path / "a").exists()
     shutil.copytree(_demo_checkpoint(), tmp_path / "rand")

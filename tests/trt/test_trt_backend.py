@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hbi_export.cli import app as export_app
+from hbi_export.trt import cli as trt_cli
 from hbi_export.trt.package import EngineOptions, build_package_engines
 from hbi_runtime import cli as run_cli
 from hbi_runtime.backends import BACKENDS, backend_options, create_backend
@@ -185,10 +186,11 @@ def test_hbi_run_backend_trt_without_tensorrt_is_a_clear_error(args, no_tensorrt
     assert "hint: pip install 'hbi-toolkit[gpu]'" in result.stderr
 
 
-def test_hbi_run_engine_precision_needs_backend_trt():
-    result = CliRunner().invoke(run_cli.app, ["demo", "--engine-precision", "fp16", "--format", "json"])
-    assert result.exit_code == 2
-    assert json.loads(result.stdout)["error"]["message"] == "--engine-precision goes with --backend trt"
+def test_hbi_run_precision_needs_backend_trt():
+    for flag in ("--precision", "--engine-precision"):  # the second: the deprecated spelling, still understood
+        result = CliRunner().invoke(run_cli.app, ["demo", flag, "fp16", "--format", "json"])
+        assert result.exit_code == 2, result.output
+        assert json.loads(result.stdout)["error"]["message"] == "--precision goes with --backend trt"
 
 
 def test_build_engine_without_tensorrt_is_a_clear_error(demo_copy, no_tensorrt):
@@ -196,6 +198,23 @@ def test_build_engine_without_tensorrt_is_a_clear_error(demo_copy, no_tensorrt):
     assert result.exit_code == 2, result.output
     err = json.loads(result.stdout)["error"]
     assert err["type"] == "MissingDependencyError" and "TensorRT is not installed" in err["message"]
+
+
+class _StepsRecorder:
+    """Stands for hbi_runtime.cli_options.Steps: ``said`` gets ``enabled``, then every step message."""
+
+    def __init__(self, enabled: bool, said: list) -> None:
+        self.said = said
+        said.append(enabled)
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, message: str) -> None:
+        self.said.append(message)
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def test_build_engine_cli_with_fakes(demo_copy, fake_trt, fake_gpu, monkeypatch, tmp_path):
@@ -213,8 +232,13 @@ def test_build_engine_cli_with_fakes(demo_copy, fake_trt, fake_gpu, monkeypatch,
     summary = json.loads(result.stdout)
     assert summary["schema"] == "hbi.build-engine/1" and summary["gpu"]["compute_capability"] == "9.0"
     assert summary["package_sha256"] == load_package(demo_copy).manifest_sha256 and cache.is_file()
+    assert result.stderr == ""  # no progress in JSON mode (nor off a terminal)
+    said: list = []
+    monkeypatch.setattr(trt_cli, "Steps", lambda enabled: _StepsRecorder(enabled, said))
     text = CliRunner().invoke(export_app, ["build-engine", str(demo_copy), "--precision", "fp32"])
     assert text.exit_code == 0 and "engine manifest:" in text.stdout
+    assert said[0] is True and [m.split(" (")[0] for m in said[1:]] == [  # each build said before it starts
+        "building text_encoder", "building video_encoder", "building interaction"]
     bad = CliRunner().invoke(export_app, ["build-engine", str(demo_copy), "--axis", "video_batch=4"])
     assert bad.exit_code == 2 and "--axis takes NAME=MIN:OPT:MAX" in bad.stderr
 

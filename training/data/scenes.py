@@ -14,6 +14,13 @@ start position at ``start`` to its end position at ``end - 1``. So every event i
 Split (:func:`plan_split`): held-out ``(colour, shape, action)`` triples - one per (colour, shape) object, chosen
 so that every colour, shape and action, and every (colour, shape), (colour, action) and (shape, action) pair,
 still occurs in train. Train scenes contain no held-out triple; every test scene contains at least one.
+
+Evaluation splits (:data:`EVAL_SPLITS`): the test scenes of a seed come from one stream (its *held-out stream*:
+position 0, 1, 2, ... in drawing order, every scene with a held-out triple and a caption of its own), and named
+ranges of it are the splits the figures are quoted on. ``validation`` (positions 0-119) is the 120-video test set
+of the demo, which chose among training variants; ``test`` (positions 360-719) was never used to train or to
+choose anything. Positions 120-359 (:data:`DIAGNOSTIC_RANGE`) were used to diagnose the caption decoder and belong
+to neither.
 """
 
 from __future__ import annotations
@@ -249,6 +256,39 @@ def choose_held_out(rng: np.random.Generator) -> frozenset[Triple]:
 
 
 @dataclass(frozen=True)
+class HeldOutRange:
+    """Positions ``[start, stop)`` of a seed's held-out stream (the test scenes :func:`plan_split` draws, in order)."""
+
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def overlaps(self, other: HeldOutRange) -> bool:
+        return self.start < other.stop and other.start < self.stop
+
+
+# The named evaluation splits (the same positions for every seed; the demo's figures are seed 0's).
+# validation: the demo's 120 test videos (DemoRecipe.n_test), which chose among training variants.
+# test: never used to train or to choose; the figures are quoted on it.
+EVAL_SPLITS: dict[str, HeldOutRange] = {"validation": HeldOutRange(0, 120), "test": HeldOutRange(360, 720)}
+DIAGNOSTIC_RANGE = HeldOutRange(120, 360)  # used to diagnose the caption decoder (docs/captioning.md): neither
+
+
+def eval_split(name: str) -> HeldOutRange:
+    """The held-out range of a named evaluation split (:data:`EVAL_SPLITS`).
+
+    Raises:
+        UsageError: an unknown name."""
+    try:
+        return EVAL_SPLITS[name]
+    except KeyError:
+        raise UsageError(f"unknown evaluation split {name!r}", hint=f"one of {', '.join(EVAL_SPLITS)}") from None
+
+
+@dataclass(frozen=True)
 class SplitPlan:
     held_out: frozenset[Triple]
     train: tuple[Scene, ...]
@@ -271,24 +311,29 @@ def _draw(rng: np.random.Generator, n: int, seconds: int, events: tuple[int, int
     return scenes
 
 
-def plan_split(n_train: int, n_test: int, seed: int, seconds: int = 8, events: tuple[int, int] = (2, 3)
-               ) -> SplitPlan:
+def plan_split(n_train: int, n_test: int, seed: int, seconds: int = 8, events: tuple[int, int] = (2, 3), *,
+               test_start: int = 0) -> SplitPlan:
     """The held-out triples and the train / test scenes, all from ``seed``.
 
     Independent random streams are used for the held-out set, train and test, so the test gallery of a seed
     does not change with ``n_train``. Captions (scene keys) are distinct across both splits.
 
+    ``test_start``: the test scenes are positions ``[test_start, test_start + n_test)`` of the seed's held-out
+    stream (the positions before are drawn and skipped), so a range is the same scenes whatever else is asked
+    for, and two disjoint ranges share no scene (nor caption).
+
     Raises:
-        UsageError: negative sizes, a bad ``events`` range, or too few seconds for the events.
+        UsageError: negative sizes or ``test_start``, a bad ``events`` range, or too few seconds for the events.
     """
-    if n_train < 0 or n_test < 0 or not 1 <= events[0] <= events[1]:
-        raise UsageError(f"plan_split: need n_train, n_test >= 0 and 1 <= events[0] <= events[1], got "
-                         f"{n_train}, {n_test}, {events}")
+    if n_train < 0 or n_test < 0 or test_start < 0 or not 1 <= events[0] <= events[1]:
+        raise UsageError(f"plan_split: need n_train, n_test, test_start >= 0 and 1 <= events[0] <= events[1], got "
+                         f"{n_train}, {n_test}, {test_start}, {events}")
     segments(events[1], seconds)  # the longest scene must fit: raises the UsageError that explains it
     held_rng, train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     held_out = choose_held_out(held_rng)
     taken: set = set()
-    test = _draw(test_rng, n_test, seconds, events, lambda s: any(t in held_out for t in s.triples()), taken)
+    test = _draw(test_rng, test_start + n_test, seconds, events, lambda s: any(t in held_out for t in s.triples()),
+                 taken)[test_start:]
     train = _draw(train_rng, n_train, seconds, events, lambda s: not any(t in held_out for t in s.triples()),
                   taken)
     return SplitPlan(held_out, tuple(train), tuple(test))

@@ -17,9 +17,16 @@ Everything follows from the seed: a second run gives identical captions and iden
 one thread is deterministic). The manifest is written last; a folder with a manifest of the same config is
 reused, not rendered again.
 
+Test videos are positions of the seed's held-out stream (:func:`hbi_training.data.scenes.plan_split`): ``test_i``
+is position ``i``. ``test_start`` renders a later range (``test_00360`` ... with ``test_start=360``), and
+:func:`generate_split` renders a named evaluation split (:data:`hbi_training.data.scenes.EVAL_SPLITS`) alone:
+``validation`` is the demo's 120 test videos (used to choose among training variants), ``test`` 360 videos never
+used to train or choose.
+
 Standalone::
 
     python -m hbi_training.data.synthetic --out DIR --train 600 --test 120 --seed 0 [--max-frames 8 --image-size 32]
+    python -m hbi_training.data.synthetic --out DIR --split test --seed 0 --no-decode
 
 renders the set, then decodes it once through hbi_runtime.video into the frame caches the training data set
 reads (``--no-decode`` to skip), with one progress line.
@@ -44,7 +51,8 @@ from hbi_runtime.errors import BadInputError, HbiError, UsageError
 from hbi_training.data.captions import paraphrases
 from hbi_training.data.manifest import FORMAT, MANIFEST, SPLITS, VERSION, Progress, read_manifest
 from hbi_training.data.render import encode_h264, render_frames
-from hbi_training.data.scenes import ACTIONS, COLOURS, SHAPES, Scene, plan_split, words
+from hbi_training.data.scenes import (ACTIONS, COLOURS, EVAL_SPLITS, SHAPES, Scene, eval_split, plan_split,
+                                      words)
 
 MARKER = ".hbi-synthetic"
 CAPTIONS_PER_VIDEO = 8  # train: the canonical caption and up to 7 paraphrases
@@ -62,9 +70,12 @@ class SyntheticPaths:
 
 
 def _config(n_train: int, n_test: int, seed: int, size: int, fps: int, seconds: int, events: tuple[int, int],
-            captions_per_video: int) -> dict:
-    return {"version": VERSION, "n_train": n_train, "n_test": n_test, "seed": seed, "size": size, "fps": fps,
-            "seconds": seconds, "events": list(events), "captions_per_video": captions_per_video}
+            captions_per_video: int, test_start: int = 0) -> dict:
+    config = {"version": VERSION, "n_train": n_train, "n_test": n_test, "seed": seed, "size": size, "fps": fps,
+              "seconds": seconds, "events": list(events), "captions_per_video": captions_per_video}
+    if test_start:  # only when set, so that the sets rendered before it existed keep their config (and are reused)
+        config["test_start"] = test_start
+    return config
 
 
 def _check_args(size: int, fps: int, seconds: int, captions_per_video: int) -> None:
@@ -106,7 +117,7 @@ def _prepare_folder(root: Path, config: dict) -> bool:
 
 def generate(out_dir: str | os.PathLike, n_train: int, n_test: int, seed: int, size: int = 64, fps: int = 4,
              seconds: int = 8, *, events: tuple[int, int] = (2, 3), captions_per_video: int = CAPTIONS_PER_VIDEO,
-             workers: int | None = None, progress: Progress | None = None) -> SyntheticPaths:
+             test_start: int = 0, workers: int | None = None, progress: Progress | None = None) -> SyntheticPaths:
     """Render the train and test videos of ``seed`` to ``out_dir`` with their captions and manifest.
 
     Args:
@@ -118,6 +129,8 @@ def generate(out_dir: str | os.PathLike, n_train: int, n_test: int, seed: int, s
             1-fps sampling keeps every second (each event spans >= 2 s).
         events: least and most events per video.
         captions_per_video: canonical caption plus paraphrases per train video.
+        test_start: the test videos are positions ``[test_start, test_start + n_test)`` of the seed's held-out
+            stream, named ``test_<position>`` (the same videos and captions as in any set that holds them).
         workers: videos rendered at once (default: the CPU count).
         progress: called as ``progress("render", done, total)`` after each video.
 
@@ -130,11 +143,12 @@ def generate(out_dir: str | os.PathLike, n_train: int, n_test: int, seed: int, s
     """
     _check_args(size, fps, seconds, captions_per_video)
     root = Path(out_dir)
-    config = _config(n_train, n_test, seed, size, fps, seconds, tuple(events), captions_per_video)
-    plan = plan_split(n_train, n_test, seed, seconds=seconds, events=tuple(events))  # validates counts first
+    config = _config(n_train, n_test, seed, size, fps, seconds, tuple(events), captions_per_video, test_start)
+    plan = plan_split(n_train, n_test, seed, seconds=seconds, events=tuple(events),
+                      test_start=test_start)  # validates counts first
     if _prepare_folder(root, config):
         return _paths(root, reused=True)
-    entries = _entries(plan.train, plan.test, seed, captions_per_video)
+    entries = _entries(plan.train, plan.test, seed, captions_per_video, test_start)
     jobs = [(scene, root / e["file"]) for scene, e in zip(plan.train + plan.test, entries)]
     done = 0
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
@@ -156,12 +170,30 @@ def generate(out_dir: str | os.PathLike, n_train: int, n_test: int, seed: int, s
     return _paths(root, reused=False)
 
 
-def _entries(train: tuple[Scene, ...], test: tuple[Scene, ...], seed: int, captions_per_video: int) -> list[dict]:
+def generate_split(out_dir: str | os.PathLike, name: str, seed: int = 0, **options) -> SyntheticPaths:
+    """Render the named evaluation split ``name`` of ``seed`` alone (no train videos) to ``out_dir``.
+
+    ``validation``: held-out positions 0-119, the demo's 120 test videos (the same files and captions as the
+    demo's set); ``test``: positions 360-719, never used to train or to choose
+    (:data:`hbi_training.data.scenes.EVAL_SPLITS`). The videos are the set's ``test`` split. ``options``: those
+    of :func:`generate` (``size``, ``fps``, ``seconds``, ``events``, ``workers``, ``progress``); the figures
+    quoted in the docs use the defaults.
+
+    Raises:
+        UsageError: an unknown split name, or what :func:`generate` raises.
+    """
+    span = eval_split(name)
+    return generate(out_dir, 0, span.size, seed, test_start=span.start, **options)
+
+
+def _entries(train: tuple[Scene, ...], test: tuple[Scene, ...], seed: int, captions_per_video: int,
+             test_start: int = 0) -> list[dict]:
     """Manifest entries, train then test; test videos keep only their canonical caption."""
     entries = []
-    for split, scenes, n_captions in (("train", train, captions_per_video), ("test", test, 1)):
-        seeds = np.random.SeedSequence([seed, SPLITS.index(split)]).spawn(len(scenes))
-        for i, (scene, ss) in enumerate(zip(scenes, seeds)):
+    for split, scenes, n_captions, first in (("train", train, captions_per_video, 0), ("test", test, 1, test_start)):
+        # child k of a SeedSequence does not depend on how many are spawned: position k gets the same stream
+        seeds = np.random.SeedSequence([seed, SPLITS.index(split)]).spawn(first + len(scenes))[first:]
+        for i, (scene, ss) in enumerate(zip(scenes, seeds), start=first):
             video_id = f"{split}_{i:05d}"
             entries.append({"id": video_id, "file": f"videos/{video_id}.mp4", "split": split,
                             "captions": paraphrases(scene, np.random.default_rng(ss), n_captions),
@@ -193,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hbi_training.data.synthetic",
                                      description="Render the synthetic video-caption set (and its frame caches).")
     parser.add_argument("--out", required=True, help="output folder (new, empty, or a previous set)")
-    parser.add_argument("--train", type=int, default=600, help="train videos")
-    parser.add_argument("--test", type=int, default=120, help="test videos (held-out combinations)")
+    parser.add_argument("--train", type=int, default=None, help="train videos (default 600)")
+    parser.add_argument("--test", type=int, default=None, help="test videos (held-out combinations; default 120)")
+    parser.add_argument("--split", choices=sorted(EVAL_SPLITS), default=None,
+                        help="render only this named evaluation split (validation: held-out positions 0-119, the "
+                             "demo's test videos; test: 360-719, never used to train or choose); not with "
+                             "--train / --test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=64, help="rendered frame side in pixels")
     parser.add_argument("--fps", type=int, default=4)
@@ -205,10 +241,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.monotonic()
     try:
-        paths = generate(args.out, args.train, args.test, args.seed, args.size, args.fps, args.seconds,
-                         progress=_progress_line(start))
+        if args.split:
+            if args.train is not None or args.test is not None:
+                raise UsageError("--split renders one named split alone: leave out --train and --test")
+            span = EVAL_SPLITS[args.split]
+            n_train, n_test, test_start = 0, span.size, span.start
+        else:
+            n_train, n_test, test_start = (600 if args.train is None else args.train,
+                                           120 if args.test is None else args.test, 0)
+        paths = generate(args.out, n_train, n_test, args.seed, args.size, args.fps, args.seconds,
+                         test_start=test_start, progress=_progress_line(start))
         rendered = time.monotonic()
-        print(f"{'reused' if paths.reused else 'rendered'} {args.train + args.test} videos in {paths.root} "
+        print(f"{'reused' if paths.reused else 'rendered'} {n_train + n_test} videos in {paths.root} "
               f"({rendered - start:.1f} s)", file=sys.stderr)
         if not args.no_decode:
             from hbi_training.data.cache import frame_cache

@@ -1,5 +1,8 @@
 """QA checkpoints: the official MSRVTT-QA model (jpthu17/HBI ``main_vqa.py``) and the hbi-toolkit QA format.
 
+This lives with the QA model, not in :mod:`hbi_export.checkpoints`: it reuses that package's reader, key check and
+report, and ``hbi_export.checkpoints`` imports nothing of ``hbi_export.tasks`` (no cycle between the two).
+
 The official QA script saves ``torch.save(model.state_dict())`` of ``modeling_qa.HBI``: the retrieval layout
 (``clip.*``, ``transformerClip.*``, ``frame_position_embeddings``, ``*_weight_fc*``, ``{t,v}_ctm*``,
 ``{t,v}_block*``), the four training-only Banzhaf estimators, and per level (suffix ``""`` / ``0`` / ``1``) the answer
