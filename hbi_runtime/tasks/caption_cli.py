@@ -68,9 +68,12 @@ def _render(rows: list[dict], fmt: TableFormat, header: dict) -> str:
         return json_text({**header, "results": rows}) + "\n"
     if fmt is TableFormat.jsonl:
         return "".join(json_text({**header, **r}, indent=None) + "\n" for r in rows)
-    keys = ["path", "question", "text", "logprob", "error"]
+    keys = ["path", "question", "text", "tokens", "logprob", "score", "error"]  # the JSON rows' fields
     if fmt is TableFormat.csv:
-        return csv_text(keys, ([r.get(k) if r.get(k) is not None else "" for k in keys] for r in rows))
+        def cell(value):
+            return "" if value is None else " ".join(map(str, value)) if isinstance(value, list) else value
+
+        return csv_text(keys, ([cell(r.get(k)) for k in keys] for r in rows))
     lines = []
     for r in rows:
         name = display_path(os.path.basename(r["path"]))

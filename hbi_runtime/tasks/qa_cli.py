@@ -45,9 +45,10 @@ def render(payload: dict, fmt: TableFormat) -> str:
         head = {"schema": payload["schema"], "model_sha256": payload["model_sha256"]}
         return "".join(json_text({**head, **r}, indent=None, sort_keys=False) + "\n" for r in rows)
     if fmt is TableFormat.csv:
-        return csv_text(["video", "question", "rank", "answer", "probability", "expected", "correct"],
-                        ([r["video"], r["question"], a["rank"], a["answer"], a["probability"], r.get("expected", ""),
-                          "" if "correct" not in r else int(r["correct"])] for r in rows for a in r["answers"]))
+        return csv_text(["video", "question", "truncated", "rank", "answer", "probability", "expected", "correct"],
+                        ([r["video"], r["question"], int(r["truncated"]), a["rank"], a["answer"], a["probability"],
+                          r.get("expected", ""), "" if "correct" not in r else int(r["correct"])]
+                         for r in rows for a in r["answers"]))
     lines = []
     for r in rows:
         mark = "" if "correct" not in r else ("  [ok]" if r["correct"] else f"  [expected {printable(r['expected'])}]")

@@ -216,7 +216,11 @@ def test_caption_cli_beam_table_csv_and_question():
     res = runner.invoke(app, ["caption", sample, "--beam-size", "3", "--no-repeat-ngram", "4"])
     assert res.exit_code == 0 and Path(sample).name in res.stdout
     res = runner.invoke(app, ["caption", sample, "--format", "csv"])
-    assert res.exit_code == 0 and res.stdout.splitlines()[0] == "path,question,text,logprob,error"
+    assert res.exit_code == 0 and res.stdout.splitlines()[0] == "path,question,text,tokens,logprob,score,error"
+    (csv_row,) = list(csv.DictReader(res.stdout.splitlines()))
+    (json_row,) = json.loads(runner.invoke(app, ["caption", sample, "--format", "json"]).stdout)["results"]
+    assert set(json_row) == set(csv_row)  # the same columns in CSV as in JSON
+    assert csv_row["tokens"] == " ".join(map(str, json_row["tokens"])) and float(csv_row["score"]) == json_row["score"]
     res = runner.invoke(app, ["caption", sample, "--question", "how many events are there?", "--format", "jsonl"])
     assert res.exit_code == 0, res.output
     row = json.loads(res.stdout.splitlines()[0])
