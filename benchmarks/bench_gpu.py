@@ -1,9 +1,11 @@
 """On a CUDA GPU: the PyTorch CUDA reference (fp32 and fp16) and whatever of our path runs there, one record.
 
 Measured per batch size (videos of T frames per call; texts per call): the reference model
-(``hbi_export.model``) on ``cuda`` in fp32 and in fp16 (``torch.autocast``), and our runtime through ONNX Runtime's CUDA execution provider when this
-onnxruntime has it (the fp32 package, and ``--package-fp16`` when given), plus the TensorRT backend once it is
-registered in ``hbi_runtime.backends``. GPU work is timed with ``torch.cuda.synchronize()`` around each call
+(``hbi_export.model``) on ``cuda`` in fp32 and in fp16 (``torch.autocast``), and our runtime through ONNX
+Runtime's CUDA execution provider when this onnxruntime has it (the fp32 package, and ``--package-fp16`` when
+given), ONNX Runtime's TensorRT execution provider when it has that, and the TensorRT backend (``trt`` in
+``hbi_runtime.backends``) on the engines of ``hbi-export build-engine`` of each package (skipped, with a note,
+where tensorrt or the engines are missing). GPU work is timed with ``torch.cuda.synchronize()`` around each call
 (ORT returns host arrays, so its calls are synchronous). The record is ``hbi.bench/1`` (docs/bench.md), rows tagged
 ``runtime`` and ``precision``.
 
@@ -117,6 +119,8 @@ def ours_rows(pkg: Path, backend: str, options: dict, label: str, batches, text_
     rows = []
     with hbi_runtime.load(pkg, backend=backend, **options) as model:
         pre, precision = model.manifest.preprocessing, model.manifest.graphs["video_encoder"].precision
+        if backend == "trt":  # the engines' precision, not the package's
+            precision = model.backends["video_encoder"].load().entry.precision
         rng = np.random.default_rng(0)
         for b in batches:
             frames = rng.standard_normal((b, pre.max_frames, 3, pre.image_size, pre.image_size), dtype=np.float32)
@@ -144,16 +148,31 @@ def our_backends(device: str) -> list[tuple[str, dict, str]]:
     if "onnxruntime" in BACKENDS:
         import onnxruntime
 
+        available = onnxruntime.get_available_providers()
         if device == "cpu":
             found.append(("onnxruntime", {"providers": "cpu"}, "ort-cpu"))
-        elif "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        elif "CUDAExecutionProvider" in available:
             found.append(("onnxruntime", {"providers": "cuda"}, "ort-cuda"))
+            if "TensorrtExecutionProvider" in available:
+                found.append(("onnxruntime", {"providers": "tensorrt"}, "ort-tensorrt"))
         else:
             print(f"note: onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider; skipping ORT CUDA "
-                  "(pip install 'hbi-toolkit[gpu]')", file=sys.stderr)
-    if "tensorrt" in BACKENDS and device == "cuda":
-        found.append(("tensorrt", {}, "tensorrt"))
+                  "(pip install 'hbi-toolkit[gpu-cu12]' --extra-index-url https://pypi.nvidia.com)", file=sys.stderr)
+    if "trt" in BACKENDS and device == "cuda":  # the registry key is "trt" (the module is tensorrt)
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            print("note: tensorrt is not installed; skipping the trt backend (pip install 'hbi-toolkit[gpu-cu12]' "
+                  "--extra-index-url https://pypi.nvidia.com)", file=sys.stderr)
+        else:
+            found.append(("trt", {}, "tensorrt"))
     return found
+
+
+def has_engines(pkg: Path) -> bool:
+    from hbi_runtime.engines import built_precisions
+
+    return bool(built_precisions(pkg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     packages = [args.package] + ([args.package_fp16] if args.package_fp16 else [])
     for backend, options, label in our_backends(device):
         for pkg in packages:
+            if backend == "trt" and not has_engines(pkg):
+                print(f"note: {pkg} has no TensorRT engines; skipping the trt backend (hbi-export build-engine "
+                      f"{pkg})", file=sys.stderr)
+                continue
             print(f"ours: {label} {pkg} ...", file=sys.stderr, flush=True)
             rows += ours_rows(pkg, backend, options, label, batches, text_batches, args.warmup, args.repeats,
                               device)

@@ -25,7 +25,7 @@ from hbi_runtime.errors import UsageError
 from hbi_runtime.search import recall_metrics
 from hbi_runtime.sides import score_level
 
-DEFAULT_MAX_R1_DROP = 1.0  # points of R@1 (DESIGN.md tolerance table)
+DEFAULT_MAX_R1_DROP = 1.0  # points of R@1 (docs/calibration.md, "The accuracy gate")
 DEFAULT_MIN_TOP1 = TOLERANCES["int8"].top1  # 0.95
 
 

@@ -15,10 +15,10 @@ import typer
 
 from hbi_runtime import doctor as doctor_lib
 from hbi_runtime.bench.cli import register as _register_bench
-from hbi_runtime.cli_options import (AllowUnverifiedOption, BackendName, BackendOption, EnginePrecisionAlias,
-                                     FormatOption, LevelsOption, ModelOption, PrecisionOption, TableFormatOption,
-                                     WorkersOption, engine_precision, keep_examples, make_app, parse_levels,
-                                     run_guarded, strict_option)
+from hbi_runtime.cli_options import (AllowUnverifiedOption, BackendName, BackendOption, Device, DeviceOption,
+                                     EnginePrecisionAlias, FormatOption, LevelsOption, ModelOption, PrecisionOption,
+                                     TableFormatOption, WorkersOption, engine_precision, keep_examples, make_app,
+                                     parse_levels, run_guarded, strict_option)
 from hbi_runtime.cli_support import OutputFormat, TableFormat, csv_text, emit_json
 from hbi_runtime.names import exact_text, path_b64, printable
 from hbi_runtime.tasks.cli import register as _register_tasks
@@ -59,13 +59,18 @@ DEMO_PACKAGE = Path(__file__).resolve().parent / "data" / "demo" / "package"
 class BackendChoice:
     name: BackendName = BackendName.onnxruntime
     engine_precision: Optional[str] = None
+    device: Optional[Device] = None
 
 
-def _choice(backend: BackendName, precision: Optional[str], alias: Optional[str]) -> BackendChoice:
-    return BackendChoice(backend, engine_precision(precision, alias))
+def _choice(backend: BackendName, precision: Optional[str], alias: Optional[str],
+            device: Optional[Device] = None) -> BackendChoice:
+    return BackendChoice(backend, engine_precision(precision, alias), device)
 
 
 def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendChoice = BackendChoice()):
+    """The model on the chosen backend and device: ``--backend trt`` runs the engines of ``hbi-export build-engine``
+    (on ``cuda``); ``--backend onnxruntime`` runs on ``--device cpu`` (default), ``cuda``, or ``tensorrt`` (ONNX
+    Runtime's TensorRT execution provider, where ``--precision`` is its precision)."""
     from hbi_runtime.errors import UsageError
     from hbi_runtime.model import load
 
@@ -74,13 +79,27 @@ def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendC
             raise UsageError("no model package given",
                              hint="pass --model PKG; make one with `hbi-export onnx --checkpoint CKPT --out PKG`")
         model = DEMO_PACKAGE
+    device = backend.device.value if backend.device is not None else None
     if backend.name is BackendName.trt:
+        if device not in (None, "cuda"):
+            raise UsageError(f"--backend trt runs its engines on --device cuda, not {device}",
+                             hint="--device tensorrt is ONNX Runtime's TensorRT execution provider: use it with "
+                                  "--backend onnxruntime" if device == "tensorrt" else None)
         from hbi_runtime.backends.tensorrt import import_tensorrt
 
         import_tensorrt()  # fail before any decoding starts, with the install hint
         return load(model, backend="trt", allow_unverified=allow_unverified, precision=backend.engine_precision)
-    if backend.engine_precision is not None:
-        raise UsageError("--precision goes with --backend trt")
+    if backend.engine_precision is not None and device != "tensorrt":
+        raise UsageError("--precision goes with --backend trt (engines) or --device tensorrt (ONNX Runtime's "
+                         "TensorRT execution provider)")
+    if device in ("cuda", "tensorrt"):
+        from hbi_runtime.bench.run import check_ort_provider
+
+        check_ort_provider(device)  # before any decoding starts
+        options: dict = {"providers": device}
+        if device == "tensorrt" and backend.engine_precision is not None:
+            options["tensorrt"] = {"precision": backend.engine_precision}
+        return load(model, allow_unverified=allow_unverified, **options)
     return load(model, allow_unverified=allow_unverified)
 
 
@@ -243,6 +262,7 @@ def index(
     backend: BackendOption = BackendName.onnxruntime,
     precision: PrecisionOption = None,
     engine_precision_alias: EnginePrecisionAlias = None,
+    device: DeviceOption = None,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Index a folder of videos: incremental (only new or changed files are encoded), crash-safe, resumable.
@@ -268,7 +288,8 @@ def index(
         else:
             if videos is None:
                 raise UsageError("give the folder of videos to index", hint="hbi-run index VIDEO_DIR (or --status)")
-            with _load_model(model, allow_unverified, _choice(backend, precision, engine_precision_alias)) as m:
+            choice = _choice(backend, precision, engine_precision_alias, device)
+            with _load_model(model, allow_unverified, choice) as m:
                 summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=batch_size,
                                         window=window, stride=stride, rebuild=rebuild, quiet=json_mode,
                                         retry_failed=retry_failed, force=force, verify=verify)
@@ -390,6 +411,10 @@ def retrieve(
     backend: BackendOption = BackendName.onnxruntime,
     precision: PrecisionOption = None,
     engine_precision_alias: EnginePrecisionAlias = None,
+    device: DeviceOption = None,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Add each hit's entity-level Banzhaf interaction map (words x frames, docs/explain.md) to "
+                          "the JSON / JSON-lines output.")] = False,
     output_format: TableFormatOption = TableFormat.table,
 ) -> None:
     """Search videos with text (exact HBI score), or rank captions for one video (--video --captions).
@@ -401,16 +426,19 @@ def retrieve(
     with run_guarded(ctx, output_format):
         from hbi_runtime.errors import UsageError
         from hbi_runtime.index import Index
-        from hbi_runtime.search import check_queries, rank_captions, search
+        from hbi_runtime.explain.banzhaf import DEFAULT_SAMPLES
+        from hbi_runtime.search import RETRIEVE_SCHEMA, check_queries, rank_captions, search
 
         weights = parse_levels(levels)
         if top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {top_k}")
         if video is not None or captions is not None:
-            if video is None or captions is None or queries or queries_file or videos or index_dir or verify:
-                raise UsageError("--video and --captions go together, without queries, --videos, --index or "
-                                 "--verify")
-            with _load_model(model, allow_unverified, _choice(backend, precision, engine_precision_alias)) as m:
+            if (video is None or captions is None or queries or queries_file or videos or index_dir or verify
+                    or explain):
+                raise UsageError("--video and --captions go together, without queries, --videos, --index, "
+                                 "--verify or --explain")
+            choice = _choice(backend, precision, engine_precision_alias, device)
+            with _load_model(model, allow_unverified, choice) as m:
                 ranked = rank_captions(m, str(video), _read_lines(captions, "captions"), top_k=top_k,
                                        level_weights=weights)
                 header = {"schema": "hbi.retrieve-captions/1", "model_sha256": m.package.manifest_sha256,
@@ -423,7 +451,8 @@ def retrieve(
             return
         texts = check_queries(list(queries or []) + (_read_lines(queries_file, "queries") if queries_file else []))
         _one_source(videos, index_dir)
-        with _load_model(model, allow_unverified, _choice(backend, precision, engine_precision_alias)) as m:
+        choice = _choice(backend, precision, engine_precision_alias, device)
+        with _load_model(model, allow_unverified, choice) as m:
             if videos is not None:
                 summary = _index_folder(m, videos, None, workers=workers, batch_size=16, window=window,
                                         stride=None, quiet=json_mode)
@@ -437,8 +466,12 @@ def retrieve(
             if 0 < len(idx.rows) < top_k:
                 sys.stderr.write(f"note: --top-k {top_k} is more than the {len(idx.rows)} indexed videos; "
                                  f"showing all\n")
-            results = search(m, idx, texts, top_k=top_k, level_weights=weights, memory_limit_mb=memory_limit_mb)
-            header = {"schema": "hbi.retrieve/1", "model_sha256": m.package.manifest_sha256, "index": str(target)}
+            results = search(m, idx, texts, top_k=top_k, level_weights=weights, memory_limit_mb=memory_limit_mb,
+                             explain_samples=DEFAULT_SAMPLES if explain else None)
+            header = {"schema": RETRIEVE_SCHEMA, "model_sha256": m.package.manifest_sha256, "index": str(target)}
+        if explain and not json_mode:
+            sys.stderr.write("note: --explain adds each hit's interaction map to --format json / jsonl output; "
+                             "`hbi-run explain QUERY VIDEO` draws it\n")
         _warn_truncated(results)
         sys.stdout.write(_render_hits(results, output_format, header))
 
@@ -462,6 +495,7 @@ def eval_command(
     backend: BackendOption = BackendName.onnxruntime,
     precision: PrecisionOption = None,
     engine_precision_alias: EnginePrecisionAlias = None,
+    device: DeviceOption = None,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Retrieval metrics: R@1/5/10/50, MdR and MnR, text->video and video->text."""
@@ -473,7 +507,8 @@ def eval_command(
 
         _one_source(videos, index_dir)
         pairs = read_captions(captions)
-        with _load_model(model, allow_unverified, _choice(backend, precision, engine_precision_alias)) as m:
+        choice = _choice(backend, precision, engine_precision_alias, device)
+        with _load_model(model, allow_unverified, choice) as m:
             if videos is not None:
                 index_dir = _index_folder(m, videos, None, workers=workers, batch_size=16, window=None,
                                           stride=None, quiet=json_mode).index_dir
@@ -501,6 +536,7 @@ def demo(
     backend: BackendOption = BackendName.onnxruntime,
     precision: PrecisionOption = None,
     engine_precision_alias: EnginePrecisionAlias = None,
+    device: DeviceOption = None,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Search the bundled sample videos with the bundled demo model (no download, no torch).
@@ -522,7 +558,8 @@ def demo(
                              hint="reinstall hbi-toolkit, or regenerate it: python -m hbi_training.demo")
         examples = _json.loads((root / "queries.json").read_text())["queries"]
         asked = [{"query": q, "expected": None} for q in queries] if queries else examples
-        with _load_model(None, False, _choice(backend, precision, engine_precision_alias)) as m:
+        choice = _choice(backend, precision, engine_precision_alias, device)
+        with _load_model(None, False, choice) as m:
             summary = _index_folder(m, root / "samples", None, workers=1, batch_size=8, window=None, stride=None,
                                     quiet=True)
             idx = Index.open(summary.index_dir, m.package.manifest_sha256)

@@ -269,8 +269,9 @@ class Tolerance:
                 "cosine": self.cosine, "top1": self.top1, "top5": self.top5, "spearman": self.spearman}
 
 
-# The design's tolerance table (DESIGN.md, "Tolerances"). INT8's R@1 criterion needs captions and lives in the
-# calibration gate; without captions it is the top-1 agreement below.
+# The tolerance table (docs/architecture.md, "ONNX export and the model package"; engines: docs/tensorrt.md, "Engine
+# parity"). INT8's R@1 criterion needs captions and lives in the calibration gate (docs/calibration.md, "The accuracy
+# gate"); without captions it is the top-1 agreement below.
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(name="fp32", description="ONNX Runtime vs PyTorch, fp32", max_abs=1e-4, top1=1.0),
     "fp16": Tolerance(name="fp16", description="fp16 (ONNX Runtime or TensorRT) vs fp32", cosine=0.999,

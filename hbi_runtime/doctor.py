@@ -172,7 +172,8 @@ def _trt_blocker(backends: dict, gpu: dict) -> str | None:
     if not gpu["devices"]:
         return f"no CUDA GPU visible ({gpu['error'] or 'none found'}): TensorRT engines cannot run here"
     if not trt.get("imported"):
-        return "TensorRT is not importable here: pip install 'hbi-toolkit[gpu]' (or JetPack 6's TensorRT)"
+        return ("TensorRT is not importable here: pip install 'hbi-toolkit[gpu-cu12]' --extra-index-url "
+                "https://pypi.nvidia.com (Jetson: JetPack's TensorRT)")
     return None
 
 

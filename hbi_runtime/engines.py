@@ -34,6 +34,7 @@ SCHEMA = "hbi.engines/1"
 ENGINES_DIR = "engines"
 MANIFEST_NAME = "engines.json"
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+REPRODUCE_KEYS = ("onnx", "trtexec", "polygraphy")
 
 
 def _now_iso() -> str:
@@ -79,6 +80,38 @@ class TensorProfile:
         return cls(*shapes)
 
 
+def dynamic_axes(inputs: Sequence[Any]) -> list[str]:
+    """The named axes of a graph's inputs (``TensorSpec``s), in first-seen order."""
+    names: list[str] = []
+    for tensor in inputs:
+        names += [a for a in tensor.shape if isinstance(a, str) and a not in names]
+    return names
+
+
+def profile_from_ranges(inputs: Sequence[Any], ranges: Mapping[str, AxisRange]) -> dict[str, TensorProfile]:
+    """One optimization profile: input name -> min / opt / max shape, static axes as they are, every named axis
+    from ``ranges`` (which must name them all)."""
+    def shape(tensor_shape: Sequence[int | str], which: str) -> tuple[int, ...]:
+        return tuple(getattr(ranges[a], which) if isinstance(a, str) else a for a in tensor_shape)
+
+    return {t.name: TensorProfile(shape(t.shape, "min"), shape(t.shape, "opt"), shape(t.shape, "max"))
+            for t in inputs}
+
+
+def shape_spec(profile: Mapping[str, TensorProfile], which: str) -> str:
+    """``input_ids:1x32,attention_mask:1x32``: one of a profile's shapes (``min``, ``opt``, ``max``) in the form
+    trtexec (``--minShapes``) and ONNX Runtime's TensorRT provider (``trt_profile_min_shapes``) take."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in getattr(p, which))}" for name, p in profile.items())
+
+
+def _reproduce(value: Any, path: str) -> dict[str, str]:
+    items = _dict_of(_str)(value, path)
+    unknown = sorted(set(items) - set(REPRODUCE_KEYS))
+    if unknown:
+        raise BadInputError(f"{path}: unknown field(s) {unknown}; this schema has {list(REPRODUCE_KEYS)}")
+    return items
+
+
 def _profiles(value: Any, path: str) -> tuple[dict[str, TensorProfile], ...]:
     items = _list_of(_dict_of(TensorProfile.from_dict))(value, path)
     if not items:
@@ -109,6 +142,9 @@ class EngineEntry:
     plugin_library_sha256: str | None = None
     build_args: tuple[str, ...] = ()
     built: str = field(default_factory=_now_iso)
+    # NVIDIA's tools on the same build: {"onnx": the graph as parsed, "trtexec": ..., "polygraphy": ...} (None in
+    # manifests written before they were recorded)
+    reproduce: Mapping[str, str] | None = None
 
     def to_dict(self) -> dict:
         return {"graph": self.graph, "file": self.file, "sha256": self.sha256, "onnx_file": self.onnx_file,
@@ -117,13 +153,14 @@ class EngineEntry:
                 "precision": self.precision, "strongly_typed": self.strongly_typed,
                 "profiles": [{k: p.to_dict() for k, p in prof.items()} for prof in self.profiles],
                 "plugin_library": self.plugin_library, "plugin_library_sha256": self.plugin_library_sha256,
-                "build_args": list(self.build_args), "built": self.built}
+                "build_args": list(self.build_args), "built": self.built,
+                "reproduce": dict(self.reproduce) if self.reproduce is not None else None}
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> EngineEntry:
         names = ("graph", "file", "sha256", "onnx_file", "onnx_sha256", "tensorrt_version", "gpu_name",
                  "compute_capability", "precision", "strongly_typed", "profiles", "plugin_library",
-                 "plugin_library_sha256", "build_args", "built")
+                 "plugin_library_sha256", "build_args", "built", "reproduce")
         f = _Fields(data, path, names)
         return cls(graph=f.get("graph", _str), file=f.get("file", _relpath), sha256=f.get("sha256", _sha256),
                    onnx_file=f.get("onnx_file", _relpath), onnx_sha256=f.get("onnx_sha256", _sha256),
@@ -133,7 +170,8 @@ class EngineEntry:
                    strongly_typed=f.get("strongly_typed", _bool), profiles=f.get("profiles", _profiles),
                    plugin_library=f.get("plugin_library", _optional(_str), None),
                    plugin_library_sha256=f.get("plugin_library_sha256", _optional(_sha256), None),
-                   build_args=f.get("build_args", _list_of(_str), ()), built=f.get("built", _str))
+                   build_args=f.get("build_args", _list_of(_str), ()), built=f.get("built", _str),
+                   reproduce=f.get("reproduce", _optional(_reproduce), None))
 
     def rebuild_command(self, pkg_dir: str | os.PathLike) -> str:
         """The ``hbi-export build-engine`` command that builds this engine again for the machine it runs on."""
@@ -291,6 +329,7 @@ def profile_covers(profiles: Sequence[Mapping[str, TensorProfile]], shapes: Mapp
     return -1
 
 
-__all__ = ["ENGINE_PRECISIONS", "ENGINES_DIR", "MANIFEST_NAME", "SCHEMA", "AxisRange", "EngineEntry", "EngineSet",
-           "HostInfo", "TensorProfile", "built_precisions", "check_engine", "engines_dir", "mismatches",
-           "profile_covers", "read_engine_set", "write_engine_set"]
+__all__ = ["ENGINE_PRECISIONS", "ENGINES_DIR", "MANIFEST_NAME", "REPRODUCE_KEYS", "SCHEMA", "AxisRange",
+           "EngineEntry", "EngineSet", "HostInfo", "TensorProfile", "built_precisions", "check_engine",
+           "dynamic_axes", "engines_dir", "mismatches", "profile_covers", "profile_from_ranges", "read_engine_set",
+           "shape_spec", "write_engine_set"]

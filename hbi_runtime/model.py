@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 LEVEL_TAGS = ("l0", "l1", "l2")  # entity, action, event: the suffix of each side tensor's name
 SIDE_PARTS = ("tokens", "weights", "mask")
+CLUSTER_PARTS = ("clusters_l1", "clusters_l2", "clusters_ok")  # optional encoder outputs (newer packages)
 TEXT_BATCH = 64  # texts per text-encoder call
 VIDEO_BATCH = 16  # videos per video-encoder call (T frames each: the input alone is 7 MB per video at T=12, 224)
 INTERACTION_CHUNK_BYTES = DEFAULT_CHUNK_BYTES  # bound on one interaction call's (Bt, Nt, Bv, Nv) float32 block
@@ -52,9 +53,58 @@ def side_tensor_names(kind: str) -> tuple[str, ...]:
     return tuple(f"{kind}_{part}_{tag}" for tag in LEVEL_TAGS for part in SIDE_PARTS)
 
 
+def cluster_tensor_names(kind: str) -> tuple[str, ...]:
+    """The optional cluster outputs of an encoder, after its side: ``text_clusters_l1, text_clusters_l2,
+    text_clusters_ok``."""
+    return tuple(f"{kind}_{part}" for part in CLUSTER_PARTS)
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """Which tokens each merged token of a side merged (the encoders' optional cluster outputs; packages exported
+    before they existed have none).
+
+    Attributes:
+        l1: ``(n, N0)`` int64, the action-level cluster of each entity-level token (padding included).
+        l2: ``(n, N1)`` int64, the event-level cluster of each action-level token.
+        ok: ``(n, 2)`` bool, per merge, whether the graph confirmed that ``l1`` / ``l2`` reproduce the merged
+            tokens the merge op computed (the assignment is computed beside the op, from the same tokens; max
+            |merge(x, assignment) - merged| <= 1 % of max |merged|, rounding being ~1e-7 in fp32, ~1e-3 in fp16).
+            Where not, :meth:`members` says None.
+    """
+
+    l1: np.ndarray
+    l2: np.ndarray
+    ok: np.ndarray
+
+    def members(self, row: int, level: int, count: int, valid: np.ndarray | None = None) -> list[np.ndarray] | None:
+        """Per cluster ``0 .. count-1`` of ``level`` (1 action, 2 event) of side row ``row``, the entity-level
+        positions it merged (only those in ``valid``, the row's entity mask, when given); None when a merge's check
+        failed: no cluster is ever shown with members that were guessed."""
+        if level not in (1, 2):
+            raise UsageError(f"clusters exist at levels 1 and 2, not {level!r}")
+        if not np.all(self.ok[row, :level]):
+            return None
+        of_token = self.l1[row] if level == 1 else self.l2[row][self.l1[row]]  # (N0,) its cluster at `level`
+        keep = np.ones(len(of_token), bool) if valid is None else np.asarray(valid, bool)
+        return [np.flatnonzero((of_token == c) & keep) for c in range(count)]
+
+    def select(self, rows) -> Clusters:
+        return Clusters(self.l1[rows], self.l2[rows], self.ok[rows])
+
+
+def _clusters(outputs: Mapping[str, np.ndarray], kind: str) -> Clusters | None:
+    names = cluster_tensor_names(kind)
+    if not all(n in outputs for n in names):
+        return None
+    l1, l2, ok = (outputs[n] for n in names)
+    return Clusters(np.rint(l1).astype(np.int64), np.rint(l2).astype(np.int64), np.asarray(ok) > 0.5)
+
+
 @dataclass(frozen=True)
 class TextSide(Side):
-    """A text side with one truncation flag per text (True: the text had more BPE tokens than fit and lost them).
+    """A text side with one truncation flag per text (True: the text had more BPE tokens than fit and lost them),
+    and, from packages with cluster outputs, its :class:`Clusters`.
 
     Raises:
         BadInputError: as :class:`~hbi_runtime.sides.Side`; ``truncated`` does not have one flag per text.
@@ -62,6 +112,7 @@ class TextSide(Side):
 
     kind: str = "text"
     truncated: tuple[bool, ...] | None = None  # None: every text fit (a side built without a tokenizer)
+    clusters: Clusters | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,9 +127,11 @@ class TextSide(Side):
 
 @dataclass(frozen=True)
 class VideoSide(Side):
-    """A video side (the :class:`~hbi_runtime.sides.Side` of kind ``"video"``)."""
+    """A video side (the :class:`~hbi_runtime.sides.Side` of kind ``"video"``), and, from packages with cluster
+    outputs, its :class:`Clusters`."""
 
     kind: str = "video"
+    clusters: Clusters | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -181,7 +234,7 @@ class Model:
         _check_batch_size(batch_size)
         ids, mask, truncated = self.tokenizer(texts)  # (n, L) int64 each
         outputs = self._encode("text_encoder", {"input_ids": ids, "attention_mask": mask}, batch_size)
-        return TextSide(_levels(outputs, "text"), truncated=tuple(truncated))
+        return TextSide(_levels(outputs, "text"), truncated=tuple(truncated), clusters=_clusters(outputs, "text"))
 
     def encode_frames(self, frames: np.ndarray, frame_mask: np.ndarray, batch_size: int = VIDEO_BATCH) -> VideoSide:
         """Encode preprocessed videos.
@@ -203,7 +256,8 @@ class Model:
         if not np.isin(frame_mask, (0, 1)).all():
             raise BadInputError("Input tensor: frame_mask | Received values other than 0 and 1. Note: Expected 1 "
                                 "for a real frame, 0 for padding")
-        return VideoSide(_levels(self._encode("video_encoder", feed, batch_size), "video"))
+        outputs = self._encode("video_encoder", feed, batch_size)
+        return VideoSide(_levels(outputs, "video"), clusters=_clusters(outputs, "video"))
 
     def encode_videos(self, paths: Iterable[str | bytes | os.PathLike], batch_size: int = VIDEO_BATCH, *,
                       workers: int = 2, timeout_s: float = 120.0,
@@ -252,11 +306,10 @@ class Model:
                 pool.close()
         if pending:
             parts.append(self._encode_decoded(pending, frames_hook))
-        if not parts:
-            return EncodedVideos(VideoSide(_levels(_empty_outputs(self._backends["video_encoder"]), "video")),
-                                 decoded, errors)
-        outputs = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-        return EncodedVideos(VideoSide(_levels(outputs, "video")), decoded, errors)
+        outputs = (_empty_outputs(self._backends["video_encoder"]) if not parts
+                   else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+        return EncodedVideos(VideoSide(_levels(outputs, "video"), clusters=_clusters(outputs, "video")), decoded,
+                             errors)
 
     # ------------------------------------------------------------------ scores
 
@@ -357,15 +410,19 @@ class Model:
 
 
 def _check_layout(package: Package) -> None:
-    """The graph signatures this module relies on (names only; dtypes and shapes are checked per feed)."""
+    """The graph signatures this module relies on (names only; dtypes and shapes are checked per feed). An encoder
+    may add the cluster outputs after its side (packages exported since they exist)."""
     m = package.manifest
     text, video = side_tensor_names("text"), side_tensor_names("video")
     expected = {"text_encoder": (("input_ids", "attention_mask"), text),
                 "video_encoder": (("frames", "frame_mask"), video),
                 "interaction": ((*text, *video, "level_weights"), ("scores", "level_scores"))}
+    optional = {"text_encoder": cluster_tensor_names("text"), "video_encoder": cluster_tensor_names("video")}
     for name, (inputs, outputs) in expected.items():
         graph = m.graphs[name]
         got = (tuple(t.name for t in graph.inputs), tuple(t.name for t in graph.outputs))
+        if name in optional and got == (inputs, outputs + optional[name]):
+            continue
         if got != (inputs, outputs):
             raise MismatchError(f"{package.dir}: graph {name!r} has inputs {list(got[0])} and outputs "
                                 f"{list(got[1])}; this runtime reads inputs {list(inputs)} and outputs "
@@ -402,4 +459,5 @@ def _check_batch_size(batch_size: int) -> None:
         raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
-__all__ = ["EncodedVideos", "Model", "TextSide", "VideoSide", "load", "open_model", "side_tensor_names"]
+__all__ = ["Clusters", "EncodedVideos", "Model", "TextSide", "VideoSide", "cluster_tensor_names", "load",
+           "open_model", "side_tensor_names"]

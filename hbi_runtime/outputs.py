@@ -84,6 +84,12 @@ def _is_qa_demo_folder(path: Path) -> bool:
     return (path / "README.txt").is_file() and _is_qa_package(path / "package")
 
 
+def _is_explanation_folder(path: Path) -> bool:
+    """An explanation folder (``hbi-run explain --out``): ``explain.json`` of schema ``hbi.explain/*``."""
+    doc = _json_object(path / "explain.json")
+    return doc is not None and str(doc.get("schema", "")).startswith("hbi.explain/")
+
+
 ARTIFACT_KINDS: dict[str, Callable[[Path], bool]] = {
     "model package": _is_model_package,
     "caption package": _is_caption_package,
@@ -91,6 +97,7 @@ ARTIFACT_KINDS: dict[str, Callable[[Path], bool]] = {
     "checkpoint folder": _is_checkpoint,
     "demo artifact folder": _is_demo_folder,
     "QA demo folder": _is_qa_demo_folder,
+    "explanation folder": _is_explanation_folder,
 }
 """What an existing folder must be for ``--overwrite`` to replace it, by the kind of artifact being written."""
 

@@ -2,7 +2,9 @@
 and the retrieval metrics of the official evaluation.
 
 Scores are the exact HBI score (``hbi_runtime.scoring``); the "why" of each hit comes from the entity level's
-interaction: the frame with the largest weighted contribution, and for every query word its best frame.
+interaction: the frame with the largest weighted contribution, and for every query word (the words as written, BPE
+pieces grouped back, :meth:`hbi_runtime.tokenizer.ClipTokenizer.words`) its best frame; with ``explain_samples`` also
+the entity-level Banzhaf interaction map of the hit (:func:`explain_hit`, ``hbi_runtime.explain``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from hbi_runtime.index.catalog import DamagedIndexError, repair_hint
 from hbi_runtime.names import exact_text, path_b64
 from hbi_runtime.scoring import explain, score, topk
 
-SPECIAL_IDS = (49406, 49407)
+RETRIEVE_SCHEMA = "hbi.retrieve/2"  # 2: ``words`` are the query's words as written (1: one entry per BPE piece)
 
 
 @dataclass(frozen=True)
 class WordFrame:
-    word: str
-    time_s: float | None  # timestamp of the word's best-matching frame
+    word: str  # a word of the query as written (its BPE pieces grouped back)
+    time_s: float | None  # timestamp of the word's best-matching frame (its pieces' similarities summed)
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,13 @@ class Hit:
     path_b64: str = ""
     abs_path_b64: str = ""
     display: str = ""
+    explanation: dict | None = None  # the entity-level interaction map (explain_hit), when asked for
 
     def to_dict(self) -> dict:
         out = asdict(self)
         del out["display"]
+        if out["explanation"] is None:
+            del out["explanation"]
         return out
 
 
@@ -70,14 +75,42 @@ def _timestamp(row, frame: int) -> float | None:
     return round(row.frames[frame] / row.fps, 3)
 
 
-def _words(model, ids: np.ndarray, positions: Sequence[int], frames: Sequence[int], row) -> list[WordFrame]:
+def _words(words: Sequence, max_words: int, ex, frame_mask: np.ndarray, row) -> list[WordFrame]:
+    """Per word of the query (as written) that kept a piece, its best frame: the valid frame that maximises the
+    sum of its pieces' similarities (ties: the earlier frame); a one-piece word gets its token's best frame."""
+    valid = np.flatnonzero(frame_mask)
+    where = {p: k for k, p in enumerate(ex.token_positions)}
     out = []
-    for pos, frame in zip(positions, frames):
-        token = int(ids[pos])
-        if token in SPECIAL_IDS or token == 0:
+    for w in words:
+        rows = [where[p] for p in w.positions(max_words) if p in where]
+        if not rows:
             continue
-        out.append(WordFrame(model.tokenizer.decode([token]).strip(), _timestamp(row, frame)))
+        if len(valid) == 0 or ex.similarity is None:
+            out.append(WordFrame(w.text, None))
+            continue
+        total = np.asarray(ex.similarity, np.float64)[rows][:, valid].sum(axis=0)
+        out.append(WordFrame(w.text, _timestamp(row, int(valid[int(np.argmax(total))]))))
     return out
+
+
+def explain_hit(model, text, query: int, store, video: int, row, words: Sequence, *, samples: int,
+                seed: int = 0) -> dict:
+    """The entity-level Banzhaf interaction map of one hit (``retrieve --explain``): query ``query`` of the text
+    side ``text`` against video ``video`` of the index's ``store`` (its stored, dequantised tokens: the side the
+    score used), words as written x frames with their times; the ``hbi.explain/1`` level object
+    (:meth:`hbi_runtime.explain.LevelMap.to_dict`)."""
+    from hbi_runtime.explain.explainer import level_map
+    from hbi_runtime.sides import Side, SideLevel
+
+    ids = np.asarray([video])
+    video_side = Side(tuple(SideLevel(lv.dequantize(ids), np.asarray(lv.weights[ids]), np.asarray(lv.mask[ids]))
+                            for lv in store.levels), "video")
+    times = [round(t, 3) for t in row.timestamps()]
+    length = video_side.levels[0].length
+    times += [round((times[-1] if times else -1.0) + 1.0 + k, 3) for k in range(length - len(times))]
+    m = level_map(text.select([query]), video_side, 0, words=words, max_words=model.manifest.max_words,
+                  times=times, samples=samples, seed=seed)
+    return m.to_dict()
 
 
 def check_queries(queries: Sequence[str]) -> list[str]:
@@ -91,21 +124,30 @@ def check_queries(queries: Sequence[str]) -> list[str]:
 
 
 def search(model, index: Index, queries: Sequence[str], *, top_k: int = 10,
-           level_weights: Sequence[float] | None = None, memory_limit_mb: float = 256) -> list[QueryResult]:
+           level_weights: Sequence[float] | None = None, memory_limit_mb: float = 256,
+           explain_samples: int | None = None, explain_seed: int = 0) -> list[QueryResult]:
     """Rank the index's videos for each query (exact HBI score), best first, with the why of each hit.
 
+    ``explain_samples``: also attach each hit's entity-level interaction map (:func:`explain_hit`, that many
+    Monte-Carlo coalitions; ``retrieve --explain``).
+
     Raises:
-        UsageError: no query, ``top_k`` < 1. BadInputError: an empty query. MismatchError: (from Index.open)
+        UsageError: no query, ``top_k`` < 1, ``explain_samples`` < 1. BadInputError: an empty query.
+        MismatchError: (from Index.open)
     """
     queries = check_queries(queries)
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
+    if explain_samples is not None:
+        from hbi_runtime.explain.explainer import check_samples
+
+        check_samples(explain_samples)
     if not index.rows:
         raise BadInputError(f"the index {index.dir} holds no video",
                             hint="index a folder that contains videos (hbi-run index VIDEO_DIR)")
     weights = tuple(level_weights) if level_weights is not None else tuple(model.manifest.level_weights)
     text = model.encode_text(queries)
-    ids, _, _ = model.tokenizer(queries)
+    words = [model.tokenizer.words(q) for q in queries]
     store = index.video_store()
     scores = score(text, store, level_weights=weights, memory_limit_mb=memory_limit_mb)  # (Q, N)
     _check_scores(index, scores, weights)
@@ -116,11 +158,13 @@ def search(model, index: Index, queries: Sequence[str], *, top_k: int = 10,
         hits = []
         for rank, (video, value, ex) in enumerate(zip(best[q], values[q], why[q]), start=1):
             row = index.rows[int(video)]
+            why_map = (explain_hit(model, text, q, store, int(video), row, words[q], samples=explain_samples,
+                                   seed=explain_seed) if explain_samples is not None else None)
             hits.append(Hit(rank, round(float(value), 6), exact_text(row.rel), row.duration, row.start_s, row.end_s,
                             _timestamp(row, ex.best_frame),
-                            _words(model, ids[q], ex.token_positions, ex.per_token_best_frame, row),
+                            _words(words[q], model.manifest.max_words, ex, store.levels[0].mask[int(video)], row),
                             abs_path=exact_text(row.abs_bytes), path_b64=path_b64(row.rel),
-                            abs_path_b64=path_b64(row.abs_bytes), display=row.display))
+                            abs_path_b64=path_b64(row.abs_bytes), display=row.display, explanation=why_map))
         results.append(QueryResult(query, bool(text.truncated[q]), hits))
     return results
 

@@ -40,6 +40,7 @@ import gzip
 import html
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -55,6 +56,7 @@ __all__ = [
     "VOCAB_SHA256",
     "VOCAB_SIZE",
     "ClipTokenizer",
+    "Word",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ WORD_CACHE_SIZE = 1 << 16  # distinct pre-tokenised words whose BPE ids are reme
 # CLIP's pre-tokenisation pattern (compiled with IGNORECASE, as CLIP does).
 _WORD_PATTERN = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"""
                  r"""|[^\s\p{L}\p{N}]+""")
+_SYMBOLS = r"[^\s\p{L}\p{N}]+"  # the pattern's punctuation / symbol / emoji runs
+_CONTRACTIONS = frozenset(("'s", "'t", "'re", "'ve", "'m", "'ll", "'d"))
+EXACT_CHUNK_CHARS = 256  # longer runs without white space keep their cleaned spelling (offsets cost O(n^2) here)
 _EMPTY_HINT = "give a caption with at least one visible character (white space and control characters are removed)"
 
 
@@ -104,6 +109,32 @@ def _byte_symbol_order() -> list[int]:
     return printable + [b for b in range(256) if b not in chosen]
 
 
+@dataclass(frozen=True)
+class Word:
+    """One word of a text, as :meth:`ClipTokenizer.words` finds it.
+
+    Attributes:
+        text: the word as written in the text given (case, accents, emoji, any script), when ``exact``; else its
+            cleaned, lower-cased spelling (what the tokenizer read).
+        start, end: its place in the text given (``text[start:end]``); -1 when not ``exact``.
+        first: index of its first BPE piece in :meth:`ClipTokenizer.encode`'s ids (row position ``1 + first``).
+        pieces: how many BPE pieces it has.
+        exact: ``text`` is the original spelling.
+    """
+
+    text: str
+    start: int
+    end: int
+    first: int
+    pieces: int
+    exact: bool = True
+
+    def positions(self, max_words: int) -> range:
+        """Its row positions in a row of length ``max_words`` (SOT first), only those that fit."""
+        last = max_words - 1  # EOT's place when the row is full
+        return range(min(1 + self.first, last), min(1 + self.first + self.pieces, last))
+
+
 class ClipTokenizer:
     """CLIP BPE tokenizer producing the official HBI loader's ``(ids, mask)`` rows.
 
@@ -129,6 +160,8 @@ class ClipTokenizer:
         self._fix_text = ftfy.fix_text
         self._word_re = regex.compile(_WORD_PATTERN, regex.IGNORECASE)
         self._space_re = regex.compile(r"\s+")
+        self._chunk_re = regex.compile(r"\S+")
+        self._symbol_re = regex.compile(_SYMBOLS)
 
         self.max_words = _check_max_words(max_words)
         self.vocab_path = Path(vocab_path) if vocab_path is not None else DEFAULT_VOCAB_PATH
@@ -168,6 +201,81 @@ class ClipTokenizer:
         for word in self._word_re.findall(self.clean(text)):
             ids.extend(word_ids(word))
         return ids
+
+    def words(self, text: str) -> list[Word]:
+        """The words of ``text`` with their BPE pieces: :meth:`encode`'s ids, grouped.
+
+        A word is a run of the text without white space, less the punctuation / symbol runs at its start and end,
+        which are words of their own ("dog," -> "dog", ","; "(hippopotamus)" -> "(", "hippopotamus", ")"; "don't",
+        "t-shirt", "2024", "o'clock" stay whole, although CLIP splits them; a symbol run such as an emoji is one
+        word). Each word keeps its exact spelling in ``text``: the pieces come from the cleaned, lower-cased text, so
+        the word's place in ``text`` is found by cleaning prefixes of its run (a word whose place cannot be found
+        that way, or in a run over ``EXACT_CHUNK_CHARS`` characters, keeps the cleaned spelling, ``exact=False``).
+        The pieces of all words, in order, are exactly :meth:`encode`'s ids.
+        """
+        out: list[Word] = []
+        pieces: list[int] = []
+        for run in self._chunk_re.finditer(text):
+            for start, end, spelled, ids, exact in self._run_words(run.group(), run.start()):
+                out.append(Word(spelled, start, end, len(pieces), len(ids), exact))
+                pieces += ids
+        if pieces != self.encode(text):  # cleaning was not local to each run: words of the whole cleaned text
+            out, pieces = [], []
+            for spelled, ids in self._cleaned_words(self.clean(text)):
+                out.append(Word(spelled, -1, -1, len(pieces), len(ids), False))
+                pieces += ids
+        return out
+
+    def _cleaned_words(self, cleaned: str) -> list[tuple[str, tuple[int, ...]]]:
+        """(spelling, ids) of the words of a cleaned text (no offsets)."""
+        out = []
+        for run in self._chunk_re.finditer(cleaned):
+            for group in self._groups(list(self._word_re.finditer(run.group()))):
+                ids = tuple(i for m in group for i in self._word_ids(m.group()))
+                out.append((run.group()[group[0].start():group[-1].end()], ids))
+        return out
+
+    def _groups(self, tokens: list) -> list[list]:
+        """Pre-tokens of one run without white space -> words: leading and trailing symbol runs split off."""
+        wordy = [k for k, m in enumerate(tokens)
+                 if not (self._symbol_re.fullmatch(m.group()) and m.group() not in _CONTRACTIONS)]
+        if not wordy:
+            return [[m] for m in tokens]
+        a, b = wordy[0], wordy[-1]
+        return [[m] for m in tokens[:a]] + [tokens[a:b + 1]] + [[m] for m in tokens[b + 1:]]
+
+    def _run_words(self, run: str, offset: int) -> list[tuple[int, int, str, tuple[int, ...], bool]]:
+        """(start, end, spelling, ids, exact) of the words of one run of the original text."""
+        cleaned = self.clean(run)
+        groups = self._groups(list(self._word_re.finditer(cleaned)))
+        spans = [(g[0].start(), g[-1].end()) for g in groups]
+        ids = [tuple(i for m in g for i in self._word_ids(m.group())) for g in groups]
+        where = self._original_offsets(run, cleaned, sorted({e for span in spans for e in span}))
+        out = []
+        for (cs, ce), word_ids in zip(spans, ids):
+            if where is not None and where.get(cs) is not None and where.get(ce) is not None:
+                s, e = where[cs], where[ce]
+                if s < e and self.clean(run[s:e]) == cleaned[cs:ce]:
+                    out.append((offset + s, offset + e, run[s:e], word_ids, True))
+                    continue
+            out.append((-1, -1, cleaned[cs:ce], word_ids, False))
+        return out
+
+    def _original_offsets(self, run: str, cleaned: str, cuts: list[int]) -> dict[int, int | None] | None:
+        """For each offset ``cut`` in ``cleaned`` (= clean(run)), the matching offset in ``run``: the longest prefix
+        of ``run`` that cleans to ``cleaned[:cut]`` (so "&lt;" stays whole); None where no prefix does."""
+        if len(cleaned) == len(run) and cleaned == run.lower():  # cleaning only lower-cased it, char for char
+            return {c: c for c in cuts}
+        if len(run) > EXACT_CHUNK_CHARS:
+            return None
+        prefixes = [self.clean(run[:k]) for k in range(len(run) + 1)]
+        out: dict[int, int | None] = {}
+        for cut in cuts:
+            target = cleaned[:cut]
+            out[cut] = max((k for k, p in enumerate(prefixes) if p == target), default=None)
+        if len(cleaned) in out:
+            out[len(cleaned)] = len(run)
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of a row or of :meth:`encode` output.

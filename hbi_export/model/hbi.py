@@ -13,7 +13,7 @@ from torch import nn
 from hbi_export.model.clip import ClipTowers
 from hbi_export.model.config import HBIConfig
 from hbi_export.model.layers import MASK_NEG, Transformer, key_padding_bias
-from hbi_export.model.merge import CTM, TCBlock
+from hbi_export.model.merge import CLUSTER_CHECK_RTOL, CTM, TCBlock, merge_check
 from hbi_export.model.sides import SideLevel, TextSide, VideoSide, score, score_levels
 from hbi_runtime.errors import BadInputError
 
@@ -66,17 +66,17 @@ class HBIModel(nn.Module):
         return self.temporal(self.frame_features(frames), frame_mask)
 
     # ------------------------------------------------------------------ sides
-    def text_side(self, feats: torch.Tensor, mask: torch.Tensor) -> TextSide:
-        """(Bt, L, D) features + (Bt, L) mask -> TextSide."""
+    def text_side(self, feats: torch.Tensor, mask: torch.Tensor, clusters: list | None = None) -> TextSide:
+        """(Bt, L, D) features + (Bt, L) mask -> TextSide (``clusters``: see :func:`_make_levels`)."""
         heads = (self.text_weight_fc, self.text_weight_fc0, self.text_weight_fc1)
         merges = ((self.t_ctm0, self.t_block0), (self.t_ctm1, self.t_block1))
-        return TextSide(_make_levels(feats, mask, heads, merges))
+        return TextSide(_make_levels(feats, mask, heads, merges, clusters))
 
-    def video_side(self, feats: torch.Tensor, mask: torch.Tensor) -> VideoSide:
-        """(Bv, T, D) features + (Bv, T) mask -> VideoSide."""
+    def video_side(self, feats: torch.Tensor, mask: torch.Tensor, clusters: list | None = None) -> VideoSide:
+        """(Bv, T, D) features + (Bv, T) mask -> VideoSide (``clusters``: see :func:`_make_levels`)."""
         heads = (self.video_weight_fc, self.video_weight_fc0, self.video_weight_fc1)
         merges = ((self.v_ctm0, self.v_block0), (self.v_ctm1, self.v_block1))
-        return VideoSide(_make_levels(feats, mask, heads, merges))
+        return VideoSide(_make_levels(feats, mask, heads, merges, clusters))
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> TextSide:
         mask = mask.to(torch.float32)
@@ -85,6 +85,20 @@ class HBIModel(nn.Module):
     def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> VideoSide:
         frame_mask = frame_mask.to(torch.float32)
         return self.video_side(self.video_features(frames, frame_mask), frame_mask)
+
+    def encode_text_clusters(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[TextSide, Clusters]:
+        """:meth:`encode_text` and which tokens each merged token merged (:data:`Clusters`)."""
+        mask = mask.to(torch.float32)
+        found: list = []
+        side = self.text_side(self.text_features(ids, mask), mask, found)
+        return side, _clusters(found)
+
+    def encode_video_clusters(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> tuple[VideoSide, Clusters]:
+        """:meth:`encode_video` and which frames each merged token merged (:data:`Clusters`)."""
+        frame_mask = frame_mask.to(torch.float32)
+        found: list = []
+        side = self.video_side(self.video_features(frames, frame_mask), frame_mask, found)
+        return side, _clusters(found)
 
     # ------------------------------------------------------------------ scores
     def score(self, text: TextSide, video: VideoSide,
@@ -97,8 +111,20 @@ class HBIModel(nn.Module):
         return score_levels(text, video)
 
 
-def _make_levels(feats, mask, heads, merges) -> tuple[SideLevel, SideLevel, SideLevel]:
-    """The three levels of one modality.
+# Which tokens each merged token merged: (level-1 cluster of each level-0 token (B, N0), level-2 cluster of each
+# level-1 token (B, N1), per merge 1.0 when the assignment reproduces the merged tokens, i.e. merge_check <=
+# CLUSTER_CHECK_RTOL, else 0.0 (B, 2)), all float32 (the indices are exact small integers).
+Clusters = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _clusters(found: list) -> Clusters:
+    (a1, c1), (a2, c2) = found
+    return a1.float(), a2.float(), (torch.stack([c1, c2], dim=1) <= CLUSTER_CHECK_RTOL).float()
+
+
+def _make_levels(feats, mask, heads, merges, clusters: list | None = None) -> tuple[SideLevel, SideLevel, SideLevel]:
+    """The three levels of one modality (``clusters``: a list that receives, per merge, the assignment of the
+    merge's input tokens and its :func:`~hbi_export.model.merge.merge_check`).
 
     Entity: weights softmaxed over valid positions only; similarities later multiplied by the mask.
     Action / event: CTM + TCBlock merges (level-1 CTM masked, level-2 unmasked), plain softmax weights over
@@ -113,6 +139,9 @@ def _make_levels(feats, mask, heads, merges) -> tuple[SideLevel, SideLevel, Side
     x, level_mask = feats, mask
     for head, (ctm, block) in zip(heads[1:], merges):
         merged, tokens, token_score = ctm(x, level_mask)
+        if clusters is not None:
+            assign = ctm.assignment(tokens, level_mask)
+            clusters.append((assign, merge_check(tokens, token_score, assign, merged)))
         x, level_mask = block(merged, tokens, token_score), None
         ones = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
         levels.append(_level(x, head(x).squeeze(-1).float().softmax(dim=-1), ones, nonempty))

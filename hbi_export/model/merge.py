@@ -56,6 +56,65 @@ def dpc_knn(x: torch.Tensor, clusters: int, k: int, mask: torch.Tensor | None) -
         return assign.scatter(1, centres, own)
 
 
+def cluster_assignment(x: torch.Tensor, mask: torch.Tensor | None, clusters: int, k: int) -> torch.Tensor:
+    """The cluster of each token, (B, N) int64: what :func:`dpc_knn` returns, computed without any operator whose
+    tie order matters, for export next to the ``hbi.TokenMerge`` node (the encoders' optional cluster outputs,
+    docs/explain.md).
+
+    Written as the op's decomposition is (``hbi_export/onnx/functions.py``): matmul-form distances made exactly
+    symmetric with a zero diagonal; centres by an exact rank (``#{j: s_j > s_i or (s_j == s_i and j < i)}``, a
+    strict total order); the nearest centre as the smallest cluster index at the minimum distance, compared
+    exactly. ``TopK`` is used for its values only. Same rules as :func:`dpc_knn`, so the same clusters except
+    where cdist and the matmul form round a near tie differently.
+    """
+    with torch.no_grad():
+        xf = x.float()
+        b, n, c = xf.shape
+        sq = (xf * xf).sum(dim=-1, keepdim=True)  # (B, N, 1)
+        gram = xf @ xf.transpose(1, 2)
+        d2 = sq + sq.transpose(1, 2) - (gram + gram)
+        d2 = (d2 + d2.transpose(1, 2)) * 0.5
+        idx = torch.arange(n, device=x.device)
+        diagonal = idx[None, :] == idx[:, None]  # (N, N)
+        dist = torch.where(diagonal, torch.zeros_like(d2), d2.clamp_min(0.0)).sqrt() / (c ** 0.5)
+        valid = (torch.ones(b, n, device=x.device) if mask is None else mask.float()) > 0
+        fill = dist.amax(dim=(1, 2), keepdim=True) + 1.0  # per sample, as dpc_knn
+        dist = torch.where(valid[:, None, :], dist, fill)
+        nearest = torch.topk(dist, k=min(k, n), dim=-1, largest=False).values
+        density = torch.exp(-(nearest * nearest).mean(dim=-1)) * valid.float()  # (B, N)
+        lower = idx[None, :] < idx[:, None]  # [i, j]: j < i
+        d_i, d_j = density[:, :, None], density[:, None, :]
+        outranks = (d_j > d_i) | ((d_j == d_i) & lower)
+        dist_max = dist.amax(dim=(1, 2), keepdim=True)
+        parent = torch.where(outranks, dist, dist_max).amin(dim=-1)
+        s_i = (parent * density)[:, :, None]  # (B, N, 1)
+        s_j = s_i.transpose(1, 2)
+        rank = ((s_j > s_i) | ((s_j == s_i) & lower)).sum(dim=-1)  # (B, N), a permutation of 0..N-1
+        cluster_ids = torch.arange(clusters, device=x.device)
+        is_centre = rank[:, None, :] == cluster_ids[None, :, None]  # (B, K, N): token n has rank c
+        centres = (is_centre.long() * idx[None, None, :]).sum(dim=-1)  # (B, K)
+        to_centre = torch.gather(dist, 1, centres[:, :, None].expand(b, clusters, n))  # (B, K, N)
+        at_min = to_centre == to_centre.amin(dim=1, keepdim=True)
+        first = torch.where(at_min, cluster_ids[None, :, None], torch.full_like(at_min, clusters, dtype=torch.long))
+        return torch.where(rank < clusters, rank, first.amin(dim=1))
+
+
+CLUSTER_CHECK_RTOL = 1e-2  # merge_check: rounding is ~1e-7 (fp32), ~1e-3 (fp16, TF32); a wrong token ~1
+
+
+def merge_check(x: torch.Tensor, score: torch.Tensor, assign: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
+    """How well ``assign`` explains ``merged``: per sample, max |merge(x, assign) - merged| / max |merged|, (B,).
+
+    ~1e-7 (fp32) when ``assign`` is the assignment the merge used; a token in another cluster moves a merged
+    token by about its distance to the cluster. The encoders output ``merge_check <= CLUSTER_CHECK_RTOL``.
+    """
+    with torch.no_grad():
+        clusters = merged.shape[1]
+        again = merge_tokens(x.float(), assign, score.float().exp(), clusters)
+        diff = (again - merged.float()).abs().flatten(1).amax(dim=-1)
+        return diff / (merged.float().abs().flatten(1).amax(dim=-1) + 1e-6)
+
+
 def token_merge(x: torch.Tensor, score: torch.Tensor, mask: torch.Tensor | None, clusters: int,
                 k: int) -> torch.Tensor:
     """DPC-kNN clustering + weighted merge (the ``hbi.TokenMerge`` op, docs/custom_ops.md): (B, clusters, C).
@@ -118,6 +177,10 @@ class CTM(nn.Module):
             score = torch.where(mask > 0, score, torch.full_like(score, MASK_NEG))
         merged = self.merge_fn(x, score, mask, self.clusters(x.shape[1]), self.k)
         return merged, x, score
+
+    def assignment(self, tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The cluster of each of ``forward``'s ``tokens`` (its second output), (B, N) int64."""
+        return cluster_assignment(tokens, mask, self.clusters(tokens.shape[1]), self.k)
 
 
 class TCAttention(nn.Module):

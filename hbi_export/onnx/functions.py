@@ -3,15 +3,30 @@
 Every exported graph carries these FunctionProtos, so any ONNX runtime can run an ``hbi.*`` node by inlining its
 body. The bodies compute in float32 whatever the input type (fp16 packages keep these reductions in fp32) and
 cast the result back to the input type. They are written for TensorRT's parser too: the weighted merge is a
-one-hot assignment matmul (no ScatterND reduction), distances use the matmul form, centres are chosen by
-``TopK`` (ties: lower index first, per the ONNX spec) and forced to their own cluster without a scatter.
+one-hot assignment matmul (no ScatterND reduction), distances use the matmul form, and every centre is forced to
+its own cluster without a scatter.
+
+Tie order. Nothing in these bodies depends on how an operator breaks ties: ONNX defines ``TopK`` / ``ArgMin`` /
+``ArgMax`` ties (lower index first), TensorRT's TopK (which also implements its ArgMin / ArgMax) does not document
+them, and ties are common here (every padded token has centre score 0, so a caption shorter than the cluster
+count picks padded centres; duplicated tokens tie in density and in distance). So:
+
+* the kNN density uses ``TopK`` *values* only (the k smallest distances are the same whichever tied index is
+  returned);
+* the centres are chosen by an explicit rank, ``rank[i] = #{j: s[j] > s[i] or (s[j] == s[i] and j < i)}``
+  (pairwise comparisons and an exact count, a strict total order), cluster ``c`` being the token of rank ``c``;
+* the nearest centre is the *first* minimum, computed as the smallest cluster index whose distance equals the
+  minimum (``ReduceMin`` of exact values), not by ``ArgMin``.
+
+``tests/export/test_merge_tie_order.py`` holds this: no index output of ``TopK`` and no ``ArgMin`` / ``ArgMax``
+in the bodies, and the same results when every tie-breaking operator is made to break ties the other way.
 """
 
 from __future__ import annotations
 
 import onnx
 import onnxscript
-from onnxscript import FLOAT
+from onnxscript import FLOAT, INT64
 from onnxscript import opset18 as op
 
 DOMAIN = "hbi"
@@ -68,19 +83,30 @@ def TokenMerge(x, score, mask, clusters: int, k: int):
     outranks = op.Or(op.Greater(d_j, d_i), op.And(op.Equal(d_j, d_i), lower))
     dist_max = op.ReduceMax(dist, [1, 2], keepdims=1)
     parent = op.ReduceMin(op.Where(outranks, dist, dist_max), [2], keepdims=0)  # (B, N)
+    # centres: the `clusters` highest centre scores, equal scores lower index first, by an exact rank (no TopK
+    # indices: their tie order is not defined by TensorRT); rank is a permutation of 0..N-1
+    s_i = op.Unsqueeze(op.Mul(parent, density), [2])  # (B, N, 1)
+    s_j = op.Transpose(s_i, perm=[0, 2, 1])  # (B, 1, N)
+    before = op.Or(op.Greater(s_j, s_i), op.And(op.Equal(s_j, s_i), lower))  # [i, j] = j ranks before i
+    rank = op.ReduceSum(op.Cast(before, to=FLOAT.dtype), [2], keepdims=0)  # (B, N), exact integers
     c_const = op.Constant(value_int=clusters)
-    _, centres = op.TopK(op.Mul(parent, density), op.Reshape(c_const, [1]), axis=-1, largest=1, sorted=1)
-    # nearest centre (first on ties); every centre in its own cluster
+    cluster_ids = op.Range(op.Constant(value_int=0), c_const, op.Constant(value_int=1))  # (K,)
+    cluster_f = op.Cast(cluster_ids, to=FLOAT.dtype)
+    is_centre = op.Cast(op.Equal(op.Unsqueeze(rank, [1]), op.Unsqueeze(cluster_f, [0, 2])),
+                        to=FLOAT.dtype)  # (B, K, N): token n has rank c
+    idx_f = op.Cast(idx, to=FLOAT.dtype)
+    centres = op.Cast(op.ReduceSum(op.Mul(is_centre, op.Unsqueeze(idx_f, [0, 1])), [2], keepdims=0),
+                      to=INT64.dtype)  # (B, K): the one token of rank c (a sum of one index and zeros)
+    # nearest centre, the first on equal distance (the smallest cluster index at the minimum); a centre: its own
     b = op.Shape(xf, start=0, end=1)
     gather_shape = op.Concat(b, op.Reshape(c_const, [1]), n, axis=0)
     to_centre = op.GatherElements(dist, op.Expand(op.Unsqueeze(centres, [2]), gather_shape), axis=1)  # (B, K, N)
-    nearest = op.ArgMin(to_centre, axis=1, keepdims=0)  # (B, N)
-    is_centre = op.Cast(op.Equal(op.Unsqueeze(centres, [2]), op.Unsqueeze(idx, [0, 1])), to=FLOAT.dtype)
-    assign = op.Where(op.Greater(op.ReduceMax(is_centre, [1], keepdims=0), zero),
-                      op.ArgMax(is_centre, axis=1, keepdims=0), nearest)
+    at_min = op.Equal(to_centre, op.ReduceMin(to_centre, [1], keepdims=1))
+    k_f = op.Cast(c_const, to=FLOAT.dtype)
+    nearest = op.ReduceMin(op.Where(at_min, op.Unsqueeze(cluster_f, [0, 2]), k_f), [1], keepdims=0)  # (B, N)
+    assign = op.Where(op.Less(rank, k_f), rank, nearest)  # float cluster index per token
     # weighted merge as a one-hot matmul
-    cluster_ids = op.Range(op.Constant(value_int=0), c_const, op.Constant(value_int=1))  # (K,)
-    onehot = op.Cast(op.Equal(op.Unsqueeze(assign, [1]), op.Unsqueeze(cluster_ids, [0, 2])), to=FLOAT.dtype)
+    onehot = op.Cast(op.Equal(op.Unsqueeze(assign, [1]), op.Unsqueeze(cluster_f, [0, 2])), to=FLOAT.dtype)
     weighted = op.Mul(onehot, op.Unsqueeze(op.Exp(op.Cast(score, to=FLOAT.dtype)), [1]))  # (B, K, N)
     norm = op.Add(op.ReduceSum(weighted, [2], keepdims=1), op.Constant(value_float=1e-6))
     merged = op.Div(op.MatMul(weighted, xf), norm)

@@ -84,8 +84,8 @@ def write_package(model: HBIModel, root: Path, *, source: dict, max_words: int, 
     c = model.config
     manifest = Manifest(
         model_config=c.to_dict(), level_weights=c.level_weights, max_words=max_words, max_frames=max_frames,
-        embed_dim=c.embed_dim, tokens_per_level={"text": [t.shape[1] for t in defs["text_encoder"].outputs[::3]],
-                                                 "video": [t.shape[1] for t in defs["video_encoder"].outputs[::3]]},
+        embed_dim=c.embed_dim, tokens_per_level={"text": [t.shape[1] for t in defs["text_encoder"].outputs[:9:3]],
+                                                 "video": [t.shape[1] for t in defs["video_encoder"].outputs[:9:3]]},
         preprocessing=Preprocessing(max_frames=max_frames, image_size=c.vision.image_size),
         tokenizer=TokenizerSpec(max_words=max_words, files=hash_files(root, [vocab])),
         graphs=graphs, source=source, toolkit_version=__version__)

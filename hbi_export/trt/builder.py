@@ -1,47 +1,88 @@
-"""Build TensorRT engines from a model package (``hbi-export build-engine``). Needs tensorrt and onnx, never torch.
+"""Build TensorRT engines from a model package (``hbi-export build-engine``). Needs tensorrt, polygraphy and onnx,
+never torch.
 
-Three steps, each testable on its own:
+The engine is built through NVIDIA's Polygraphy loaders (``polygraphy.backend.trt``): ``NetworkFromOnnxBytes``
+(builder, network, ONNX parser, TensorRT's own plugins), ``PostprocessNetwork`` (our network steps below),
+``CreateConfig`` (precision flags, TF32, precision constraints, the optimization profile, workspace, timing cache)
+and ``EngineBytesFromNetwork`` (the build, the timing cache written back). This module decides what to ask them
+for and does what they do not:
 
 1. :func:`plan_build` (pure): from the installed TensorRT version, the wanted precision, the package graph's
-   precision and whether it carries Q/DQ nodes, decide the network mode and builder flags:
+   precision and whether it carries Q/DQ nodes, decide the network mode, precisions and TF32:
 
-   * TensorRT 11: networks are always strongly typed (the FP16 / INT8 builder flags are gone), so the ONNX types
-     decide: fp16 needs an fp16 package (``hbi-export onnx --precision fp16``), int8 a Q/DQ package.
+   * TensorRT 11: networks are always strongly typed (the FP16 / INT8 builder flags, layer precisions and output
+     types are gone), so the ONNX types decide: fp16 needs an fp16 package (``hbi-export onnx --precision fp16``),
+     int8 a Q/DQ package.
    * TensorRT 10 (>= 10.3), weakly typed (default): fp16 sets ``FP16`` and pins LayerNorm and softmax layers to
      fp32 (layer precision + output type, honoured through ``OBEY_PRECISION_CONSTRAINTS``); int8 sets ``INT8``
-     and needs a Q/DQ package (never implicit calibration); fp32 clears ``TF32`` so that fp32 parity holds.
+     and needs a Q/DQ package (never implicit calibration).
    * TensorRT 10 with ``--strongly-typed``: as TensorRT 11.
+   * TF32 (on by default in TensorRT) is cleared for every build that computes in fp32 (fp32 engines, int8
+     engines of fp32 graphs), typed or not: fp32 engines are judged by the fp32 gate (1e-4).
+
+   :func:`resolve_precision` turns ``--precision auto`` into one of them: the package's precision under strong
+   typing, fp16 where weak typing allows, int8 for a quantized package.
 
 2. :func:`prepare_onnx`: the hbi plugin ops. TensorRT's ONNX parser before 10.7 inlines a model-local function
-   in preference to a plugin (DESIGN.md, "How TensorRT's ONNX parser resolves a node"), so when the plugin library
-   is loaded on such a version the functions of the plugin ops are dropped before parsing.
+   in preference to a plugin (docs/tensorrt.md, "Plugins and the ONNX parser"), so when the plugin library is
+   loaded on such a version the functions of the plugin ops are dropped before parsing.
 
-3. :func:`build_serialized`: parse (every parser error reported with its node), configure (workspace, flags,
-   fp32 pins, one optimization profile, timing cache) and build (a None result is an error with TensorRT's log).
+3. :func:`build_serialized`: runs the Polygraphy chain that :func:`chain_config` describes (pure data, tested on
+   CPU) and :func:`make_loaders` turns into Polygraphy loader objects. Our own code, where Polygraphy has no
+   equivalent (docs/tensorrt.md, "Polygraphy and our own code"):
 
-The ``trt`` argument is the seam: the ``tensorrt`` module in production, a fake in tests.
+   * the plugin library is registered with ``IPluginRegistry::loadLibrary`` (its ``getCreators`` entry point;
+     Polygraphy's ``LoadPlugins`` only ``dlopen``s, which registers nothing in this library): done once per
+     process by :func:`hbi_runtime.backends.tensorrt.load_plugin_library` before the chain runs;
+   * the fp32 pins select layers by *type* and set layer precision and output types (:func:`pin_fp32_layers`;
+     Polygraphy's ``SetLayerPrecisions`` takes layer names and sets the compute precision only): run inside the
+     chain by ``PostprocessNetwork``, with the check that the parsed network's inputs are the manifest's;
+   * a timing cache from another TensorRT / GPU is refused (:func:`check_timing_cache`; ``CreateConfig`` ignores
+     ``set_timing_cache``'s result and would build without it);
+   * parser and builder errors come back as our errors naming every failing node (Polygraphy logs them and raises
+     a generic exception): :func:`polygraphy_log` collects them.
+
+4. :func:`reproducer_lines`: the ``trtexec`` and ``polygraphy run`` command lines equivalent to the build, stored
+   in the engine manifest and printed, to reproduce a problem with NVIDIA's tools.
+
+The ``trt`` argument is the seam: the ``tensorrt`` module in production, a fake in tests (Polygraphy imports
+``tensorrt`` itself, so tests put the fake in ``sys.modules``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from hbi_runtime.engines import TensorProfile
 from hbi_runtime.backends.tensorrt import TRT_HINT
-from hbi_runtime.errors import HbiError, MismatchError, UsageError
-from hbi_runtime.fileio import write_atomic
+from hbi_runtime.engines import TensorProfile, shape_spec
+from hbi_runtime.errors import HbiError, MismatchError, MissingDependencyError, UsageError
 
 PLUGIN_DOMAIN = "hbi"
 PLUGIN_OPS = ("WeightedTokenInteraction", "TokenMerge")
 PLUGIN_VERSION = "1"
 MIN_TRT = (10, 3)
+TYPED_ONLY = 11  # from this major version networks are always strongly typed
 PARSER_PREFERS_PLUGINS = (10, 7)  # from here the ONNX parser picks a registered plugin over a local function
 FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX")  # trt.LayerType names pinned to fp32 in weakly typed fp16
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+PRECISIONS = ("fp32", "fp16", "int8")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+POLYGRAPHY_MIN = (0, 49, 14)  # Polygraphy's Python-logging switch (polygraphy_log)
+POLYGRAPHY_MIN_TRT11 = (0, 50, 3)  # older CreateConfig reads layer precisions, which TensorRT 11 removed
+POLYGRAPHY_HINT = ("pip install 'polygraphy>=0.50.3' (NVIDIA's TensorRT toolkit; the GPU extras of hbi-toolkit bring "
+                   "it: docs/tensorrt.md, \"Installing\")")
+# per-tensor tolerances of the `polygraphy run` reproducer (TensorRT vs ONNX Runtime, --atol / --rtol and the error
+# statistic): fp32 as the fp32 gate; fp16 / int8 elementwise tolerances only flag gross differences, the gate is
+# the task-level one (hbi-export parity --engine)
+REPRO_TOLERANCE = {"fp32": ("1e-4", "1e-4", "max"), "fp16": ("1e-2", "1e-2", "median"),
+                   "int8": ("1e-1", "1e-1", "median")}
 
 
 def parse_version(text: str) -> tuple[int, int, int]:
@@ -52,22 +93,73 @@ def parse_version(text: str) -> tuple[int, int, int]:
     return tuple((numbers + [0])[:3])  # type: ignore[return-value]
 
 
+def _dotted(version: Sequence[int]) -> str:
+    return ".".join(map(str, version))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 1. The plan
 
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """How one graph is built: network mode, builder flags to set / clear, fp32 pins, function dropping."""
+    """How one graph is built: network mode, precisions, TF32, fp32 pins, function dropping."""
 
     trt_version: tuple[int, int, int]
     precision: str
     strongly_typed: bool
-    flags: tuple[str, ...] = ()  # trt.BuilderFlag names to set
-    clear_flags: tuple[str, ...] = ()  # trt.BuilderFlag names to clear
-    pin_fp32: bool = False
+    fp16: bool = False  # BuilderFlag.FP16 (weakly typed only)
+    int8: bool = False  # BuilderFlag.INT8 (weakly typed only)
+    tf32: bool = True  # TensorRT's default; False for every build that computes in fp32
+    pin_fp32: bool = False  # LayerNorm / softmax pinned to fp32, OBEY_PRECISION_CONSTRAINTS
     drop_plugin_functions: bool = False
     notes: tuple[str, ...] = field(default=())
+
+    @property
+    def precision_constraints(self) -> str | None:
+        """Polygraphy's ``precision_constraints``: ``"obey"`` with fp32 pins, else None."""
+        return "obey" if self.pin_fp32 else None
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The ``trt.BuilderFlag`` names set (TF32 aside: see :attr:`clear_flags`)."""
+        return tuple(n for n, on in (("FP16", self.fp16), ("INT8", self.int8),
+                                     ("OBEY_PRECISION_CONSTRAINTS", self.pin_fp32)) if on)
+
+    @property
+    def clear_flags(self) -> tuple[str, ...]:
+        """The ``trt.BuilderFlag`` names cleared (TF32 is on by default)."""
+        return () if self.tf32 else ("TF32",)
+
+
+def _typed(trt_version: Sequence[int], strongly_typed: bool) -> bool:
+    return strongly_typed or trt_version[0] >= TYPED_ONLY
+
+
+def resolve_precision(requested: str, trt_version: tuple[int, int, int], *, strongly_typed: bool,
+                      graph_precisions: Mapping[str, str], quantized: Mapping[str, bool]) -> tuple[str, str | None]:
+    """The engine precision for ``--precision`` (``auto`` resolved) and a note saying how ``auto`` was read.
+
+    ``auto``: int8 for a quantized (Q/DQ) package; otherwise, in a strongly typed network (TensorRT 11,
+    ``--strongly-typed``), the package's own precision (its loosest graph: fp16 if any graph is fp16), since the
+    ONNX types decide there; in a weakly typed one (TensorRT 10), fp16.
+
+    Raises:
+        UsageError: not one of ``auto``, ``fp32``, ``fp16``, ``int8``.
+    """
+    if requested not in PRECISION_CHOICES:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {requested!r}")
+    if requested != "auto":
+        return requested, None
+    if any(quantized.values()) or "int8" in graph_precisions.values():
+        return "int8", "--precision auto: int8 (the package is quantized)"
+    if _typed(trt_version, strongly_typed):
+        own = "fp16" if "fp16" in graph_precisions.values() else "fp32"
+        why = (f"TensorRT {_dotted(trt_version[:2])} networks are strongly typed"
+               if trt_version[0] >= TYPED_ONLY else "--strongly-typed")
+        more = "" if own == "fp16" else "; `hbi-export onnx --precision fp16` makes a package for fp16 engines"
+        return own, f"--precision auto: {own} ({why}: the package's types{more})"
+    return "fp16", "--precision auto: fp16 (weakly typed: LayerNorm and softmax pinned to fp32)"
 
 
 def plan_build(trt_version: tuple[int, int, int], precision: str, *, graph_precision: str, has_qdq: bool,
@@ -76,7 +168,7 @@ def plan_build(trt_version: tuple[int, int, int], precision: str, *, graph_preci
 
     Args:
         trt_version: the installed TensorRT, ``(major, minor, patch)``.
-        precision: ``fp32``, ``fp16`` or ``int8``, the engine wanted.
+        precision: ``fp32``, ``fp16`` or ``int8``, the engine wanted (``auto`` is :func:`resolve_precision`'s).
         graph_precision: the package graph's precision from its manifest (``fp32``, ``fp16``, or ``int8`` for the
             Q/DQ graphs of ``hbi-export calibrate``).
         has_qdq: the graph carries QuantizeLinear / DequantizeLinear nodes.
@@ -86,12 +178,12 @@ def plan_build(trt_version: tuple[int, int, int], precision: str, *, graph_preci
         UsageError: a TensorRT older than 10.3, an unknown precision, or a package that cannot give that
             precision (with the command that makes one that can).
     """
-    if precision not in ("fp32", "fp16", "int8"):
+    if precision not in PRECISIONS:
         raise UsageError(f"--precision must be fp32, fp16 or int8, got {precision!r}")
     if tuple(trt_version[:2]) < MIN_TRT:
-        raise UsageError(f"TensorRT {'.'.join(map(str, trt_version))} is too old; hbi engines need TensorRT >= "
-                         f"{'.'.join(map(str, MIN_TRT))} (JetPack 6 has 10.3)", hint=TRT_HINT)
-    typed = strongly_typed or trt_version[0] >= 11
+        raise UsageError(f"TensorRT {_dotted(trt_version)} is too old; hbi engines need TensorRT >= "
+                         f"{_dotted(MIN_TRT)} (JetPack 6 has 10.3)", hint=TRT_HINT)
+    typed = _typed(trt_version, strongly_typed)
     notes = []
     if precision == "int8" and not has_qdq:
         # hbi-export calibrate quantizes the video encoder only; the other graphs keep their float precision (the
@@ -103,30 +195,28 @@ def plan_build(trt_version: tuple[int, int, int], precision: str, *, graph_preci
         raise UsageError(f"this package is quantized (it has Q/DQ nodes); build it with --precision int8, not "
                          f"{precision}", hint="or build from the unquantized package")
     if typed and precision == "fp16" and graph_precision != "fp16":
-        why = "TensorRT 11 networks are strongly typed" if trt_version[0] >= 11 else "--strongly-typed was given"
+        why = (f"TensorRT {trt_version[0]} networks are strongly typed" if trt_version[0] >= TYPED_ONLY
+               else "--strongly-typed was given")
         raise UsageError(f"{why}: an fp16 engine takes its types from the ONNX graph, and this package is "
                          f"{graph_precision}", hint="export an fp16 package: `hbi-export onnx --checkpoint CKPT "
-                                                   "--out PKG --precision fp16`, and build from it")
+                                                   "--out PKG --precision fp16`, and build from it (or build "
+                                                   "--precision auto: this package's own precision)")
     if typed and precision == "fp32" and graph_precision != "fp32":
         raise UsageError("an fp32 engine from an fp16 package is not possible in a strongly typed network",
-                         hint="build --precision fp16, or export an fp32 package")
-    flags: tuple[str, ...] = ()
-    clear: tuple[str, ...] = ()
-    pin = False
-    if not typed:
-        if precision == "fp16":
-            flags, pin = ("FP16", "OBEY_PRECISION_CONSTRAINTS"), True
-            notes.append("fp16 with LayerNorm and softmax layers pinned to fp32")
-        elif precision == "int8":
-            flags = ("INT8", "FP16") if graph_precision == "fp16" else ("INT8",)
-        if precision == "fp32" or (precision == "int8" and graph_precision != "fp16"):
-            clear = ("TF32",)  # TF32 is on by default and breaks fp32 parity (1e-4)
+                         hint="build --precision fp16 (or auto), or export an fp32 package")
+    fp32_compute = precision == "fp32" or (precision == "int8" and graph_precision != "fp16")
+    fp16 = not typed and (precision == "fp16" or (precision == "int8" and graph_precision == "fp16"))
+    int8 = not typed and precision == "int8"
+    pin = not typed and precision == "fp16"
+    if pin:
+        notes.append("fp16 with LayerNorm and softmax layers pinned to fp32")
     drop = plugins_loaded and tuple(trt_version[:2]) < PARSER_PREFERS_PLUGINS
     if drop:
         notes.append("model-local functions of the plugin ops dropped so that the parser picks the plugins")
     if not plugins_loaded:
         notes.append("no hbi plugin library: the custom ops run as their standard-op decompositions")
-    return BuildPlan(tuple(trt_version), precision, typed, flags, clear, pin, drop, tuple(notes))
+    return BuildPlan(tuple(trt_version), precision, typed, fp16=fp16, int8=int8, tf32=not fp32_compute,
+                     pin_fp32=pin, drop_plugin_functions=drop, notes=tuple(notes))
 
 
 def require_qdq(precision: str, quantized: Mapping[str, bool]) -> None:
@@ -186,36 +276,211 @@ def prepare_onnx(model: Any, *, drop_plugin_functions: bool) -> tuple[Any, list[
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Parse, configure, build
+# 3. The Polygraphy chain
 
 
-def make_logger(trt: Any, verbose: bool = False) -> Any:
-    """A ``trt.ILogger`` that keeps errors (for the build's error message) and prints warnings to stderr."""
+def import_polygraphy(trt_version: Sequence[int] | None = None) -> Any:
+    """``polygraphy.backend.trt``, or MissingDependencyError with the install hint (also for a Polygraphy too old
+    for this code, or for TensorRT 11 when ``trt_version`` says so)."""
+    try:
+        import polygraphy
+        from polygraphy.backend import trt as polygraphy_trt
+    except ImportError as exc:
+        raise MissingDependencyError(f"polygraphy is not installed ({exc}); building engines needs it",
+                                     hint=POLYGRAPHY_HINT) from exc
+    have = parse_version(getattr(polygraphy, "__version__", "0.0.0"))
+    need = POLYGRAPHY_MIN_TRT11 if trt_version is not None and trt_version[0] >= TYPED_ONLY else POLYGRAPHY_MIN
+    if have < need:
+        what = f" with TensorRT {_dotted(trt_version)}" if need == POLYGRAPHY_MIN_TRT11 else ""
+        raise MissingDependencyError(f"polygraphy {_dotted(have)} is too old{what}; hbi needs >= {_dotted(need)}",
+                                     hint=POLYGRAPHY_HINT)
+    return polygraphy_trt
 
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
 
-        def log(self, severity: Any, msg: str) -> None:
-            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                self.errors.append(msg)
-                sys.stderr.write(f"[TensorRT] error: {msg}\n")
-            elif severity == trt.ILogger.WARNING or verbose:
-                sys.stderr.write(f"[TensorRT] {msg}\n")
+@dataclass(frozen=True)
+class ChainConfig:
+    """The Polygraphy loader chain of one build, as data (names, not TensorRT objects):
 
-    return _Logger()
+    ``NetworkFromOnnxBytes(onnx, **network)`` -> ``PostprocessNetwork(hbi network steps)`` ->
+    ``EngineBytesFromNetwork(network, CreateConfig(**config), save_timing_cache=save_timing_cache)``.
+
+    ``config["memory_pool_limits"]`` maps ``trt.MemoryPoolType`` names to bytes; ``config["profiles"]`` is a list
+    of ``{input: (min, opt, max)}``.
+    """
+
+    network: dict
+    config: dict
+    save_timing_cache: str | None
+    pin_fp32: bool
 
 
-def parser_errors(parser: Any) -> list[str]:
-    """Every error of an ``OnnxParser``, with the node it is about."""
-    lines = []
-    for i in range(parser.num_errors):
-        err = parser.get_error(i)
-        where = err.node_name() or (f"node #{err.node()}" if err.node() >= 0 else "the model")
-        op = err.node_operator()
-        lines.append(f"{where}{f' ({op})' if op else ''}: {err.desc()}")
-    return lines
+def chain_config(plan: BuildPlan, profile: Mapping[str, TensorProfile], *, workspace_mb: int,
+                 timing_cache: Path | None = None) -> ChainConfig:
+    """What the Polygraphy loaders are asked for to build as ``plan`` says (pure; see :class:`ChainConfig`)."""
+    cache = str(timing_cache) if timing_cache is not None else None
+    # the strongly-typed creation flag is deprecated and ignored from TensorRT 11 (always typed): not asked for there
+    typed_flag = plan.strongly_typed and plan.trt_version[0] < TYPED_ONLY
+    return ChainConfig(
+        network={"strongly_typed": typed_flag},
+        config={"tf32": plan.tf32, "fp16": plan.fp16, "int8": plan.int8,
+                "precision_constraints": plan.precision_constraints,
+                "profiles": [{name: (p.min, p.opt, p.max) for name, p in profile.items()}],
+                "memory_pool_limits": {"WORKSPACE": int(workspace_mb) << 20},
+                "load_timing_cache": cache},
+        save_timing_cache=cache, pin_fp32=plan.pin_fp32)
+
+
+def pin_fp32_layers(trt: Any, network: Any) -> list[tuple[str, int]]:
+    """Pin every LayerNorm and softmax layer to fp32: layer precision and every output type. Returns the
+    ``(name, number of outputs)`` of each layer pinned (for the reproducer lines)."""
+    pinned_types = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES}
+    pinned = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in pinned_types:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned.append((layer.name, layer.num_outputs))
+    return pinned
+
+
+def polygraphy_pin_fp32(network: Any) -> None:
+    """The fp32 pins as a Polygraphy network post-processing script (``polygraphy run --trt-npps
+    .../builder.py:polygraphy_pin_fp32``): the reproducer lines run exactly our pinning."""
+    import tensorrt
+
+    pin_fp32_layers(tensorrt, network)
+
+
+def count_plugin_layers(trt: Any, network: Any) -> int:
+    kinds = {getattr(trt.LayerType, n) for n in ("PLUGIN_V3", "PLUGIN_V2", "PLUGIN") if hasattr(trt.LayerType, n)}
+    return sum(network.get_layer(i).type in kinds for i in range(network.num_layers))
+
+
+@dataclass
+class NetworkFacts:
+    """What the hbi network steps saw (filled when the chain runs)."""
+
+    inputs: list[str] = field(default_factory=list)
+    pinned: list[tuple[str, int]] = field(default_factory=list)
+    plugin_layers: int = 0
+
+
+def network_steps(trt: Any, chain: ChainConfig, expected_inputs: Sequence[str],
+                  facts: NetworkFacts) -> Callable[..., None]:
+    """Our step of the chain, run by Polygraphy's ``PostprocessNetwork`` on the parsed network: check its inputs
+    against the manifest, pin fp32 layers when asked, count plugin layers."""
+
+    def hbi_network_steps(network: Any) -> None:
+        facts.inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+        if sorted(facts.inputs) != sorted(expected_inputs):
+            raise MismatchError(f"the parsed network has inputs {facts.inputs}, the package manifest says "
+                                f"{sorted(expected_inputs)}",
+                                hint="re-export the package; a graph must match its manifest entry")
+        if chain.pin_fp32:
+            facts.pinned = pin_fp32_layers(trt, network)
+        facts.plugin_layers = count_plugin_layers(trt, network)
+
+    return hbi_network_steps
+
+
+@dataclass
+class Loaders:
+    """The Polygraphy loader objects of one build: ``network()`` parses, ``engine(network)`` builds."""
+
+    network: Any
+    config: Any
+    engine: Callable[[Any], Any]
+    facts: NetworkFacts
+
+
+def make_loaders(trt: Any, chain: ChainConfig, onnx_bytes: bytes, expected_inputs: Sequence[str]) -> Loaders:
+    """Polygraphy's loaders for ``chain`` (``trt`` names the pools and must be the module Polygraphy imports)."""
+    ptrt = import_polygraphy()
+    facts = NetworkFacts()
+    parsed = ptrt.NetworkFromOnnxBytes(onnx_bytes, **chain.network)
+    network = ptrt.PostprocessNetwork(parsed, func=network_steps(trt, chain, expected_inputs, facts),
+                                      name="hbi network steps")
+    config_args = dict(chain.config)
+    profiles = []
+    for shapes in config_args.pop("profiles"):
+        profile = ptrt.Profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.add(name, min=list(lo), opt=list(opt), max=list(hi))
+        profiles.append(profile)
+    pools = {getattr(trt.MemoryPoolType, name): size for name, size in config_args.pop("memory_pool_limits").items()}
+    config = ptrt.CreateConfig(profiles=profiles, memory_pool_limits=pools, **config_args)
+
+    def engine(built_network: Any) -> Any:
+        return ptrt.EngineBytesFromNetwork(built_network, config=config, save_timing_cache=chain.save_timing_cache)()
+
+    return Loaders(network, config, engine, facts)
+
+
+class _Collect(logging.Handler):
+    """Polygraphy's log during a build (TensorRT's own messages included): errors kept for the error message,
+    warnings for the build report; everything from INFO on echoed to stderr when verbose."""
+
+    PREFIX = re.compile(r"^\s*\[[A-Z!]\]\s*")
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__(logging.INFO if verbose else logging.WARNING)
+        self.verbose = verbose
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = self.PREFIX.sub("", record.getMessage()).strip()
+        kept = self.errors if record.levelno >= logging.ERROR else self.warnings
+        # CRITICAL is Polygraphy's own summary, raised as its exception; the errors before it are the reasons
+        backtrace = text.startswith(("File \"", "Traceback"))  # G_LOGGER.backtrace() before a critical
+        if logging.WARNING <= record.levelno < logging.CRITICAL and text and not backtrace and text not in kept:
+            kept.append(text)
+        if self.verbose:
+            sys.stderr.write(f"[polygraphy] {text}\n")
+
+
+@contextlib.contextmanager
+def polygraphy_log(verbose: bool = False) -> Iterator[_Collect]:
+    """Route Polygraphy's log (stdout by default: it would corrupt ``--format json``) through Python logging to
+    stderr for the duration, and collect its errors (parser errors, TensorRT's own errors)."""
+    from polygraphy.logger import G_LOGGER
+
+    handler = _Collect(verbose)
+    logger = logging.getLogger("Polygraphy")
+    before = (G_LOGGER.use_python_logging_system, logger.level, logger.propagate, G_LOGGER.colors)
+    G_LOGGER.use_python_logging_system = True
+    G_LOGGER.colors = False  # else it prints a note about the 'colored' module to stdout
+    logger.setLevel(handler.level)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        G_LOGGER.use_python_logging_system = before[0]
+        logger.setLevel(before[1])
+        logger.propagate = before[2]
+        G_LOGGER.colors = before[3]
+
+
+def check_timing_cache(trt: Any, path: Path | None) -> None:
+    """Refuse a timing cache made by another TensorRT version or GPU (``CreateConfig`` would ignore it silently).
+
+    Raises:
+        MismatchError: TensorRT cannot read it or will not use it here.
+    """
+    if path is None or not Path(path).is_file():
+        return
+    from polygraphy.backend.trt import util as trt_util
+
+    builder = trt.Builder(trt_util.get_trt_logger())
+    config = builder.create_builder_config()
+    cache = config.create_timing_cache(Path(path).read_bytes())
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise MismatchError(f"timing cache {path} was made by another TensorRT version or GPU",
+                            hint="delete it or pass another --timing-cache; it is rebuilt automatically")
 
 
 @dataclass
@@ -226,91 +491,130 @@ class BuildResult:
     plugin_layers: int
     pinned_layers: int
     timing_cache_written: bool
-
-
-def _pin_fp32(trt: Any, network: Any) -> int:
-    pinned_types = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES}
-    count = 0
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in pinned_types:
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
-            count += 1
-    return count
-
-
-def _count_plugin_layers(trt: Any, network: Any) -> int:
-    kinds = {getattr(trt.LayerType, n) for n in ("PLUGIN_V3", "PLUGIN_V2", "PLUGIN") if hasattr(trt.LayerType, n)}
-    return sum(network.get_layer(i).type in kinds for i in range(network.num_layers))
-
-
-def _set_profile(builder: Any, config: Any, network: Any, profile: Mapping[str, TensorProfile]) -> None:
-    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
-    if sorted(inputs) != sorted(profile):
-        raise MismatchError(f"the parsed network has inputs {inputs}, the package manifest says {sorted(profile)}",
-                            hint="re-export the package; a graph must match its manifest entry")
-    opt = builder.create_optimization_profile()
-    for name, shapes in profile.items():
-        opt.set_shape(name, shapes.min, shapes.opt, shapes.max)
-    if config.add_optimization_profile(opt) < 0:
-        raise UsageError(f"TensorRT refused the optimization profile {{{', '.join(profile)}}}")
-
-
-def _load_timing_cache(config: Any, path: Path | None) -> None:
-    data = b""
-    if path is not None and path.is_file():
-        data = path.read_bytes()
-    cache = config.create_timing_cache(data)
-    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        raise MismatchError(f"timing cache {path} was made by another TensorRT version or GPU",
-                            hint="delete it or pass another --timing-cache; it is rebuilt automatically")
-
-
-def _save_timing_cache(config: Any, path: Path) -> bool:
-    write_atomic(path, bytes(config.get_timing_cache().serialize()))
-    return True
+    pinned: list[tuple[str, int]] = field(default_factory=list)
+    chain: ChainConfig | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def build_serialized(trt: Any, onnx_bytes: bytes, onnx_path: Path, plan: BuildPlan,
                      profile: Mapping[str, TensorProfile], *, workspace_mb: int, timing_cache: Path | None = None,
-                     logger: Any = None) -> BuildResult:
-    """Parse one ONNX graph and build its engine as ``plan`` says.
+                     verbose: bool = False) -> BuildResult:
+    """Parse one ONNX graph and build its engine as ``plan`` says, through the Polygraphy chain.
 
     The hbi plugin library, if any, is loaded once per process beforehand
     (:func:`hbi_runtime.backends.tensorrt.load_plugin_library`).
 
     Raises:
-        MismatchError: the parser rejected the graph (every error with its node), the network's inputs are not the
-            manifest's, or the timing cache does not fit. HbiError: the build returned nothing (TensorRT's errors
-            in the message).
+        MissingDependencyError: no polygraphy. MismatchError: the parser rejected the graph (every error with its
+        node), the network's inputs are not the manifest's, or the timing cache does not fit. HbiError: the build
+        returned nothing (TensorRT's errors in the message).
     """
-    logger = logger or make_logger(trt)
-    builder = trt.Builder(logger)
-    flags = 0
-    if plan.strongly_typed and plan.trt_version[0] < 11:  # deprecated and ignored from 11: always typed
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_bytes, str(onnx_path)) or parser.num_errors:
-        errors = parser_errors(parser) or logger.errors or ["the parser gave no reason"]
-        raise MismatchError(f"TensorRT {'.'.join(map(str, plan.trt_version))} cannot parse {onnx_path}: "
-                            + "; ".join(errors),
-                            hint=f"see which ops this TensorRT lacks: `hbi-export check {onnx_path.parent}`")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    for name in plan.flags:
-        config.set_flag(getattr(trt.BuilderFlag, name))
-    for name in plan.clear_flags:
-        config.clear_flag(getattr(trt.BuilderFlag, name))
-    pinned = _pin_fp32(trt, network) if plan.pin_fp32 else 0
-    _set_profile(builder, config, network, profile)
-    _load_timing_cache(config, timing_cache)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise HbiError(f"TensorRT could not build an engine from {onnx_path}: "
-                       f"{'; '.join(logger.errors) or 'no reason given'}",
-                       hint="re-run with --debug; a larger --workspace helps when tactics ran out of memory")
-    written = _save_timing_cache(config, timing_cache) if timing_cache is not None else False
-    return BuildResult(bytes(serialized), _count_plugin_layers(trt, network), pinned, written)
+    chain = chain_config(plan, profile, workspace_mb=workspace_mb, timing_cache=timing_cache)
+    import_polygraphy()
+    from polygraphy.exception import PolygraphyException
+
+    version = _dotted(plan.trt_version)
+    with polygraphy_log(verbose) as log:  # the loaders log from their constructors on
+        loaders = make_loaders(trt, chain, onnx_bytes, list(profile))
+        try:
+            network = loaders.network()
+        except PolygraphyException as exc:
+            raise MismatchError(f"TensorRT {version} cannot parse {onnx_path}: "
+                                + "; ".join(log.errors or [str(exc)]),
+                                hint=f"see which ops this TensorRT lacks: `hbi-export check {onnx_path.parent}`"
+                                ) from None
+        check_timing_cache(trt, timing_cache)
+        try:
+            serialized = loaders.engine(network)
+        except PolygraphyException as exc:
+            reasons = log.errors or [str(exc)]
+            raise HbiError(f"TensorRT could not build an engine from {onnx_path}: {'; '.join(reasons)}",
+                           hint="re-run with --debug; a larger --workspace helps when tactics ran out of memory"
+                           ) from None
+    return BuildResult(bytes(serialized), loaders.facts.plugin_layers, len(loaders.facts.pinned),
+                       timing_cache is not None, list(loaders.facts.pinned), chain, list(log.warnings))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. The same build with NVIDIA's tools
+
+
+def _polygraphy_shapes(profile: Mapping[str, TensorProfile], which: str) -> list[str]:
+    return [f"{name}:[{','.join(str(d) for d in getattr(p, which))}]" for name, p in profile.items()]
+
+
+def dlopen_variant(plugins: str) -> str:
+    """The plugin library that registers itself when dlopened (``libhbi_trt_plugins_dlopen.so``, from the same
+    build: docs/tensorrt.md, "Plugin libraries per host"), for hosts such as ``polygraphy run --plugins``, next to the
+    ``loadLibrary`` one the build used."""
+    path = Path(plugins)
+    if path.name.endswith("_dlopen.so"):
+        return plugins
+    stem = path.name[:-3] if path.name.endswith(".so") else path.name
+    return str(path.with_name(f"{stem}_dlopen.so"))
+
+
+def reproducer_lines(plan: BuildPlan, profile: Mapping[str, TensorProfile], *, onnx: str, package_onnx: str,
+                     workspace_mb: int, timing_cache: str | None = None, plugins: str | None = None,
+                     pinned: Sequence[tuple[str, int]] = ()) -> dict[str, str]:
+    """The ``trtexec`` and ``polygraphy run`` command lines that build the same engine (pure).
+
+    Args:
+        plan: the build plan.
+        profile: the optimization profile.
+        onnx: the graph as TensorRT parsed it (the package's file, or the prepared copy when functions were
+            dropped).
+        package_onnx: the package's graph (ONNX Runtime's side of the polygraphy comparison).
+        workspace_mb: the builder workspace.
+        timing_cache: the timing cache file, if any.
+        plugins: the hbi plugin library, if any (``polygraphy run`` gets its dlopen variant).
+        pinned: ``(layer name, outputs)`` of the layers pinned to fp32.
+    Returns:
+        ``{"onnx": onnx, "trtexec": ..., "polygraphy": ...}``.
+    """
+    q = shlex.quote
+    weak_10 = not plan.strongly_typed
+    trtexec = ["trtexec", f"--onnx={onnx}", f"--minShapes={shape_spec(profile, 'min')}",
+               f"--optShapes={shape_spec(profile, 'opt')}", f"--maxShapes={shape_spec(profile, 'max')}",
+               f"--memPoolSize=workspace:{int(workspace_mb)}M"]
+    if plan.strongly_typed and plan.trt_version[0] < TYPED_ONLY:
+        trtexec.append("--stronglyTyped")
+    if weak_10 and plan.fp16:
+        trtexec.append("--fp16")
+    if weak_10 and plan.int8:
+        trtexec.append("--int8")
+    if not plan.tf32:
+        trtexec.append("--noTF32")
+    if plan.pin_fp32 and pinned:
+        trtexec += ["--precisionConstraints=obey", "--layerPrecisions=" + ",".join(f"{n}:fp32" for n, _ in pinned),
+                    "--layerOutputTypes=" + ",".join(f"{n}:{'+'.join(['fp32'] * max(k, 1))}" for n, k in pinned)]
+    if timing_cache:
+        trtexec.append(f"--timingCacheFile={timing_cache}")
+    if plugins:
+        trtexec.append(f"--dynamicPlugins={plugins}")
+
+    atol, rtol, stat = REPRO_TOLERANCE[plan.precision]
+    shapes = ["--input-shapes", *_polygraphy_shapes(profile, "opt")]
+    trt_side = ["--trt", "--trt-min-shapes", *_polygraphy_shapes(profile, "min"),
+                "--trt-opt-shapes", *_polygraphy_shapes(profile, "opt"),
+                "--trt-max-shapes", *_polygraphy_shapes(profile, "max"),
+                "--pool-limit", f"workspace:{int(workspace_mb)}M"]
+    if plan.strongly_typed and plan.trt_version[0] < TYPED_ONLY:
+        trt_side.append("--strongly-typed")
+    trt_side += [f for f, on in (("--fp16", plan.fp16), ("--int8", plan.int8), ("--tf32", plan.tf32)) if on]
+    if plan.pin_fp32:
+        trt_side += ["--precision-constraints", "obey", "--trt-npps",
+                     f"{Path(__file__).resolve()}:polygraphy_pin_fp32"]
+    if timing_cache:
+        trt_side += ["--load-timing-cache", timing_cache, "--save-timing-cache", timing_cache]
+    if plugins:  # Polygraphy dlopens plugin libraries: the variant that registers itself on load
+        trt_side += ["--plugins", dlopen_variant(plugins)]
+    compare = ["--atol", atol, "--rtol", rtol, "--check-error-stat", stat]
+    if onnx == package_onnx:
+        polygraphy = [["polygraphy", "run", onnx, *trt_side, "--onnxrt", *shapes, *compare]]
+    else:  # ONNX Runtime cannot run the graph without its functions: compare against its saved outputs
+        outputs = str(Path(onnx).with_suffix(".onnxrt-outputs.json"))
+        polygraphy = [["polygraphy", "run", package_onnx, "--onnxrt", *shapes, "--save-outputs", outputs],
+                      ["polygraphy", "run", onnx, *trt_side, *shapes, "--load-outputs", outputs, *compare]]
+    return {"onnx": onnx, "trtexec": " ".join(q(a) for a in trtexec),
+            "polygraphy": " && ".join(" ".join(q(a) for a in cmd) for cmd in polygraphy)}

@@ -14,15 +14,19 @@ from hbi_runtime.cli_support import OutputFormat, emit_json
 BUILD_HELP = (
     "Build a TensorRT engine for every graph of a model package, on the machine that will run it.\n\n"
     "Writes PKG/engines/PRECISION/ (one .engine per graph and engines.json, keyed on the ONNX hash, TensorRT "
-    "version, GPU, precision, profiles and plugin library). Needs tensorrt, onnx and cuda-python, not torch. "
-    "fp16 pins LayerNorm and softmax to fp32 (TensorRT 10) or takes the fp16 package's types (TensorRT 11, "
-    "--strongly-typed); int8 needs a Q/DQ package from `hbi-export calibrate`. With --plugins, the hbi custom ops "
-    "run as the hbi TensorRT plugins, otherwise as their standard-op decompositions. On a terminal each graph's "
-    "build is shown on stderr (it takes minutes)."
+    "version, GPU, precision, profiles and plugin library, with the equivalent trtexec and polygraphy run command "
+    "lines). Builds through NVIDIA's Polygraphy loaders; needs tensorrt, polygraphy, onnx and cuda-python, not "
+    "torch. --precision auto (the default) is the package's own precision where the network is strongly typed "
+    "(TensorRT 11, --strongly-typed) and fp16 where TensorRT 10 allows it (LayerNorm and softmax pinned to fp32); "
+    "fp16 engines on TensorRT 11 come from an fp16 package (`hbi-export onnx --precision fp16`); int8 needs a Q/DQ "
+    "package from `hbi-export calibrate`. fp32 builds clear TF32. With --plugins, the hbi custom ops run as the "
+    "hbi TensorRT plugins, otherwise as their standard-op decompositions. On a terminal each graph's build is "
+    "shown on stderr (it takes minutes)."
 )
 BUILD_EXAMPLES = (
     "Examples:\n\n"
-    "  hbi-export build-engine pkg/msrvtt --precision fp16 --max-batch 64\n\n"
+    "  hbi-export build-engine pkg/msrvtt --max-batch 64\n\n"
+    "  hbi-export build-engine pkg/msrvtt --precision fp32\n\n"
     "  hbi-export build-engine pkg/msrvtt --axis video_batch=1:16:64\n\n"
     "  hbi-export build-engine pkg/msrvtt --plugins build/libhbi_trt_plugins.so\n\n"
     "  hbi-export build-engine pkg/msrvtt --timing-cache ~/.cache/hbi/trt.cache\n\n"
@@ -31,6 +35,7 @@ BUILD_EXAMPLES = (
 
 
 class Precision(str, enum.Enum):
+    auto = "auto"
     fp32 = "fp32"
     fp16 = "fp16"
     int8 = "int8"
@@ -44,7 +49,9 @@ def register(app: typer.Typer) -> None:
 def build_engine(
     ctx: typer.Context,
     package: Annotated[Path, typer.Argument(help="Model package folder.", show_default=False)],
-    precision: Annotated[Precision, typer.Option("--precision", help="Engine precision.")] = Precision.fp16,
+    precision: Annotated[Precision, typer.Option(
+        "--precision", help="Engine precision: auto (the package's own under strong typing, fp16 on TensorRT 10, "
+                            "int8 for a quantized package), fp32, fp16 or int8.")] = Precision.auto,
     min_batch: Annotated[int, typer.Option("--min-batch", min=1, help="Smallest batch of every dynamic axis.")] = 1,
     opt_batch: Annotated[int, typer.Option("--opt-batch", min=1, help="Batch TensorRT tunes for.")] = 8,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Largest batch (bigger calls are split).")] = 32,

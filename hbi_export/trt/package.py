@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from hbi_export.trt.builder import (BuildPlan, build_serialized, has_qdq, make_logger, parse_version, plan_build,
-                                    prepare_onnx, require_qdq)
+from hbi_export.trt.builder import (BuildPlan, build_serialized, has_qdq, import_polygraphy, parse_version,
+                                    plan_build, prepare_onnx, reproducer_lines, require_qdq, resolve_precision)
 from hbi_export.trt.profiles import DEFAULT_BATCH, check_overrides_known, derive_profile, graph_overrides
 from hbi_runtime.backends.cuda import Cuda, DeviceInfo
 from hbi_runtime.backends.tensorrt import import_tensorrt, load_plugin_library
@@ -29,7 +29,7 @@ SCHEMA = "hbi.build-engine/1"
 class EngineOptions:
     """What ``hbi-export build-engine`` was asked for (``build_args`` rebuild it: they go into the manifest)."""
 
-    precision: str = "fp16"
+    precision: str = "auto"  # or fp32 / fp16 / int8 (builder.resolve_precision)
     batch: AxisRange = DEFAULT_BATCH
     axes: Mapping[str, AxisRange] = field(default_factory=dict)
     workspace_mb: int = 4096
@@ -55,7 +55,8 @@ def _load_onnx(path: Path) -> Any:
         import onnx
     except ImportError as exc:
         raise MissingDependencyError(f"onnx is not installed ({exc}); building engines needs it",
-                                     hint="pip install 'hbi-toolkit[gpu]'") from exc
+                                     hint="pip install 'hbi-toolkit[gpu-cu12]' --extra-index-url "
+                                          "https://pypi.nvidia.com") from exc
     return onnx.load(str(path))
 
 
@@ -80,44 +81,60 @@ def build_package_engines(pkg_dir: str | os.PathLike, options: EngineOptions, *,
     specs = [package.graph(g) for g in options.graphs]
     check_overrides_known(specs, options.axes)
     trt = trt if trt is not None else import_tensorrt()
-    device = device if device is not None else Cuda().device_info(0)
     version = parse_version(trt.__version__)
+    import_polygraphy(version)  # the install hint before any work
+    device = device if device is not None else Cuda().device_info(0)
     plugin_sha = load_plugin_library(trt, options.plugins) if options.plugins is not None else None
-    logger = make_logger(trt)
-    trt.init_libnvinfer_plugins(logger, "")
-    out_dir = engines_dir(package.dir, options.precision)
     models = {name: _load_onnx(package.graph_path(name)) for name in options.graphs}
-    require_qdq(options.precision, {name: has_qdq(m) for name, m in models.items()})
+    quantized = {name: has_qdq(m) for name, m in models.items()}
+    precision, auto_note = resolve_precision(options.precision, version, strongly_typed=options.strongly_typed,
+                                             graph_precisions={g: s.precision for g, s in zip(options.graphs, specs)},
+                                             quantized=quantized)
+    require_qdq(precision, quantized)
     plans: dict[str, BuildPlan] = {
-        name: plan_build(version, options.precision, graph_precision=spec.precision, has_qdq=has_qdq(models[name]),
+        name: plan_build(version, precision, graph_precision=spec.precision, has_qdq=quantized[name],
                          strongly_typed=options.strongly_typed, plugins_loaded=plugin_sha is not None)
         for name, spec in zip(options.graphs, specs)}  # every graph planned (and refused) before any build
+    out_dir = engines_dir(package.dir, precision)
     entries, report = {}, []
     for name, spec in zip(options.graphs, specs):
         model, plan = models[name], plans[name]
+        original = model.SerializeToString()
         model, dropped = prepare_onnx(model, drop_plugin_functions=plan.drop_plugin_functions)
+        data = model.SerializeToString()
+        onnx_path = package.graph_path(name)
+        parsed_path = onnx_path
+        if data != original:  # what TensorRT parses differs from the package's file: keep it for the reproducers
+            parsed_path = out_dir / f"{name}.parsed.onnx"
+            write_atomic(parsed_path, data)
         profile = derive_profile(spec, options.batch, graph_overrides(spec, options.axes))
-        progress(f"building {name} ({options.precision}, TensorRT {trt.__version__}, {device.name})")
-        result = build_serialized(trt, model.SerializeToString(), package.graph_path(name), plan, profile,
-                                  workspace_mb=options.workspace_mb, timing_cache=options.timing_cache,
-                                  logger=logger)
+        progress(f"building {name} ({precision}, TensorRT {trt.__version__}, {device.name})")
+        result = build_serialized(trt, data, onnx_path, plan, profile, workspace_mb=options.workspace_mb,
+                                  timing_cache=options.timing_cache)
         rel = f"{out_dir.relative_to(package.dir).as_posix()}/{name}.engine"
         digest = _write_atomic(package.dir / rel, result.engine)
+        reproduce = reproducer_lines(
+            plan, profile, onnx=str(parsed_path), package_onnx=str(onnx_path), workspace_mb=options.workspace_mb,
+            timing_cache=str(options.timing_cache) if options.timing_cache is not None else None,
+            plugins=str(options.plugins) if options.plugins is not None else None, pinned=result.pinned)
         entries[name] = EngineEntry(
             graph=name, file=rel, sha256=digest, onnx_file=spec.file, onnx_sha256=spec.sha256,
             tensorrt_version=str(trt.__version__), gpu_name=device.name,
-            compute_capability=device.compute_capability, precision=options.precision,
+            compute_capability=device.compute_capability, precision=precision,
             strongly_typed=plan.strongly_typed, profiles=(profile,),
             plugin_library=str(options.plugins) if options.plugins is not None else None,
-            plugin_library_sha256=plugin_sha, build_args=options.build_args())
-        report.append({"graph": name, "engine": rel, "bytes": len(result.engine), "flags": list(plan.flags),
+            plugin_library_sha256=plugin_sha, build_args=options.build_args(), reproduce=reproduce)
+        report.append({"graph": name, "engine": rel, "bytes": len(result.engine), "precision": plan.precision,
+                       "flags": list(plan.flags), "cleared_flags": list(plan.clear_flags), "tf32": plan.tf32,
                        "strongly_typed": plan.strongly_typed, "pinned_fp32_layers": result.pinned_layers,
                        "plugin_layers": result.plugin_layers, "functions_dropped": dropped,
-                       "notes": list(plan.notes), "profile": {k: p.to_dict() for k, p in profile.items()}})
+                       "notes": list(plan.notes), "warnings": result.warnings,
+                       "profile": {k: p.to_dict() for k, p in profile.items()}, "reproduce": reproduce})
     manifest = write_engine_set(package.dir, EngineSet(package_sha256=package.manifest_sha256,
-                                                       precision=options.precision, engines=entries))
+                                                       precision=precision, engines=entries))
     return {"schema": SCHEMA, "package": str(package.dir), "package_sha256": package.manifest_sha256,
-            "precision": options.precision, "tensorrt_version": str(trt.__version__),
+            "precision": precision, "requested_precision": options.precision,
+            "notes": [auto_note] if auto_note else [], "tensorrt_version": str(trt.__version__),
             "gpu": {"name": device.name, "compute_capability": device.compute_capability},
             "plugin_library_sha256": plugin_sha, "engine_manifest": str(manifest), "engines": report}
 
@@ -125,9 +142,15 @@ def build_package_engines(pkg_dir: str | os.PathLike, options: EngineOptions, *,
 def render_text(summary: dict) -> str:
     lines = [f"{summary['precision']} engines for {summary['package']} (TensorRT {summary['tensorrt_version']}, "
              f"{summary['gpu']['name']}, sm {summary['gpu']['compute_capability']})"]
+    lines += [f"  note: {n}" for n in summary.get("notes", [])]
     for e in summary["engines"]:
         lines.append(f"  {e['graph']:<14} {e['engine']}  {e['bytes'] / 2**20:.1f} MiB  plugin layers "
-                     f"{e['plugin_layers']}  fp32-pinned {e['pinned_fp32_layers']}")
+                     f"{e['plugin_layers']}  fp32-pinned {e['pinned_fp32_layers']}  "
+                     f"tf32 {'on' if e['tf32'] else 'off'}")
         lines += [f"      note: {n}" for n in e["notes"]]
+        if e["warnings"]:
+            lines.append(f"      {len(e['warnings'])} TensorRT / Polygraphy warning(s) (--format json lists them)")
+        lines.append(f"      trtexec:    {e['reproduce']['trtexec']}")
+        lines.append(f"      polygraphy: {e['reproduce']['polygraphy']}")
     lines.append(f"engine manifest: {summary['engine_manifest']}")
     return "\n".join(lines)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from hbi_runtime.engines import AxisRange, TensorProfile
+from hbi_runtime.engines import AxisRange, TensorProfile, profile_from_ranges
+from hbi_runtime.engines import dynamic_axes as _input_axes
 from hbi_runtime.errors import UsageError
 from hbi_runtime.package import GraphSpec
 
@@ -19,10 +20,7 @@ DEFAULT_BATCH = AxisRange(1, 8, 32)
 
 def dynamic_axes(spec: GraphSpec) -> list[str]:
     """The named axes of a graph's inputs, in first-seen order."""
-    names: list[str] = []
-    for tensor in spec.inputs:
-        names += [a for a in tensor.shape if isinstance(a, str) and a not in names]
-    return names
+    return _input_axes(spec.inputs)
 
 
 def parse_axis_override(text: str) -> tuple[str, AxisRange]:
@@ -54,13 +52,7 @@ def derive_profile(spec: GraphSpec, default: AxisRange = DEFAULT_BATCH,
     unknown = sorted(set(overrides) - set(axes))
     if unknown:
         raise UsageError(f"graph inputs have no axis {unknown}; the dynamic axes are {axes}")
-    ranges = {a: overrides.get(a, default) for a in axes}
-
-    def shape(tensor_shape: Sequence[int | str], which: str) -> tuple[int, ...]:
-        return tuple(getattr(ranges[a], which) if isinstance(a, str) else a for a in tensor_shape)
-
-    return {t.name: TensorProfile(shape(t.shape, "min"), shape(t.shape, "opt"), shape(t.shape, "max"))
-            for t in spec.inputs}
+    return profile_from_ranges(spec.inputs, {a: overrides.get(a, default) for a in axes})
 
 
 def graph_overrides(spec: GraphSpec, overrides: Mapping[str, AxisRange]) -> dict[str, AxisRange]:

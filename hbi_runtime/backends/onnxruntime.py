@@ -10,12 +10,21 @@ graph's model-local functions (standard ops, no extra dependency); ``"kernel"`` 
 kernels of :mod:`hbi_runtime.ops` run through onnxruntime-extensions; ``"auto"`` takes the kernel path only when
 :data:`hbi_runtime.ops.DEFAULT_PATH` says ``"kernel"`` for every custom op of the graph and the extensions are
 installed, otherwise the functions (with today's defaults: always the functions).
+
+ONNX Runtime's TensorRT execution provider (``providers="tensorrt"``, ``hbi-run ... --device tensorrt``): TensorRT
+builds engines inside ONNX Runtime from the package's graphs, configured by the ``tensorrt`` option
+(:func:`tensorrt_provider_options`): an engine cache and a timing cache (default: per graph under
+``~/.cache/hbi/ort-tensorrt``), fp16 (``precision="fp16"``), INT8 from the Q/DQ graphs of ``hbi-export calibrate``
+(explicit quantization: no calibration table), the hbi plugin library (``trt_extra_plugin_lib_paths``, default
+``$HBI_TRT_PLUGINS``), one optimization profile over the batch axes, the workspace. It is the documented
+alternative to the ``trt`` backend's own engines (docs/tensorrt.md, "ONNX Runtime's TensorRT execution provider").
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +32,7 @@ import numpy as np
 from hbi_runtime.ops import DEFAULT_PATH
 from hbi_runtime.ops import ort as ops_ort
 from hbi_runtime.backends.base import Backend
+from hbi_runtime.engines import AxisRange, profile_from_ranges, shape_spec
 from hbi_runtime.errors import BadInputError, MismatchError, MissingDependencyError, UsageError
 from hbi_runtime.package import GraphSpec
 
@@ -35,8 +45,68 @@ PROVIDER_PRESETS: dict[str, tuple[str, ...]] = {
 GPU_PROVIDERS = (CUDA, TENSORRT)
 CUSTOM_OP_PATHS = ("function", "kernel", "auto")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-GPU_HINT = ("pip install 'hbi-toolkit[gpu]' (onnxruntime-gpu; uninstall the CPU package `onnxruntime` first, both "
-            "provide the same module)")
+GPU_HINT = ("pip install 'hbi-toolkit[gpu-cu12]' --extra-index-url https://pypi.nvidia.com (onnxruntime-gpu and "
+            "its CUDA libraries; [gpu-cu13] for driver >= 580; on Jetson NVIDIA's Jetson wheel); uninstall the CPU "
+            "package `onnxruntime` first, both provide the same module")
+
+
+TENSORRT_OPTIONS = ("precision", "engine_cache", "timing_cache", "plugins", "batch", "workspace_mb", "device_id")
+TENSORRT_BATCH = AxisRange(1, 8, 32)  # the profile of every batch axis unless `batch` says otherwise
+PLUGINS_ENV = "HBI_TRT_PLUGINS"
+
+
+def default_tensorrt_cache(spec: GraphSpec) -> Path:
+    """Where ONNX Runtime's TensorRT provider keeps this graph's engines and timing cache by default:
+    ``$XDG_CACHE_HOME/hbi/ort-tensorrt/<graph sha256 prefix>`` (ONNX Runtime keys its files on the rest)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "hbi" / "ort-tensorrt" / spec.sha256[:16]
+
+
+def tensorrt_provider_options(spec: GraphSpec, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """ONNX Runtime's ``TensorrtExecutionProvider`` options for one graph, from ours (pure).
+
+    Args:
+        spec: the graph's spec (its precision: ``int8`` for the Q/DQ graphs of ``hbi-export calibrate``).
+        options: ``precision`` (``fp32`` / ``fp16`` / ``int8``; default: the graph's own), ``engine_cache`` and
+            ``timing_cache`` (folders; default :func:`default_tensorrt_cache`), ``plugins`` (the hbi plugin
+            library; default ``$HBI_TRT_PLUGINS``), ``batch`` (min, opt, max of every batch axis), ``workspace_mb``,
+            ``device_id``.
+    Raises:
+        UsageError: an unknown option or value, or a precision this graph cannot give.
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(TENSORRT_OPTIONS))
+    if unknown:
+        raise UsageError(f"unknown TensorRT provider option(s) {unknown}; known: {list(TENSORRT_OPTIONS)}")
+    precision = options.get("precision") or spec.precision
+    if precision not in ("fp32", "fp16", "int8"):
+        raise UsageError(f"TensorRT provider precision must be fp32, fp16 or int8, got {precision!r}")
+    quantized = spec.precision == "int8"
+    if quantized and precision != "int8":
+        raise UsageError(f"graph {spec.file} is quantized (Q/DQ); its TensorRT precision is int8, not {precision}")
+    if precision == "fp32" and spec.precision == "fp16":
+        raise UsageError(f"graph {spec.file} is fp16; an fp32 TensorRT engine needs the fp32 package")
+    batch = options.get("batch") or TENSORRT_BATCH
+    batch = batch if isinstance(batch, AxisRange) else AxisRange(*batch)
+    axes = {a for t in spec.inputs for a in t.shape if isinstance(a, str)}
+    profile = profile_from_ranges(spec.inputs, dict.fromkeys(axes, batch))
+    cache = Path(options.get("engine_cache") or default_tensorrt_cache(spec))
+    timing = Path(options.get("timing_cache") or cache)
+    out: dict[str, Any] = {
+        "device_id": int(options.get("device_id") or 0),
+        # fp16 also for the float layers of an int8 graph exported in fp16 (none today: calibrate keeps fp32)
+        "trt_fp16_enable": precision == "fp16",
+        "trt_int8_enable": quantized,  # explicit Q/DQ: TensorRT takes the scales from the graph
+        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(timing),
+        "trt_max_workspace_size": int(options.get("workspace_mb") or 4096) << 20,
+        "trt_profile_min_shapes": shape_spec(profile, "min"), "trt_profile_opt_shapes": shape_spec(profile, "opt"),
+        "trt_profile_max_shapes": shape_spec(profile, "max"),
+    }
+    plugins = options.get("plugins") or os.environ.get(PLUGINS_ENV)
+    if plugins:
+        out["trt_extra_plugin_lib_paths"] = str(plugins)
+    return out
 
 
 def default_threads() -> int:
@@ -52,8 +122,8 @@ def import_onnxruntime():
         import onnxruntime
     except ImportError as exc:
         raise MissingDependencyError(f"onnxruntime is not installed ({exc}); the onnxruntime backend needs it",
-                                     hint="pip install onnxruntime (CPU), or pip install 'hbi-toolkit[gpu]' "
-                                          "for CUDA / TensorRT") from exc
+                                     hint="pip install onnxruntime (CPU), or pip install 'hbi-toolkit[gpu-cu12]' "
+                                          "--extra-index-url https://pypi.nvidia.com for CUDA / TensorRT") from exc
     return onnxruntime
 
 
@@ -61,6 +131,24 @@ def _check_threads(name: str, value: Any) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise UsageError(f"{name} must be a positive integer or None, got {value!r}")
     return value
+
+
+_PRELOADED: list[bool] = []
+
+
+def _preload_gpu_libraries(ort) -> None:
+    """Load the CUDA / cuDNN libraries of the ``nvidia-*`` wheels (the ``gpu-cu12`` / ``gpu-cu13`` extras) before
+    a GPU session: onnxruntime-gpu's provider library names ``libcudart.so.12`` etc. without a search path, and
+    ONNX Runtime does not look in those wheels by itself (``onnxruntime.preload_dlls``, onnxruntime-gpu >= 1.21).
+    Once per process; where it is missing or fails (a system CUDA install, JetPack), the session's own check says
+    what is missing. Not yet run on a GPU machine (docs/tensorrt.md, "Installing")."""
+    if _PRELOADED or not hasattr(ort, "preload_dlls"):
+        return
+    _PRELOADED.append(True)
+    try:
+        ort.preload_dlls()
+    except Exception:  # noqa: BLE001 - best effort: the provider check below reports what did not load
+        pass
 
 
 def _check_providers(value: Any) -> str | tuple[str, ...]:
@@ -88,6 +176,8 @@ class OrtBackend(Backend):
         inter_op_threads: threads across independent operators; default: ONNX Runtime's.
         optimization: graph optimization level, one of ``disable``, ``basic``, ``extended``, ``all`` (default).
         custom_ops: ``"function"``, ``"kernel"`` or ``"auto"`` (default), see the module docstring.
+        tensorrt: options of the TensorRT execution provider (:func:`tensorrt_provider_options`); only with a
+            ``providers`` that has it (``"tensorrt"``).
 
     Raises:
         UsageError: an option has a wrong value (here, before anything is loaded).
@@ -97,7 +187,8 @@ class OrtBackend(Backend):
 
     def __init__(self, spec: GraphSpec, path: str | os.PathLike, *, providers: str | list[str] = "cpu",
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
-                 optimization: str = "all", custom_ops: str = "auto") -> None:
+                 optimization: str = "all", custom_ops: str = "auto",
+                 tensorrt: Mapping[str, Any] | None = None) -> None:
         super().__init__(spec, path)
         self.providers = _check_providers(providers)
         self.intra_op_threads = _check_threads("intra_op_threads", intra_op_threads)
@@ -108,11 +199,21 @@ class OrtBackend(Backend):
         if custom_ops not in CUSTOM_OP_PATHS:
             raise UsageError(f"custom_ops must be one of {list(CUSTOM_OP_PATHS)}, got {custom_ops!r}")
         self.custom_ops = custom_ops
+        wanted = PROVIDER_PRESETS[self.providers] if isinstance(self.providers, str) else self.providers
+        if tensorrt is not None and TENSORRT not in wanted:
+            raise UsageError("tensorrt options go with ONNX Runtime's TensorRT execution provider (providers="
+                             "'tensorrt', or a list with TensorrtExecutionProvider)")
+        self.tensorrt = dict(tensorrt or {})
+        self._trt_options = tensorrt_provider_options(spec, self.tensorrt) if TENSORRT in wanted else None
         self._session = None
         self._output_names = [t.name for t in spec.outputs]
 
     def describe(self) -> dict[str, Any]:
-        return {"providers": self.providers, "custom_ops": self.custom_op_path}
+        described = {"providers": self.providers, "custom_ops": self.custom_op_path}
+        if self._trt_options is not None:
+            described["tensorrt"] = {"fp16": self._trt_options["trt_fp16_enable"],
+                                     "int8": self._trt_options["trt_int8_enable"]}
+        return described
 
     @property
     def custom_op_path(self) -> str:
@@ -131,6 +232,8 @@ class OrtBackend(Backend):
         if not self.path.is_file():
             raise BadInputError(f"graph file {self.path} does not exist")
         providers = self._resolve_providers(ort)
+        if any(p != "CPUExecutionProvider" for p in providers):
+            _preload_gpu_libraries(ort)
         options = self._session_options(ort)
         model: str | bytes = str(self.path)
         if self.custom_op_path == "kernel" and self.spec.custom_ops:
@@ -139,7 +242,7 @@ class OrtBackend(Backend):
         from onnxruntime.capi import onnxruntime_pybind11_state as state
 
         try:
-            session = ort.InferenceSession(model, options, providers=list(providers))
+            session = ort.InferenceSession(model, options, providers=self._provider_list(providers))
         except (state.Fail, state.InvalidGraph, state.InvalidProtobuf, state.InvalidArgument,
                 state.NotImplemented) as exc:
             raise MismatchError(f"onnxruntime {ort.__version__} cannot load {self.path}: {exc}",
@@ -155,6 +258,14 @@ class OrtBackend(Backend):
         self._session = None  # ONNX Runtime frees the session with its last reference
 
     # ------------------------------------------------------------------ helpers
+
+    def _provider_list(self, providers: tuple[str, ...]) -> list:
+        """The providers as ONNX Runtime takes them: the TensorRT one with its options (its cache folders made)."""
+        if self._trt_options is None:
+            return list(providers)
+        for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+            Path(self._trt_options[key]).mkdir(parents=True, exist_ok=True)
+        return [(p, dict(self._trt_options)) if p == TENSORRT else p for p in providers]
 
     def _resolve_providers(self, ort) -> tuple[str, ...]:
         wanted = PROVIDER_PRESETS[self.providers] if isinstance(self.providers, str) else self.providers

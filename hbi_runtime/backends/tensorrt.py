@@ -15,6 +15,7 @@ its named axes and the outputs reassembled (:func:`split_feed`), so callers need
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -32,8 +33,9 @@ from hbi_runtime.errors import BadInputError, MismatchError, MissingDependencyEr
 from hbi_runtime.package import GraphSpec, TensorSpec, sha256_file
 
 PLUGINS_ENV = "HBI_TRT_PLUGINS"
-TRT_HINT = ("pip install 'hbi-toolkit[gpu]' (tensorrt >= 10.3) on a machine with an NVIDIA GPU; on Jetson use "
-            "JetPack 6's TensorRT")
+TRT_HINT = ("pip install 'hbi-toolkit[gpu-cu12]' --extra-index-url https://pypi.nvidia.com (tensorrt >= 10.3) on a "
+            "machine with an NVIDIA GPU (driver >= 535; [gpu-cu13] for driver >= 580); on Jetson JetPack's TensorRT "
+            "and the [jetson] extra (docs/tensorrt.md, \"Installing\")")
 _PLUGIN_HANDLES: dict[str, tuple[Any, str]] = {}  # resolved path -> (registry handle, sha256): once per process
 
 
@@ -94,7 +96,7 @@ def resolve_precision(root: Path, precision: str | None) -> str:
         return built[0]
     if not built:
         raise BadInputError(f"model package {root} has no TensorRT engines",
-                            hint=f"build them on this machine: `hbi-export build-engine {root} --precision fp16`")
+                            hint=f"build them on this machine: `hbi-export build-engine {root}`")
     raise UsageError(f"model package {root} has engines in several precisions ({', '.join(built)}); say which",
                      hint="pass --engine-precision (hbi-run) or precision= (API)")
 
@@ -228,18 +230,38 @@ class TrtBackend(Backend):
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             self._device_ptrs[spec.name] = cuda.malloc(nbytes)
             self._host[spec.name] = cuda.host_array(nbytes, dtype, shape)
-            self._context.set_tensor_address(spec.name, self._device_ptrs[spec.name])
+            if self._context.set_tensor_address(spec.name, self._device_ptrs[spec.name]) is False:
+                raise MismatchError(f"TensorRT refused the buffer of tensor {spec.name} of {engine_path}",
+                                    hint="rebuild the engines from this package")
 
     def _run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One engine call on a feed within the profile: pinned copies, execute_async_v3 (or a graph), sync."""
+        """One engine call on a feed within the profile: pinned copies, execute_async_v3 (or a graph), sync.
+
+        On any failure the stream is drained first, so that no copy queued for this call is still pending when the
+        caller goes on (or closes the backend and frees the buffers those copies use)."""
+        try:
+            return self._run_queued(feed)
+        except BaseException:
+            self._drain()
+            raise
+
+    def _drain(self) -> None:
+        if self._cuda is not None and self._stream is not None:
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                self._cuda.synchronize(self._stream)
+
+    def _run_queued(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         cuda, context, stream = self._cuda, self._context, self._stream
         for spec in self.input_specs:
             value = feed[spec.name]
             host = self._host[spec.name][1].reshape(-1)[:value.size].reshape(value.shape)
-            np.copyto(host, value, casting="unsafe")  # engine I/O dtype (int64 ids may be int32 in an engine)
             if not context.set_input_shape(spec.name, value.shape):
+                profile = self.entry.profiles[0][spec.name] if self.entry else None
+                bounds = f" (min {list(profile.min)}, max {list(profile.max)})" if profile else ""
                 raise BadInputError(f"Input tensor: {spec.name} | Received shape {value.shape}, outside the engine's "
-                                    "optimization profile", hint="rebuild the engine with a larger --max-batch")
+                                    f"optimization profile{bounds}",
+                                    hint="rebuild the engine with a --min-batch / --max-batch range that holds it")
+            np.copyto(host, value, casting="unsafe")  # engine I/O dtype (int64 ids may be int32 in an engine)
             cuda.copy_to_device(self._device_ptrs[spec.name], host, stream)
         key = tuple(feed[s.name].shape for s in self.input_specs)
         if self.cuda_graph and key in self._graphs:
@@ -279,6 +301,7 @@ class TrtBackend(Backend):
     def _close(self) -> None:
         cuda = self._cuda
         if cuda is not None:
+            self._drain()  # no queued copy may outlive the buffers freed below
             for graph in self._graphs.values():
                 cuda.destroy_graph(graph)
             for ptr in self._device_ptrs.values():

@@ -9,17 +9,12 @@ import os
 from typing import Sequence
 
 from hbi_runtime.bench.stages import BATCHED_STAGES
-from hbi_runtime.errors import BadInputError, MissingDependencyError
+from hbi_runtime import plotting
+from hbi_runtime.errors import BadInputError
 
 
 def _figure_class():
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-    except ImportError as exc:
-        raise MissingDependencyError(f"--plot needs matplotlib ({exc})",
-                                     hint="pip install 'hbi-toolkit[plot]' (or pip install matplotlib), or drop "
-                                          "--plot and plot the --out JSON later") from exc
-    return Figure
+    return plotting.figure_class("--plot", "or drop --plot and plot the --out JSON later")
 
 
 def series_label(record: dict) -> str:

@@ -18,7 +18,7 @@ from hbi_runtime.bench.stages import BenchConfig, run_stages
 from hbi_runtime.bench.timing import peak_rss_mb
 from hbi_runtime.errors import MissingDependencyError, UsageError
 
-DEVICES = ("cpu", "cuda")
+DEVICES = ("cpu", "cuda", "tensorrt")  # tensorrt: ONNX Runtime's TensorRT execution provider
 # Short names users type -> registry names of hbi_runtime.backends.BACKENDS, first registered one wins (an alias
 # works as soon as its backend is registered).
 ALIASES = {"ort": ("onnxruntime",), "trt": ("trt", "tensorrt"), "tensorrt": ("trt", "tensorrt")}
@@ -48,12 +48,15 @@ def backend_options_for(backend: str, device: str, threads: int | None,
                         precision: str | None = None) -> dict[str, Any]:
     """Options of ``backend`` that put it on ``device`` with ``threads`` CPU threads, by what it accepts.
 
-    A backend with a ``providers`` option (ONNX Runtime) gets the ``cpu`` / ``cuda`` preset; a GPU-only backend
-    (TensorRT) needs ``cuda``; ``intra_op_threads`` gets the thread count, ``precision`` the engine precision.
+    A backend with a ``providers`` option (ONNX Runtime) gets the ``cpu`` / ``cuda`` / ``tensorrt`` preset (with
+    ``tensorrt``, ``precision`` is the TensorRT provider's: fp16, or int8 from a Q/DQ package); a GPU-only backend
+    (TensorRT's engines) needs ``cuda``; ``intra_op_threads`` gets the thread count, ``precision`` the engine
+    precision.
 
     Raises:
         UsageError: a device the backend cannot run on, a precision it cannot select, a bad thread count.
-        MissingDependencyError: ``--device cuda`` with an onnxruntime that has no CUDA execution provider.
+        MissingDependencyError: ``--device cuda`` / ``tensorrt`` with an onnxruntime that has no such execution
+            provider.
     """
     from hbi_runtime.backends import backend_options
 
@@ -65,28 +68,35 @@ def backend_options_for(backend: str, device: str, threads: int | None,
     options: dict[str, Any] = {}
     if "providers" in accepted:
         options["providers"] = device
-        if device == "cuda":
-            _check_ort_cuda()
+        if device in ("cuda", "tensorrt"):
+            check_ort_provider(device)
     elif backend in GPU_ONLY and device != "cuda":
-        raise UsageError(f"backend {backend!r} runs on CUDA GPUs only, not on {device}", hint="use --device cuda")
+        hint = ("--device tensorrt is ONNX Runtime's TensorRT execution provider (--backend onnxruntime); the trt "
+                "backend runs its engines on --device cuda") if device == "tensorrt" else "use --device cuda"
+        raise UsageError(f"backend {backend!r} runs on CUDA GPUs only, not on {device}", hint=hint)
     if "intra_op_threads" in accepted and threads is not None:
         options["intra_op_threads"] = threads
     if precision is not None:
-        if "precision" not in accepted:
+        if "precision" in accepted:
+            options["precision"] = precision
+        elif "tensorrt" in accepted and device == "tensorrt":
+            options["tensorrt"] = {"precision": precision}
+        else:
             raise UsageError(f"backend {backend!r} runs the package's own precision; --precision selects engine "
-                             "precisions of backends that build engines (trt)",
+                             "precisions of backends that build engines (trt, or onnxruntime on --device tensorrt)",
                              hint="drop --precision, or benchmark an fp16 package (hbi-export onnx --precision fp16)")
-        options["precision"] = precision
     return options
 
 
-def _check_ort_cuda() -> None:
-    from hbi_runtime.backends.onnxruntime import CUDA, GPU_HINT, import_onnxruntime
+def check_ort_provider(device: str) -> None:
+    """MissingDependencyError unless this onnxruntime has the execution provider of ``device`` (cuda, tensorrt)."""
+    from hbi_runtime.backends.onnxruntime import CUDA, GPU_HINT, TENSORRT, import_onnxruntime
 
+    provider = {"cuda": CUDA, "tensorrt": TENSORRT}[device]
     ort = import_onnxruntime()
     available = ort.get_available_providers()
-    if CUDA not in available:
-        raise MissingDependencyError(f"--device cuda: this onnxruntime ({ort.__version__}) has no {CUDA} "
+    if provider not in available:
+        raise MissingDependencyError(f"--device {device}: this onnxruntime ({ort.__version__}) has no {provider} "
                                      f"(it has {', '.join(available)})", hint=GPU_HINT + "; on a machine "
                                      "without an NVIDIA GPU, use --device cpu")
 
@@ -113,8 +123,8 @@ def run_bench(pkg_dir: str | os.PathLike, *, backend: str = "onnxruntime", devic
     Args:
         pkg_dir: the model package.
         backend: a backend name of :data:`hbi_runtime.backends.BACKENDS` or an alias of :data:`ALIASES`.
-        device: ``cpu`` or ``cuda`` (default: ``cuda`` for GPU-only backends, else ``cpu``); the scoring engine
-            and decoding always run on the CPU.
+        device: ``cpu``, ``cuda`` or ``tensorrt`` (ONNX Runtime's TensorRT execution provider; default: ``cuda``
+            for GPU-only backends, else ``cpu``); the scoring engine and decoding always run on the CPU.
         precision: engine precision for backends that build engines (trt); default: the package's / the built one.
         config: what to measure (default :class:`BenchConfig`).
         encoder_threads: CPU threads of the encoders' backend (default: the backend's, all usable cores for ORT).
@@ -137,7 +147,7 @@ def run_bench(pkg_dir: str | os.PathLike, *, backend: str = "onnxruntime", devic
         results = run_stages(model, config, progress)
         facts = model_facts(model)
         sha = model.package.manifest_sha256
-        gpu_mb = gpu_memory_used_mb() if device == "cuda" else None
+        gpu_mb = gpu_memory_used_mb() if device in ("cuda", "tensorrt") else None
     return envelope(
         model_sha256=sha, model=facts,
         config={"backend": name, "device": device, "precision": precision or facts["precision"],
@@ -180,5 +190,5 @@ def render_text(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["ALIASES", "DEVICES", "GPU_ONLY", "backend_options_for", "default_device", "model_facts", "render_text",
-           "resolve_backend", "run_bench"]
+__all__ = ["ALIASES", "DEVICES", "GPU_ONLY", "backend_options_for", "check_ort_provider", "default_device",
+           "model_facts", "render_text", "resolve_backend", "run_bench"]

@@ -179,6 +179,8 @@ class Explanation:
         per_token_best_frame: per valid query token, the valid frame of largest similarity (ties: lower frame);
             -1 where the video has no valid frame.
         frame_contributions: ``(T,)`` float32, ``w_v[j] * max_i S[i, j]`` (0 at padded frames).
+        similarity: ``(n_a, T)`` float32, ``S`` itself (rows: ``token_positions``; 0 at padded frames), from which
+            callers group tokens (e.g. the BPE pieces of one word).
     """
 
     query: int
@@ -187,19 +189,20 @@ class Explanation:
     token_positions: tuple[int, ...]
     per_token_best_frame: tuple[int, ...]
     frame_contributions: np.ndarray
+    similarity: np.ndarray | None = None
 
 
 def _explain_pair(tokens: np.ndarray, floor: float, video: np.ndarray, weights: np.ndarray, mask: np.ndarray,
-                  ) -> tuple[int, tuple[int, ...], np.ndarray]:
+                  ) -> tuple[int, tuple[int, ...], np.ndarray, np.ndarray]:
     sim = tokens @ video.T  # (n_a, T); padded frames hold zero tokens -> 0
     valid = np.flatnonzero(mask)
     if len(valid) == 0:
-        return -1, (-1,) * len(tokens), np.zeros(len(mask), np.float32)
+        return -1, (-1,) * len(tokens), np.zeros(len(mask), np.float32), sim
     per_token = tuple(int(valid[j]) for j in sim[:, valid].argmax(axis=1)) if len(tokens) else ()
     frame_max = np.maximum(sim.max(axis=0), floor) if len(tokens) else np.zeros(len(mask), np.float32)
     contrib = np.where(mask, weights * frame_max, np.float32(0)).astype(np.float32)  # (T,)
     best = int(valid[np.argmax(contrib[valid])])
-    return best, per_token, contrib
+    return best, per_token, contrib, sim
 
 
 def explain(text_side: Side, store: VideoStore, video_ids: np.ndarray | Sequence[int], level: int = 0,
@@ -235,7 +238,8 @@ def explain(text_side: Side, store: VideoStore, video_ids: np.ndarray | Sequence
         floor = 0.0 if len(positions) < text.length else -np.inf
         row = []
         for j, u in zip(ids[a], inverse.reshape(ids.shape)[a]):
-            best, per_token, contrib = _explain_pair(tokens, floor, videos[u], weights[u], masks[u])
-            row.append(Explanation(a, int(j), best, tuple(int(p) for p in positions), per_token, contrib))
+            best, per_token, contrib, sim = _explain_pair(tokens, floor, videos[u], weights[u], masks[u])
+            row.append(Explanation(a, int(j), best, tuple(int(p) for p in positions), per_token, contrib,
+                                   sim.astype(np.float32, copy=False)))
         result.append(row)
     return result

@@ -67,6 +67,51 @@ def test_export_writes_a_verified_package(packages, precision):
         assert errors == [], errors
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cluster_outputs_name_the_members_of_every_merged_token(packages, precision):
+    """New packages carry the encoders' cluster outputs (parity-checked with the rest); the runtime reads them as
+    Clusters, and every valid frame / token falls in exactly one cluster of each merged level."""
+    import numpy as np
+    import torch
+
+    from hbi_runtime.model import load
+
+    path, doc = packages[precision]
+    assert {"text_clusters_l1", "video_clusters_ok"} <= {c["name"] for c in doc["parity"]["outputs"]}
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randn(2, T, 3, 32, 32, generator=g).numpy()
+    fmask = np.array([[1] * T, [1] * 3 + [0] * (T - 3)], dtype=np.int64)
+    frames[1, 3:] = 0
+    with load(path) as model:
+        video = model.encode_frames(frames, fmask)
+        text = model.encode_text(["a red circle turns green", "a hippopotamus"])
+    for side, valid in ((video, fmask.astype(bool)), (text, np.asarray(text.levels[0].mask, bool))):
+        assert side.clusters is not None and side.clusters.ok.all()
+        for row in range(2):
+            for level in (1, 2):
+                count = side.levels[level].length
+                members = side.clusters.members(row, level, count, valid[row])
+                covered = np.sort(np.concatenate(members))
+                assert len(members) == count and np.array_equal(covered, np.flatnonzero(valid[row]))
+
+
+def test_explain_shows_cluster_spans_with_a_new_package(packages, tmp_path):
+    from hbi_runtime.cli import app as run_app
+
+    video = tmp_path / "clip.mp4"
+    video.write_bytes((Path(__file__).resolve().parents[2] / "hbi_runtime" / "data" / "demo" / "samples"
+                       / "test_00056.mp4").read_bytes())
+    result = runner.invoke(run_app, ["explain", "a red circle turns green", str(video), "-m",
+                                     str(packages["fp32"][0]), "--samples", "128", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    action = json.loads(result.stdout)["levels"][1]
+    assert action["clusters_known"] is True
+    frames = sorted(f for c in action["cols"] for f in c["frames"])
+    assert frames == list(range(T)) and all(c["spans_s"] is not None for c in action["cols"])
+    positions = sorted(p for r in action["rows"] for p in r["positions"])
+    assert positions == list(range(7))  # start, 5 words, end: every valid token in one cluster
+
+
 def test_check_command_passes_our_package(packages):
     result = runner.invoke(app, ["check", str(packages["fp16"][0]), "--format", "json"])
     assert result.exit_code == 0, result.output

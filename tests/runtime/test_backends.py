@@ -181,7 +181,7 @@ def test_constructor_needs_a_graph_spec():
 def test_registry_is_an_explicit_dict():
     assert BACKENDS == {"onnxruntime": OrtBackend, "trt": TrtBackend}
     assert backend_options("onnxruntime") == ("providers", "intra_op_threads", "inter_op_threads", "optimization",
-                                              "custom_ops")
+                                              "custom_ops", "tensorrt")
 
 
 @pytest.mark.parametrize("name", ["tensorrt", "ORT", None])
@@ -195,7 +195,7 @@ def test_unknown_option_lists_the_backend_options(graph_path):
     with pytest.raises(UsageError) as exc:
         create_backend("onnxruntime", SPEC, graph_path, provider="cuda")
     assert str(exc.value) == ("backend 'onnxruntime' has no option(s) ['provider']; its options are ['providers', "
-                              "'intra_op_threads', 'inter_op_threads', 'optimization', 'custom_ops']")
+                              "'intra_op_threads', 'inter_op_threads', 'optimization', 'custom_ops', 'tensorrt']")
 
 
 @pytest.mark.parametrize("options, message", [
@@ -258,7 +258,7 @@ def test_unavailable_gpu_provider_names_the_gpu_extra(monkeypatch, graph_path, p
     with pytest.raises(MissingDependencyError, match=r"this onnxruntime \(.*\) has no (TensorrtExecutionProvider, )?"
                                                         r"CUDAExecutionProvider;") as exc:
         backend.load()
-    assert "pip install 'hbi-toolkit[gpu]'" in exc.value.hint
+    assert "pip install 'hbi-toolkit[gpu-cu12]' --extra-index-url https://pypi.nvidia.com" in exc.value.hint
     assert not backend.is_active
 
 

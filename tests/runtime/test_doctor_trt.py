@@ -118,8 +118,8 @@ def test_engines_for_another_gpu_get_the_rebuild_command(tmp_path):
 def test_without_gpu_or_tensorrt_engines_are_not_usable_and_say_why(tmp_path):
     pkg = _with_engines(tmp_path)
     [item] = doctor.judge_package(pkg, *_facts(None))["engines"]
-    assert item["reasons"] == ["TensorRT is not importable here: pip install 'hbi-toolkit[gpu]' (or JetPack 6's "
-                               "TensorRT)"]
+    assert item["reasons"] == ["TensorRT is not importable here: pip install 'hbi-toolkit[gpu-cu12]' "
+                               "--extra-index-url https://pypi.nvidia.com (Jetson: JetPack's TensorRT)"]
     [item] = doctor.judge_package(pkg, *_facts("10.3.0.26", devices=()))["engines"]
     assert item["reasons"][0].startswith("no CUDA GPU visible")
     demo = doctor.judge_package(DEMO, *_facts(None))

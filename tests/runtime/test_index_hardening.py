@@ -428,7 +428,7 @@ def test_5_moved_library_keeps_its_sides_and_hits_carry_absolute_paths(tmp_path,
     assert (s.unchanged, s.new, s.removed) == (8, 0, 0)
     doc = json.loads(_cli("retrieve", QUERY, "--index", index_dir, "--format", "json").stdout)
     hit = doc["queries"][0]["hits"][0]
-    assert doc["schema"] == "hbi.retrieve/1" and hit["path"] == "test_00056.mp4"
+    assert doc["schema"] == "hbi.retrieve/2" and hit["path"] == "test_00056.mp4"
     assert hit["abs_path"] == str(moved.resolve() / "test_00056.mp4") and Path(hit["abs_path"]).is_file()
     assert base64.b64decode(hit["abs_path_b64"]) == os.fsencode(hit["abs_path"])
 

@@ -78,7 +78,7 @@ def test_retrieve_formats_and_why(setup, cache_env):
     assert table.exit_code == 0, table.output
     assert 'query: "a red screen"' in table.stdout and "best frame" in table.stdout
     doc = json.loads(_run(*args, "--format", "json", env=cache_env).stdout)
-    assert doc["schema"] == "hbi.retrieve/1" and len(doc["model_sha256"]) == 64
+    assert doc["schema"] == "hbi.retrieve/2" and len(doc["model_sha256"]) == 64
     hits = doc["queries"][0]["hits"]
     assert [h["rank"] for h in hits] == [1, 2, 3] and hits[0]["score"] >= hits[1]["score"] >= hits[2]["score"]
     assert {w["word"] for w in hits[0]["words"]} == {"a", "red", "screen"}

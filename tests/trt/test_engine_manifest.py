@@ -41,6 +41,18 @@ def test_entry_carries_every_build_key_and_round_trips():
     assert EngineEntry.from_dict(json.loads(json.dumps(d)), "e") == entry()
 
 
+def test_reproducer_lines_are_kept_and_older_manifests_still_read():
+    lines = {"onnx": "pkg/text_encoder.onnx", "trtexec": "trtexec --onnx=pkg/text_encoder.onnx --fp16",
+             "polygraphy": "polygraphy run pkg/text_encoder.onnx --trt --onnxrt"}
+    d = entry(reproduce=lines).to_dict()
+    assert d["reproduce"] == lines
+    assert EngineEntry.from_dict(json.loads(json.dumps(d)), "e").reproduce == lines
+    older = {k: v for k, v in d.items() if k != "reproduce"}  # written before the lines were recorded
+    assert EngineEntry.from_dict(older, "e").reproduce is None
+    with pytest.raises(BadInputError, match=r"e.reproduce: unknown field\(s\) \['nsys'\]"):
+        EngineEntry.from_dict({**d, "reproduce": {**lines, "nsys": "x"}}, "e")
+
+
 def test_malformed_entries_name_the_field():
     d = entry().to_dict()
     with pytest.raises(BadInputError, match=r"e: unknown field\(s\) \['gpu'\]"):

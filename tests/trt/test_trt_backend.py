@@ -1,5 +1,7 @@
 """The TensorRT backend's logic on CPU: options, the registry, feed splitting beyond the profile, refusing engines
-built for another machine (with fakes for tensorrt and CUDA), and the CLIs without TensorRT."""
+built for another machine, its error paths (out-of-profile shapes, a failed execution, an engine whose tensors are
+not the spec's, a plugin library TensorRT refuses), the buffer plumbing on an *asynchronous* fake GPU, and the CLIs
+without TensorRT. The fakes (conftest.py) are strict where TensorRT and CUDA are: nothing here runs TensorRT."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from typer.testing import CliRunner
 
 from hbi_export.cli import app as export_app
 from hbi_export.trt import cli as trt_cli
-from hbi_export.trt.package import EngineOptions, build_package_engines
 from hbi_runtime import cli as run_cli
 from hbi_runtime.backends import BACKENDS, backend_options, create_backend
 from hbi_runtime.backends import tensorrt as trt_backend
@@ -49,12 +50,12 @@ def test_load_without_tensorrt_says_what_to_install(demo_dir, monkeypatch):
     assert "tensorrt >= 10.3" in info.value.hint and info.value.exit_code == 2
 
 
-def test_precision_is_the_only_one_built_or_must_be_named(demo_copy, fake_trt, fake_gpu):
+def test_precision_is_the_only_one_built_or_must_be_named(demo_copy, engines):
     with pytest.raises(BadInputError, match="has no TensorRT engines"):
         resolve_precision(demo_copy, None)
-    build_package_engines(demo_copy, EngineOptions(precision="fp16"), trt=fake_trt, device=fake_gpu)
+    engines(demo_copy, "fp16")
     assert resolve_precision(demo_copy, None) == "fp16"
-    build_package_engines(demo_copy, EngineOptions(precision="fp32"), trt=fake_trt, device=fake_gpu)
+    engines(demo_copy, "fp32")
     with pytest.raises(UsageError, match=r"engines in several precisions \(fp32, fp16\); say which"):
         resolve_precision(demo_copy, None)
     assert resolve_precision(demo_copy, "fp32") == "fp32"
@@ -101,67 +102,113 @@ def test_feed_beyond_the_profile_is_split_and_reassembled(demo_dir):
     np.testing.assert_allclose(got["level_scores"], want["level_scores"], rtol=0, atol=1e-6)
 
 
-class FakeCuda:
-    """Stands for hbi_runtime.backends.cuda.Cuda: one GPU, whose facts the test chooses."""
-
-    device = DeviceInfo(0, "NVIDIA Fake GPU", "9.0", 80 << 30, "12.4", "12.4")
-
-    def __init__(self, cudart=None) -> None:
-        pass
-
-    def call(self, name, *args):
-        return None
-
-    def device_info(self, index=0):
-        return self.device
-
-
-def _patch_runtime(monkeypatch, fake_trt, device: DeviceInfo) -> None:
-    class Runtime:
-        def __init__(self, logger) -> None:
-            pass
-
-        def deserialize_cuda_engine(self, data: bytes):
-            return None  # what TensorRT returns for a plan it cannot read
-
-    fake_trt.Runtime = Runtime
+def _patch_runtime(monkeypatch, fake_trt, device, info: DeviceInfo | None = None):
+    """The backend gets the fake tensorrt and the fake GPU (``info``: which GPU it reports)."""
+    if info is not None:
+        device.info = info
+    fake_trt.device = device
     monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake_trt)
-    monkeypatch.setattr(FakeCuda, "device", device)
-    monkeypatch.setattr(trt_backend, "Cuda", FakeCuda)
+    monkeypatch.setattr(trt_backend, "Cuda", lambda: device)
+    monkeypatch.delenv("HBI_TRT_PLUGINS", raising=False)
+    return device
 
 
-def test_engine_for_another_gpu_is_refused_with_the_rebuild_command(demo_copy, fake_trt, fake_gpu, monkeypatch):
-    build_package_engines(demo_copy, EngineOptions(precision="fp16", batch=AxisRange(1, 2, 4)), trt=fake_trt,
-                          device=fake_gpu)
+def _backend(pkg_dir, graph="text_encoder", **options):
+    pkg = load_package(pkg_dir)
+    return create_backend("trt", pkg.graph(graph), pkg.graph_path(graph), **options)
+
+
+def test_engine_for_another_gpu_is_refused_with_the_rebuild_command(demo_copy, fake_trt, engines, device,
+                                                                      monkeypatch):
+    engines(demo_copy, "fp16", batch=AxisRange(1, 2, 4))
     orin = DeviceInfo(0, "NVIDIA Jetson AGX Orin", "8.7", 32 << 30, "12.2", "12.2")
-    _patch_runtime(monkeypatch, fake_trt, orin)
-    pkg = load_package(demo_copy)
-    backend = create_backend("trt", pkg.graph("text_encoder"), pkg.graph_path("text_encoder"))
+    _patch_runtime(monkeypatch, fake_trt, device, orin)
+    backend = _backend(demo_copy)
     with pytest.raises(MismatchError) as info:
         backend.load()
     assert "built for compute capability 9.0, this GPU has 8.7" in info.value.message
     assert "built on a NVIDIA Fake GPU, this GPU is a NVIDIA Jetson AGX Orin" in info.value.message
     assert info.value.hint == (f"rebuild it on this machine: `hbi-export build-engine {demo_copy} --precision fp16 "
                                "--min-batch 1 --opt-batch 2 --max-batch 4 --workspace 4096`")
-    assert not backend.is_active
+    assert not backend.is_active and device.mem == {}
 
 
-def test_engine_that_matches_reaches_deserialization(demo_copy, fake_trt, fake_gpu, monkeypatch):
-    build_package_engines(demo_copy, EngineOptions(precision="fp16"), trt=fake_trt, device=fake_gpu)
-    _patch_runtime(monkeypatch, fake_trt, fake_gpu)
-    pkg = load_package(demo_copy)
-    with pytest.raises(MismatchError, match="could not deserialize .*text_encoder.engine"):
-        create_backend("trt", pkg.graph("text_encoder"), pkg.graph_path("text_encoder")).load()
+def test_engine_from_another_tensorrt_does_not_deserialize(demo_copy, fake_trt, engines, device, monkeypatch,
+                                                            make_trt):
+    engines(demo_copy, "fp16")
+    newer = make_trt("10.16.0.72")  # same version string in the manifest check is bypassed below
+    _patch_runtime(monkeypatch, newer, device)
+    monkeypatch.setattr(trt_backend, "check_engine", lambda root, entry, host, **kw: root / entry.file)
+    with pytest.raises(MismatchError, match="could not deserialize .*text_encoder.engine") as info:
+        _backend(demo_copy).load()
+    assert info.value.hint.startswith("rebuild it: `hbi-export build-engine")
+    assert device.mem == {} and not device.pinned
 
 
-def test_engine_built_with_plugins_is_refused_without_them(demo_copy, fake_trt, fake_gpu, plugin_lib, monkeypatch):
-    build_package_engines(demo_copy, EngineOptions(precision="fp16", plugins=plugin_lib), trt=fake_trt,
-                          device=fake_gpu)
-    _patch_runtime(monkeypatch, fake_trt, fake_gpu)
-    monkeypatch.delenv("HBI_TRT_PLUGINS", raising=False)
-    pkg = load_package(demo_copy)
+def test_engine_built_with_plugins_is_refused_without_them(demo_copy, fake_trt, engines, plugin_lib, device,
+                                                           monkeypatch):
+    engines(demo_copy, "fp16", plugins=plugin_lib)
+    _patch_runtime(monkeypatch, fake_trt, device)
     with pytest.raises(MismatchError, match="it needs the hbi plugin library .*which is not loaded here"):
-        create_backend("trt", pkg.graph("video_encoder"), pkg.graph_path("video_encoder")).load()
+        _backend(demo_copy, "video_encoder").load()
+
+
+def test_plugin_library_tensorrt_refuses_is_a_usage_error(demo_copy, fake_trt, engines, device, monkeypatch,
+                                                          tmp_path):
+    engines(demo_copy, "fp32")
+    _patch_runtime(monkeypatch, fake_trt, device)
+    not_a_library = tmp_path / "libhbi_trt_plugins.so"
+    not_a_library.write_bytes(b"#!/bin/sh\n")  # not a shared object with getCreators
+    with pytest.raises(UsageError, match="TensorRT could not load the plugin library") as info:
+        _backend(demo_copy, plugins=not_a_library).load()
+    assert "rebuild the library on this machine" in info.value.hint
+    with pytest.raises(BadInputError, match="does not exist"):
+        _backend(demo_copy, plugins=tmp_path / "missing.so").load()
+    assert device.mem == {}
+
+
+def test_engine_whose_tensors_are_not_the_specs_is_refused(demo_copy, fake_trt, engines, device, monkeypatch):
+    engines(demo_copy, "fp32")
+    _patch_runtime(monkeypatch, fake_trt, device)
+    fake_trt.tensor_renames = {"input_ids": "ids"}
+    backend = _backend(demo_copy)
+    with pytest.raises(MismatchError, match=r"has tensors \['ids', .*the graph's spec has \['input_ids'") as info:
+        backend.load()
+    assert info.value.hint == "rebuild the engines from this package"
+    assert not backend.is_active and device.mem == {} and not device.pinned  # nothing leaked
+
+
+def _text_feed(batch: int) -> dict:
+    ids = np.zeros((batch, 32), np.int64)
+    ids[:, 0], ids[:, 1] = 1, 2
+    mask = np.zeros((batch, 32), np.int64)
+    mask[:, :2] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_shape_outside_the_profile_is_refused(demo_copy, fake_trt, engines, device, monkeypatch):
+    """Larger batches are split; a batch below the profile's min cannot be, and TensorRT refuses its shape."""
+    engines(demo_copy, "fp32", batch=AxisRange(2, 2, 4))
+    _patch_runtime(monkeypatch, fake_trt, device)
+    with _backend(demo_copy) as backend:
+        assert backend.infer(_text_feed(7))["text_tokens_l0"].shape == (7, 32, 64)  # 4 + 3
+        with pytest.raises(BadInputError,
+                           match=r"Input tensor: input_ids \| Received shape \(1, 32\), outside") as info:
+            backend.infer(_text_feed(1))
+        assert "--max-batch" in info.value.hint or "--min-batch" in info.value.hint
+    assert any("outside the profile" in msg for _, msg in fake_trt.logged)
+
+
+def test_failed_execution_is_an_error(demo_copy, fake_trt, engines, device, monkeypatch):
+    engines(demo_copy, "fp32")
+    _patch_runtime(monkeypatch, fake_trt, device)
+    with _backend(demo_copy) as backend:
+        fake_trt.fail_execute = True
+        with pytest.raises(MismatchError, match="TensorRT failed to run engines/fp32/text_encoder.engine") as info:
+            backend.infer(_text_feed(2))
+        assert "hbi-run doctor" in info.value.hint
+        fake_trt.fail_execute = False
+        assert backend.infer(_text_feed(2))["text_tokens_l0"].shape == (2, 32, 64)  # the context still works
 
 
 # ------------------------------------------------------------------------------------------------ CLIs
@@ -183,14 +230,15 @@ def test_hbi_run_backend_trt_without_tensorrt_is_a_clear_error(args, no_tensorrt
     result = CliRunner().invoke(run_cli.app, args, prog_name="hbi-run")
     assert result.exit_code == 2, result.output
     assert "error: TensorRT is not installed" in result.stderr and "Traceback" not in result.output
-    assert "hint: pip install 'hbi-toolkit[gpu]'" in result.stderr
+    assert "hint: pip install 'hbi-toolkit[gpu-cu12]' --extra-index-url https://pypi.nvidia.com" in result.stderr
 
 
 def test_hbi_run_precision_needs_backend_trt():
     for flag in ("--precision", "--engine-precision"):  # the second: the deprecated spelling, still understood
         result = CliRunner().invoke(run_cli.app, ["demo", flag, "fp16", "--format", "json"])
         assert result.exit_code == 2, result.output
-        assert json.loads(result.stdout)["error"]["message"] == "--precision goes with --backend trt"
+        assert json.loads(result.stdout)["error"]["message"].startswith(
+            "--precision goes with --backend trt (engines) or --device tensorrt")
 
 
 def test_build_engine_without_tensorrt_is_a_clear_error(demo_copy, no_tensorrt):
@@ -217,12 +265,11 @@ class _StepsRecorder:
         pass
 
 
-def test_build_engine_cli_with_fakes(demo_copy, fake_trt, fake_gpu, monkeypatch, tmp_path):
+def test_build_engine_cli_with_fakes(polygraphy_trt, demo_copy, fake_trt, device, monkeypatch, tmp_path):
     import hbi_export.trt.package as package_mod
 
     monkeypatch.setattr(package_mod, "import_tensorrt", lambda: fake_trt)
-    monkeypatch.setattr(FakeCuda, "device", fake_gpu)
-    monkeypatch.setattr(package_mod, "Cuda", FakeCuda)
+    monkeypatch.setattr(package_mod, "Cuda", lambda: device)
     monkeypatch.delenv("HBI_TRT_PLUGINS", raising=False)
     cache = tmp_path / "t.cache"
     result = CliRunner().invoke(export_app, ["build-engine", str(demo_copy), "--precision", "fp32", "--max-batch",
@@ -235,8 +282,10 @@ def test_build_engine_cli_with_fakes(demo_copy, fake_trt, fake_gpu, monkeypatch,
     assert result.stderr == ""  # no progress in JSON mode (nor off a terminal)
     said: list = []
     monkeypatch.setattr(trt_cli, "Steps", lambda enabled: _StepsRecorder(enabled, said))
-    text = CliRunner().invoke(export_app, ["build-engine", str(demo_copy), "--precision", "fp32"])
+    text = CliRunner().invoke(export_app, ["build-engine", str(demo_copy)])  # --precision auto: fp16 on 10.3
     assert text.exit_code == 0 and "engine manifest:" in text.stdout
+    assert "note: --precision auto: fp16" in text.stdout
+    assert "trtexec:    trtexec --onnx=" in text.stdout and "polygraphy: polygraphy run " in text.stdout
     assert said[0] is True and [m.split(" (")[0] for m in said[1:]] == [  # each build said before it starts
         "building text_encoder", "building video_encoder", "building interaction"]
     bad = CliRunner().invoke(export_app, ["build-engine", str(demo_copy), "--axis", "video_batch=4"])
@@ -245,137 +294,18 @@ def test_build_engine_cli_with_fakes(demo_copy, fake_trt, fake_gpu, monkeypatch,
 
 # ------------------------------------------------------------------------------------------------ buffer plumbing
 
-class FakeDevice:
-    """Stands for Cuda with 'device memory' in host bytearrays, and CUDA-graph capture that records, not runs."""
-
-    def __init__(self) -> None:
-        self.mem: dict[int, bytearray] = {}
-        self.capturing: list | None = None
-        self.launches = self.captures = 0
-
-    def _new(self, nbytes: int) -> int:
-        ptr = 0x1000 * (len(self.mem) + 1)
-        self.mem[ptr] = bytearray(nbytes)
-        return ptr
-
-    def malloc(self, nbytes: int) -> int:
-        return self._new(nbytes)
-
-    def host_array(self, nbytes: int, dtype, shape):
-        return self._new(0), np.zeros(shape, dtype=dtype)
-
-    def copy_to_device(self, dst: int, src: np.ndarray, stream) -> None:
-        assert src.flags.c_contiguous and src.nbytes <= len(self.mem[dst])
-        self.mem[dst][:src.nbytes] = src.tobytes()
-
-    def copy_to_host(self, dst: np.ndarray, src: int, stream) -> None:
-        dst[...] = np.frombuffer(bytes(self.mem[src][:dst.nbytes]), dtype=dst.dtype).reshape(dst.shape)
-
-    def stream(self) -> int:
-        return 7
-
-    def synchronize(self, stream) -> None:
-        pass
-
-    def begin_capture(self, stream) -> None:
-        self.capturing = []
-
-    def end_capture(self, stream):
-        work, self.capturing = self.capturing, None
-        self.captures += 1
-        return work
-
-    def launch_graph(self, graph, stream) -> None:
-        self.launches += 1
-        for fn in graph:
-            fn()
-
-    def destroy_graph(self, graph) -> None:
-        pass
-
-    def free(self, ptr) -> None:
-        del self.mem[ptr]
-
-    def free_host(self, ptr) -> None:
-        self.mem.pop(ptr, None)
-
-    def destroy_stream(self, stream) -> None:
-        pass
-
-
-class FakeEngine:
-    """An 'engine' that runs the ONNX graph with ONNX Runtime on the bytes at the bound addresses."""
-
-    def __init__(self, spec, path, device: FakeDevice) -> None:
-        import onnxruntime as ort
-
-        self.spec, self.device = spec, device
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.names = [t.name for t in (*spec.inputs, *spec.outputs)]
-        self.dtypes = {t.name: np.dtype(t.dtype) for t in (*spec.inputs, *spec.outputs)}
-
-    num_io_tensors = property(lambda self: len(self.names))
-
-    def get_tensor_name(self, i):
-        return self.names[i]
-
-    def get_tensor_dtype(self, name):
-        return self.dtypes[name]
-
-    def create_execution_context(self):
-        engine = self
-
-        class Context:
-            def __init__(self) -> None:
-                self.addresses, self.shapes = {}, {}
-
-            def set_tensor_address(self, name, ptr):
-                self.addresses[name] = ptr
-
-            def set_input_shape(self, name, shape):
-                self.shapes[name] = tuple(shape)
-                return True
-
-            def get_tensor_shape(self, name):
-                return self.shapes[name]
-
-            def _run(self):
-                feed = {t.name: np.frombuffer(bytes(engine.device.mem[self.addresses[t.name]]), dtype=t.dtype)[
-                    :int(np.prod(self.shapes[t.name]))].reshape(self.shapes[t.name]) for t in engine.spec.inputs}
-                outs = engine.session.run(None, feed)
-                for t, value in zip(engine.spec.outputs, outs):
-                    self.shapes[t.name] = value.shape
-                    engine.device.mem[self.addresses[t.name]][:value.nbytes] = value.astype(t.dtype).tobytes()
-
-            def execute_async_v3(self, stream):
-                assert stream == 7
-                if engine.device.capturing is not None:
-                    engine.device.capturing.append(self._run)  # captured, not run
-                else:
-                    self._run()
-                return True
-
-        return Context()
-
-
 @pytest.mark.parametrize("cuda_graph", [False, True])
-def test_buffers_bindings_and_cuda_graphs_round_trip(demo_copy, fake_trt, fake_gpu, cuda_graph):
+def test_buffers_bindings_and_cuda_graphs_round_trip(demo_copy, fake_trt, engines, device, monkeypatch, cuda_graph):
     """Pinned staging, device buffers at the profile's max, set_input_shape / set_tensor_address, output shapes,
-    splitting, and CUDA-graph replay, with a fake device whose 'engine' is ONNX Runtime on the bound bytes."""
+    splitting, and CUDA-graph replay, on an asynchronous fake GPU whose 'engine' is ONNX Runtime on the bound
+    bytes: results are only right if the backend synchronizes its stream before reading the outputs."""
     import onnxruntime as ort
 
-    build_package_engines(demo_copy, EngineOptions(precision="fp32", batch=AxisRange(1, 2, 3)), trt=fake_trt,
-                          device=fake_gpu)
+    engines(demo_copy, "fp32", batch=AxisRange(1, 2, 3))
+    _patch_runtime(monkeypatch, fake_trt, device)
     pkg = load_package(demo_copy)
     spec, path = pkg.graph("interaction"), pkg.graph_path("interaction")
-    device = FakeDevice()
-    fake_trt.Runtime = lambda logger: type("R", (), {"deserialize_cuda_engine":
-                                                     lambda self, data: FakeEngine(spec, path, device)})()
-    fake_trt.nptype = np.dtype
-    backend = TrtBackend(spec, path, cuda_graph=cuda_graph)
-    entry = trt_backend.read_engine_set(demo_copy, "fp32").entry_for(spec.file)
-    backend._activate(fake_trt, device, entry, demo_copy / entry.file)
-    backend._active = True
+    backend = TrtBackend(spec, path, cuda_graph=cuda_graph).load()
     rng = np.random.default_rng(1)
     feed = {}
     for t in spec.inputs:
@@ -389,5 +319,121 @@ def test_buffers_bindings_and_cuda_graphs_round_trip(demo_copy, fake_trt, fake_g
         np.testing.assert_allclose(got["level_scores"], want["level_scores"], atol=1e-6)
     # 4 texts x 5 videos through max 3 x 3: chunks (3|1) x (3|2) = 4 distinct shape sets
     assert (device.captures, device.launches) == ((4, 4) if cuda_graph else (0, 0))
+    assert device.syncs == 8 and all(not q for q in device.queues.values())
     backend.close()
-    assert device.mem == {} and not backend.is_active
+    assert device.mem == {} and not device.pinned and not device.queues and not backend.is_active
+
+
+def test_without_synchronize_the_outputs_are_not_there(demo_copy, fake_trt, engines, device, monkeypatch):
+    """The fake GPU is asynchronous: a backend that skipped cudaStreamSynchronize would read stale outputs
+    (what makes the round-trip test above meaningful)."""
+    engines(demo_copy, "fp32")
+    _patch_runtime(monkeypatch, fake_trt, device)
+    backend = _backend(demo_copy).load()
+    device.synchronize = lambda stream: None  # a backend without cudaStreamSynchronize
+    out = backend.infer(_text_feed(2))
+    assert not np.any(out["text_tokens_l0"])  # still the zeros of the fresh pinned buffer
+    del device.synchronize
+    backend.close()
+    assert not device.queues
+
+
+# ---------------------------------------------------------------------------------------- ONNX Runtime's TensorRT EP
+
+def test_tensorrt_provider_options_from_ours(demo_dir, tmp_path, monkeypatch):
+    from hbi_runtime.backends.onnxruntime import tensorrt_provider_options
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("HBI_TRT_PLUGINS", "/opt/hbi/libhbi_trt_plugins.so")
+    spec = load_package(demo_dir).graph("text_encoder")
+    opts = tensorrt_provider_options(spec, {"precision": "fp16", "batch": (1, 4, 16), "workspace_mb": 256})
+    cache = tmp_path / "hbi" / "ort-tensorrt" / spec.sha256[:16]
+    assert opts == {
+        "device_id": 0, "trt_fp16_enable": True, "trt_int8_enable": False,
+        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+        "trt_max_workspace_size": 256 << 20,
+        "trt_profile_min_shapes": "input_ids:1x32,attention_mask:1x32",
+        "trt_profile_opt_shapes": "input_ids:4x32,attention_mask:4x32",
+        "trt_profile_max_shapes": "input_ids:16x32,attention_mask:16x32",
+        "trt_extra_plugin_lib_paths": "/opt/hbi/libhbi_trt_plugins.so"}
+    fp32 = tensorrt_provider_options(spec, {"engine_cache": tmp_path / "e", "timing_cache": tmp_path / "t"})
+    assert (fp32["trt_fp16_enable"], fp32["trt_int8_enable"]) == (False, False)  # the graph's own: fp32
+    assert (fp32["trt_engine_cache_path"], fp32["trt_timing_cache_path"]) == (str(tmp_path / "e"), str(tmp_path / "t"))
+    interaction = tensorrt_provider_options(load_package(demo_dir).graph("interaction"))
+    assert interaction["trt_profile_max_shapes"].startswith("text_tokens_l0:32x32x64,")
+    assert "video_tokens_l0:32x8x64" in interaction["trt_profile_max_shapes"]
+    with pytest.raises(UsageError, match="unknown TensorRT provider option"):
+        tensorrt_provider_options(spec, {"fp16": True})
+    with pytest.raises(UsageError, match="precision must be fp32, fp16 or int8"):
+        tensorrt_provider_options(spec, {"precision": "bf16"})
+
+
+def test_int8_through_the_tensorrt_provider_takes_the_qdq_graph(demo_dir):
+    import dataclasses
+
+    from hbi_runtime.backends.onnxruntime import tensorrt_provider_options
+
+    spec = dataclasses.replace(load_package(demo_dir).graph("video_encoder"), precision="int8")  # calibrate's
+    opts = tensorrt_provider_options(spec)
+    assert (opts["trt_int8_enable"], opts["trt_fp16_enable"]) == (True, False)
+    assert "trt_int8_calibration_table_name" not in opts  # explicit Q/DQ: no calibration table
+    with pytest.raises(UsageError, match="is quantized \\(Q/DQ\\); its TensorRT precision is int8, not fp16"):
+        tensorrt_provider_options(spec, {"precision": "fp16"})
+
+
+def test_ort_backend_passes_the_tensorrt_options_to_onnxruntime(demo_dir, tmp_path, monkeypatch):
+    from hbi_runtime.backends import onnxruntime as ort_backend
+
+    pkg = load_package(demo_dir)
+    spec, path = pkg.graph("text_encoder"), pkg.graph_path("text_encoder")
+    with pytest.raises(UsageError, match="tensorrt options go with ONNX Runtime's TensorRT execution provider"):
+        create_backend("onnxruntime", spec, path, providers="cuda", tensorrt={"precision": "fp16"})
+    backend = create_backend("onnxruntime", spec, path, providers="tensorrt",
+                             tensorrt={"precision": "fp16", "engine_cache": tmp_path / "cache"})
+    assert backend.describe()["tensorrt"] == {"fp16": True, "int8": False}
+    providers = backend._provider_list(ort_backend.PROVIDER_PRESETS["tensorrt"])
+    assert providers[0][0] == "TensorrtExecutionProvider" and providers[0][1]["trt_fp16_enable"] is True
+    assert providers[1:] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert (tmp_path / "cache").is_dir()  # made for ONNX Runtime, which does not make it
+
+
+@pytest.mark.parametrize("args", [
+    ["demo", "--device", "tensorrt"],
+    ["demo", "--device", "tensorrt", "--precision", "fp16"],
+    ["retrieve", "a red square", "--index", "nowhere", "--device", "tensorrt"],
+])
+def test_hbi_run_device_tensorrt_without_the_provider(args):
+    ort = pytest.importorskip("onnxruntime")
+    if "TensorrtExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the TensorRT provider: the error path needs a build without it")
+    result = CliRunner().invoke(run_cli.app, [*args, "--format", "json"], prog_name="hbi-run")
+    assert result.exit_code == 2, result.output
+    error = json.loads(result.stdout)["error"]
+    assert "--device tensorrt: this onnxruntime" in error["message"] and "TensorrtExecutionProvider" in (
+        error["message"])
+
+
+def test_hbi_run_backend_trt_takes_cuda_only():
+    result = CliRunner().invoke(run_cli.app, ["demo", "--backend", "trt", "--device", "tensorrt", "--format", "json"])
+    assert result.exit_code == 2, result.output
+    error = json.loads(result.stdout)["error"]
+    assert error["message"] == "--backend trt runs its engines on --device cuda, not tensorrt"
+    assert "--backend onnxruntime" in error["hint"]
+
+
+def test_bench_maps_device_tensorrt_to_the_provider(monkeypatch):
+    from hbi_runtime.bench import run
+
+    checked = []
+    monkeypatch.setattr(run, "check_ort_provider", checked.append)
+    assert run.backend_options_for("onnxruntime", "tensorrt", None, "fp16") == {
+        "providers": "tensorrt", "tensorrt": {"precision": "fp16"}}
+    assert run.backend_options_for("onnxruntime", "tensorrt", 2, None) == {"providers": "tensorrt",
+                                                                           "intra_op_threads": 2}
+    assert checked == ["tensorrt", "tensorrt"]
+    with pytest.raises(UsageError, match="runs the package's own precision"):
+        run.backend_options_for("onnxruntime", "cuda", None, "fp16")
+    with pytest.raises(UsageError, match="runs on CUDA GPUs only, not on tensorrt") as info:
+        run.backend_options_for("trt", "tensorrt", None, None)
+    assert "--backend onnxruntime" in info.value.hint

@@ -1,8 +1,10 @@
 """End to end on a GPU with TensorRT (marker ``trt``, deselected by default; run with ``-m trt``).
 
 Builds the demo package's engines (fp32, fp16; with the hbi plugin library when $HBI_TRT_PLUGINS names one), runs
-them through ``hbi_runtime.model.load(backend="trt")`` and compares with ONNX Runtime on CPU at DESIGN.md's
-tolerances. Never run in this project's environments (no GPU): see docs/tensorrt.md, "What is verified where".
+them through ``hbi_runtime.model.load(backend="trt")`` and compares with ONNX Runtime on CPU at the tolerances of
+``hbi_runtime.compare.TOLERANCES`` (docs/architecture.md; docs/tensorrt.md, "Engine parity"). The queries include
+captions shorter than the cluster count (padded cluster centres: the tie-order case of docs/custom_ops.md). Never
+run in this project's environments (no GPU): see docs/tensorrt.md, "What is verified where".
 """
 
 from __future__ import annotations
@@ -33,14 +35,19 @@ def _frames(model, n: int, seed: int = 0):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_demo_engines_agree_with_onnxruntime(demo_copy, precision):
-    pytest.importorskip("tensorrt")
+    trt = pytest.importorskip("tensorrt")
+    pytest.importorskip("polygraphy")
+    if precision == "fp16" and int(trt.__version__.split(".")[0]) >= 11:
+        pytest.skip("TensorRT 11 builds fp16 engines from an fp16 package only (hbi-export onnx --precision fp16)")
     plugins = os.environ.get("HBI_TRT_PLUGINS")
     options = EngineOptions(precision=precision, batch=AxisRange(1, 4, 8), workspace_mb=1024,
                             plugins=plugins and os.path.abspath(plugins))
     summary = build_package_engines(demo_copy, options)
     if plugins:
         assert all(e["plugin_layers"] > 0 for e in summary["engines"])
-    queries = ["a red square moves left", "a blue circle appears", "a green cross moves up, then stops"] * 4
+    # "a", "red": 3 tokens with start and end, fewer than the 8 clusters of the demo's first text merge
+    queries = ["a red square moves left", "a blue circle appears", "a green cross moves up, then stops", "a",
+               "red"] * 3
     with load(demo_copy) as ref, load(demo_copy, backend="trt", precision=precision) as got:
         frames, mask = _frames(ref, 11)  # 11 videos > max batch 8: the backend splits the feed
         t_ref, t_got = ref.encode_text(queries), got.encode_text(queries)

@@ -3,9 +3,18 @@
 // them. The math is in the CUDA kernels behind hbi_kernels.h; this file only adapts them to TensorRT.
 //
 // Written against the TensorRT 10.x / 11.x headers (IPluginV3OneCore / Build / Runtime, IPluginCreatorV3One exist
-// unchanged since 10.0, so one source serves JetPack 6's TensorRT 10.3 as well). The library registers its creators
-// through the dynamic-loading entry points getCreators / setLoggerFinder (IPluginRegistry::loadLibrary,
-// trtexec --dynamicPlugins); static registration (REGISTER_TENSORRT_PLUGIN) is opt-in, HBI_STATIC_REGISTRATION.
+// unchanged since 10.0, so one source serves JetPack 6's TensorRT 10.3 as well; checked against 10.3, 10.16, 11.1).
+//
+// One source, two libraries (CMakeLists.txt; docs/tensorrt.md, "Plugin libraries per host"), because
+// IPluginRegistry::loadLibrary fails when any creator of the library is registered already:
+//   libhbi_trt_plugins.so         exports getCreators / setLoggerFinder and registers nothing by itself: for
+//                                 loadLibrary (hbi-export, hbi-run, trtexec --dynamicPlugins, engines that carry
+//                                 their plugin library). Needs no libnvinfer at link time.
+//   libhbi_trt_plugins_dlopen.so  HBI_REGISTER_ON_LOAD: a plain dlopen registers both creators under namespace
+//                                 "hbi" (getPluginRegistry()->registerCreator) and dlclose deregisters them: for
+//                                 LD_PRELOAD, Triton's plugins= backend option, DeepStream's custom-lib-path,
+//                                 trtexec --staticPlugins, ctypes.CDLL. Linked against libnvinfer, so that it finds
+//                                 the host's registry even when the host loaded TensorRT with RTLD_LOCAL.
 #include <NvInferRuntime.h>
 
 #include <cstdint>
@@ -14,6 +23,8 @@
 #include <vector>
 
 #include "hbi_kernels.h"
+
+#define HBI_EXPORT __attribute__((visibility("default")))
 
 using namespace nvinfer1;
 
@@ -25,13 +36,22 @@ namespace
 char const* const kNamespace = "hbi";
 char const* const kVersion = "1";
 
-ILoggerFinder* gLoggerFinder = nullptr;
+ILoggerFinder* gLoggerFinder = nullptr;  // set by loadLibrary through setLoggerFinder
+
+void logMessage(ILogger::Severity severity, std::string const& message) noexcept
+{
+    ILogger* logger = gLoggerFinder != nullptr ? gLoggerFinder->findLogger() : nullptr;
+#ifdef HBI_REGISTER_ON_LOAD
+    if (logger == nullptr)
+        logger = getLogger();  // libnvinfer's global logger: nobody hands a finder to a plain dlopen
+#endif
+    if (logger != nullptr)
+        logger->log(severity, message.c_str());
+}
 
 void logError(std::string const& message) noexcept
 {
-    ILogger* logger = gLoggerFinder != nullptr ? gLoggerFinder->findLogger() : nullptr;
-    if (logger != nullptr)
-        logger->log(ILogger::Severity::kERROR, message.c_str());
+    logMessage(ILogger::Severity::kERROR, message);
 }
 
 bool readInt(PluginField const& field, int32_t& out) noexcept
@@ -280,29 +300,72 @@ private:
 using WeightedTokenInteractionCreator = HbiCreator<WeightedTokenInteractionPlugin>;
 using TokenMergeCreator = HbiCreator<TokenMergePlugin>;
 
+constexpr int32_t kNbCreators = 2;
+
+// The library's creators, made on first use (so a registration from a static constructor finds them made).
+IPluginCreatorInterface* const* creators() noexcept
+{
+    static WeightedTokenInteractionCreator wti;
+    static TokenMergeCreator merge;
+    static IPluginCreatorInterface* const all[kNbCreators] = {&wti, &merge};
+    return all;
+}
+
+#ifdef HBI_REGISTER_ON_LOAD
+// Registers the creators when the library is loaded and deregisters them when it is unloaded, so that a registry
+// never keeps a creator whose code is gone. REGISTER_TENSORRT_PLUGIN is not used: it registers under namespace ""
+// and never deregisters. The library links libnvinfer, so its destructor runs before libnvinfer's.
+class RegisterOnLoad
+{
+public:
+    RegisterOnLoad() noexcept
+        : mRegistry(getPluginRegistry())
+    {
+        if (mRegistry == nullptr)
+            return;
+        for (int32_t i = 0; i < kNbCreators; ++i)
+        {
+            IPluginCreatorInterface* creator = creators()[i];
+            mRegistered[i] = mRegistry->registerCreator(*creator, kNamespace);
+            if (!mRegistered[i])
+                logMessage(ILogger::Severity::kWARNING,
+                    std::string("hbi: a creator ") + kNamespace + "::"
+                        + static_cast<IPluginCreatorV3One*>(creator)->getPluginName()
+                        + " is registered already (was libhbi_trt_plugins.so loaded too?); keeping that one");
+        }
+    }
+
+    ~RegisterOnLoad()
+    {
+        for (int32_t i = 0; mRegistry != nullptr && i < kNbCreators; ++i)
+            if (mRegistered[i])
+                mRegistry->deregisterCreator(*creators()[i]);
+    }
+
+    RegisterOnLoad(RegisterOnLoad const&) = delete;
+    RegisterOnLoad& operator=(RegisterOnLoad const&) = delete;
+
+private:
+    IPluginRegistry* mRegistry;
+    bool mRegistered[kNbCreators] = {};
+};
+
+RegisterOnLoad const gRegisterOnLoad;
+#endif
+
 }  // namespace
 }  // namespace hbi
 
-#ifdef HBI_STATIC_REGISTRATION
-// Opt-in static registration, for applications that dlopen the library themselves and call no loadLibrary.
-// Off by default: IPluginRegistry::loadLibrary (hbi-export / hbi-run, trtexec --dynamicPlugins) registers the
-// creators through getCreators below, and fails when they are registered already.
-using hbi::TokenMergeCreator;
-using hbi::WeightedTokenInteractionCreator;
-REGISTER_TENSORRT_PLUGIN(WeightedTokenInteractionCreator);
-REGISTER_TENSORRT_PLUGIN(TokenMergeCreator);
-#endif
-
-extern "C" void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
+#ifndef HBI_REGISTER_ON_LOAD
+// The IPluginRegistry::loadLibrary entry points (with the kernels' C functions, all that this library exports).
+extern "C" HBI_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
 {
     hbi::gLoggerFinder = finder;
 }
 
-extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
+extern "C" HBI_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
-    static hbi::WeightedTokenInteractionCreator wti;
-    static hbi::TokenMergeCreator merge;
-    static nvinfer1::IPluginCreatorInterface* const creators[] = {&wti, &merge};
-    nbCreators = 2;
-    return creators;
+    nbCreators = hbi::kNbCreators;
+    return hbi::creators();
 }
+#endif

@@ -38,6 +38,11 @@ __device__ Workspace carve(void* base, int sample, int n)
     return w;
 }
 
+__device__ __forceinline__ int clampIndex(int i, int n)
+{
+    return i < 0 ? 0 : (i < n ? i : n - 1);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) tokenMergeKernel(T const* __restrict__ x, T const* __restrict__ score,
     T const* __restrict__ mask, T* __restrict__ merged, void* workspace, int n, int c, int clusters, int k)
@@ -148,8 +153,15 @@ __global__ void __launch_bounds__(kThreads) tokenMergeKernel(T const* __restrict
                 any = true;
             }
         }
-        w.centre[i] = parent * di;
+        // A NaN score (parent = inf from an overflowing |x|^2 or an inf fill, times density 0) ranks last, as in the
+        // reference's argsort: the rank below needs a total order. With a NaN every comparison is false, so the NaN
+        // token and the best finite one would share rank 0 and some slot of `centres` would never be written.
+        float const centreScore = parent * di;
+        w.centre[i] = isnan(centreScore) ? -INFINITY : centreScore;
     }
+    // Every slot defined before the ranks land (they overwrite each one exactly once: the order is total now).
+    for (int q = threadIdx.x; q < clusters; q += kThreads)
+        w.centres[q] = q;
     __syncthreads();
 
     // centres: the `clusters` highest centre scores, descending, lower index first on ties (a rank by counting)
@@ -167,14 +179,15 @@ __global__ void __launch_bounds__(kThreads) tokenMergeKernel(T const* __restrict
     }
     __syncthreads();
 
-    // assign[t] = c if t is centre c, else argmin_c dist[centres[c], t] (first on equal distance)
+    // assign[t] = c if t is centre c, else argmin_c dist[centres[c], t] (first on equal distance). The centre index
+    // is clamped to [0, N): a defect above must not turn into a read outside this sample's distances.
     for (int t = threadIdx.x; t < n; t += kThreads)
     {
         int bestC = 0;
-        float bestD = w.dist[w.centres[0] * n + t];
+        float bestD = w.dist[clampIndex(w.centres[0], n) * n + t];
         for (int q = 1; q < clusters; ++q)
         {
-            float const d = w.dist[w.centres[q] * n + t];
+            float const d = w.dist[clampIndex(w.centres[q], n) * n + t];
             if (d < bestD)
             {
                 bestD = d;
