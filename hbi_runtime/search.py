@@ -142,13 +142,28 @@ def search(model, index: Index, queries: Sequence[str], *, top_k: int = 10,
         from hbi_runtime.explain.explainer import check_samples
 
         check_samples(explain_samples)
+    return rank_encoded(model, index, queries, model.encode_text(queries), top_k=top_k, level_weights=level_weights,
+                        memory_limit_mb=memory_limit_mb, explain_samples=explain_samples, explain_seed=explain_seed)
+
+
+def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: int = 10,
+                 level_weights: Sequence[float] | None = None, memory_limit_mb: float = 256,
+                 explain_samples: int | None = None, explain_seed: int = 0, store=None) -> list[QueryResult]:
+    """:func:`search` for queries whose text side ``text`` (row ``q`` = ``queries[q]``, with its ``truncated``
+    flags) is already encoded: one scoring pass over the index for all of them (the server encodes the queries of
+    concurrent requests in one call, then ranks each group of level weights with this). The arguments are checked
+    by :func:`search`. ``store``: ``index.video_store()`` when the caller keeps it (the server, once per index
+    reload: several shards are otherwise concatenated on every call).
+
+    Raises:
+        BadInputError: the index holds no video. DamagedIndexError: impossible scores (damaged shard bytes).
+    """
     if not index.rows:
         raise BadInputError(f"the index {index.dir} holds no video",
                             hint="index a folder that contains videos (hbi-run index VIDEO_DIR)")
     weights = tuple(level_weights) if level_weights is not None else tuple(model.manifest.level_weights)
-    text = model.encode_text(queries)
     words = [model.tokenizer.words(q) for q in queries]
-    store = index.video_store()
+    store = index.video_store() if store is None else store
     scores = score(text, store, level_weights=weights, memory_limit_mb=memory_limit_mb)  # (Q, N)
     _check_scores(index, scores, weights)
     best, values = topk(scores, top_k)
