@@ -45,14 +45,15 @@ DEFAULT_OUT = Path("benchmarks/results/verify.json")
 D, LENGTHS, L_TEXT, VALID = 512, (12, 3, 2), 24, 12
 
 
-def make_store(n: int, seed: int = 0, block: int = 10_000) -> VideoStore:
+def make_store(n: int, seed: int = 0, block: int = 10_000, *, d: int = D, lengths=LENGTHS) -> VideoStore:
+    """``n`` random unit-token int8 sides (``bench_serve.py`` uses other shapes: the demo model's)."""
     rng = np.random.default_rng(seed)
     levels = []
-    for length in LENGTHS:
-        codes = np.empty((n, length, D), np.uint8)
+    for length in lengths:
+        codes = np.empty((n, length, d), np.uint8)
         scales = np.empty((n, length), np.float32)
         for start in range(0, n, block):
-            x = rng.standard_normal((min(block, n - start), length, D), dtype=np.float32)
+            x = rng.standard_normal((min(block, n - start), length, d), dtype=np.float32)
             x /= np.linalg.norm(x, axis=-1, keepdims=True)
             codes[start:start + block], scales[start:start + block] = quantize_int8(x)
         w = rng.random((n, length)).astype(np.float32)
@@ -60,9 +61,11 @@ def make_store(n: int, seed: int = 0, block: int = 10_000) -> VideoStore:
     return VideoStore(tuple(levels), "int8")
 
 
-def write_index(folder: Path, store: VideoStore) -> None:
-    meta = {"model_sha256": "0" * 64, "storage_dtype": "int8", "tokens_per_level": list(LENGTHS), "embed_dim": D,
-            "window": None, "max_frames": LENGTHS[0], "video_dir": "/synthetic", "created": "bench"}
+def write_index(folder: Path, store: VideoStore, meta: dict | None = None) -> None:
+    """``store`` as an index through the real writer; ``meta``: the index meta (default: ViT-B/32 shapes)."""
+    meta = meta or {"model_sha256": "0" * 64, "storage_dtype": "int8", "tokens_per_level": list(LENGTHS),
+                    "embed_dim": D, "window": None, "max_frames": LENGTHS[0], "video_dir": "/synthetic",
+                    "created": "bench"}
     with Writer(folder) as writer:
         writer.begin(meta)
         shard_id, files = writer.write_shard(store)

@@ -175,17 +175,6 @@ def _index_folder(model, videos: Path, index_dir: Optional[Path], *, workers: in
     return summary
 
 
-def _summary_dict(summary, model) -> dict:
-    return {"schema": "hbi.index/1", "model_sha256": model.package.manifest_sha256, "index": str(summary.index_dir),
-            "new": summary.new, "unchanged": summary.unchanged, "reindexed": summary.reindexed,
-            "recovered": summary.recovered, "resumed": summary.resumed,
-            "removed": summary.removed, "rows": summary.rows, "seconds": round(summary.seconds, 2),
-            "failed": [f.to_dict() for f in summary.failed],
-            "skipped": [{"path": p, "reason": r} for p, r in summary.skipped],
-            "repaired": summary.repaired, "verified": summary.verified,
-            "moved_aside": None if summary.moved_aside is None else str(summary.moved_aside)}
-
-
 def _summary_text(d: dict) -> str:
     extra = "".join(f", {d[k]} {k}" for k in ("recovered", "resumed") if d[k])
     tried = sum(f["attempted"] for f in d["failed"])
@@ -293,7 +282,7 @@ def index(
                 summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=batch_size,
                                         window=window, stride=stride, rebuild=rebuild, quiet=json_mode,
                                         retry_failed=retry_failed, force=force, verify=verify)
-                result = _summary_dict(summary, m)
+                result = summary.to_dict(m.package.manifest_sha256)
             failed = bool(summary.failed)
             if json_mode:
                 emit_json(result)
@@ -583,6 +572,147 @@ def demo(
         if checked:
             sys.stdout.write(f"{sum(i['correct'] for i in checked)} of {len(checked)} example queries ranked their "
                              f"video first (samples: {root / 'samples'})\n")
+
+
+@app.command(epilog="Examples:\n\n  hbi-run serve                                   # the demo model and its sample videos\n\n"
+                    "  hbi-run serve --videos ~/Videos --model pkg/b32 --port 8080\n\n"
+                    "  hbi-run serve --index ~/Videos-index -m pkg/b32 --host 0.0.0.0 --api-key-file key.txt "
+                    "--tls-cert cert.pem --tls-key key.pem\n\n"
+                    "  curl -s localhost:8000/v1/retrieve -H 'Content-Type: application/json' "
+                    "-d '{\"queries\": [\"a red circle turns green\"], \"top_k\": 5}'")
+def serve(
+    ctx: typer.Context,
+    model: ModelOption = None,
+    index_dir: Annotated[Optional[Path], typer.Option(
+        "--index", help="An index built by `hbi-run index` (reloaded when a run commits).", show_default=False)] = None,
+    videos: Annotated[Optional[Path], typer.Option(
+        help="Folder of videos: indexes what is missing first, then serves it (POST /v1/index/update re-indexes "
+             "it). Default with neither: the demo's sample videos.", show_default=False)] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; any non-loopback one needs an API key.")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: a free one, printed at start).")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most queries (or videos) per model call; 1 turns "
+                                                       "batching off.")] = 32,
+    max_delay_ms: Annotated[float, typer.Option(min=0, help="Longest wait for more requests to join a batch.")
+                            ] = 5.0,
+    queue_size: Annotated[int, typer.Option(min=1, help="Waiting requests per lane; past it: 503 with "
+                                                        "Retry-After.")] = 256,
+    request_timeout_s: Annotated[float, typer.Option(min=0.1, help="Deadline of one request (504 past it).")
+                                 ] = 30.0,
+    api_key_file: Annotated[Optional[Path], typer.Option(
+        help="File whose first line is the API key (or set HBI_API_KEY); never on the command line.",
+        show_default=False)] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="PEM certificate: serve HTTPS.", show_default=False)
+                        ] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="PEM key of --tls-cert.", show_default=False)] = None,
+    qa_model: Annotated[Optional[Path], typer.Option(
+        help="QA package for /v1/qa (default with the demo model: the demo QA model).", show_default=False)] = None,
+    caption_model: Annotated[Optional[Path], typer.Option(
+        help="Caption package for /v1/caption (default with the demo model: the demo decoder).",
+        show_default=False)] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(
+        help="Allow browser pages of this origin (repeatable; CORS is off by default).", show_default=False)] = None,
+    max_body_kb: Annotated[int, typer.Option(min=1, help="Largest request body.")] = 1024,
+    reload_interval_s: Annotated[float, typer.Option(min=0.1, help="How often to look for a newly committed index.")
+                                 ] = 2.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level (info logs every request).")] = "info",
+    workers: WorkersOption = 2,
+    allow_unverified: AllowUnverifiedOption = False,
+    backend: BackendOption = BackendName.onnxruntime,
+    precision: PrecisionOption = None,
+    engine_precision_alias: EnginePrecisionAlias = None,
+    device: DeviceOption = None,
+    output_format: FormatOption = OutputFormat.text,
+) -> None:
+    """Serve retrieval, QA, captioning and explanations over HTTP from one process that keeps the model and the
+    index hot: a JSON API (/v1/..., documented at /docs), a search page at /, /healthz, /readyz, /metrics.
+
+    Concurrent requests are batched (one encoder call per lane, one scoring pass per batch of queries); the index
+    is reloaded without restart when `hbi-run index` commits. SIGTERM / Ctrl+C: stops accepting, finishes what is
+    in flight, exits 0. Security model and API: docs/serve.md.
+    """
+    json_mode = output_format is OutputFormat.json
+    with run_guarded(ctx, json_mode):
+        from hbi_runtime.errors import UsageError
+        from hbi_runtime.serve import server as srv
+
+        srv.import_serve_deps()
+        if index_dir is not None and videos is not None:
+            raise UsageError("give at most one of --videos DIR and --index DIR")
+        if (tls_cert is None) != (tls_key is None):
+            raise UsageError("--tls-cert and --tls-key go together")
+
+        def warn(message: str) -> None:
+            sys.stderr.write(f"warning: {message}\n")
+
+        if tls_cert is not None:
+            srv.check_tls(tls_cert, tls_key)
+        key = srv.read_api_key(api_key_file, warn)
+        srv.check_address(host, key, tls_cert is not None, warn)
+        sock = srv.bind(host, port)
+        try:
+            rt = _serve_runtime(model, index_dir, videos, qa_model, caption_model, allow_unverified,
+                                _choice(backend, precision, engine_precision_alias, device), workers, json_mode,
+                                dict(max_batch=max_batch, max_delay_ms=max_delay_ms, queue_size=queue_size,
+                                     request_timeout_s=request_timeout_s, max_body_bytes=max_body_kb * 1024,
+                                     api_key=key, cors_origins=tuple(cors_origin or ()),
+                                     reload_interval_s=reload_interval_s, workers=workers))
+        except BaseException:
+            sock.close()
+            raise
+        from hbi_runtime.serve.app import create_app
+
+        url = srv.url_of(sock, tls_cert is not None)
+        served = rt.holder.current()
+        started = {"schema": "hbi.serve/1", "model_sha256": rt.model.package.manifest_sha256, "url": url,
+                   "index": str(served.index.dir), "videos": served.videos, "qa": rt.qa is not None,
+                   "caption": rt.caption is not None, "api_key": key is not None}
+        if json_mode:
+            emit_json(started, one_line=True)
+        else:
+            sys.stdout.write(f"serving {served.videos} video(s) from {printable(str(served.index.dir))}\n"
+                             f"  search page: {url}\n  API docs:    {url}docs\n  Ctrl+C (or SIGTERM) stops\n")
+            sys.stdout.flush()
+        srv.run(create_app(rt), sock, tls_cert=tls_cert, tls_key=tls_key, log_level=log_level,
+                grace_s=request_timeout_s + 5, on_stop=rt.close)
+
+
+def _serve_runtime(model, index_dir, videos, qa_model, caption_model, allow_unverified, choice, workers,
+                   json_mode, limits: dict):
+    """The loaded models and the opened index of `hbi-run serve` (closed again if anything fails)."""
+    from hbi_runtime.serve import open_runtime
+    from hbi_runtime.serve.runtime import ServeConfig
+
+    m = _load_model(model, allow_unverified, choice)
+    qa = caption = None
+    try:
+        demo = model is None
+        from hbi_runtime.package import detect_kind
+
+        if qa_model is not None or (demo and detect_kind(_QA_DEMO) == "qa"):
+            from hbi_runtime.tasks.qa import load_qa
+
+            qa = load_qa(qa_model or _QA_DEMO, allow_unverified=allow_unverified)
+        if caption_model is not None or (demo and (_CAPTION_DEMO / "manifest.json").exists()):
+            from hbi_runtime.tasks.caption import load_caption
+
+            caption = load_caption(caption_model, allow_unverified=allow_unverified)
+        video_dir = None
+        if index_dir is None:
+            video_dir = videos if videos is not None else DEMO_PACKAGE.parent / "samples"
+            summary = _index_folder(m, video_dir, None, workers=workers, batch_size=16, window=None, stride=None,
+                                    quiet=json_mode)
+            index_dir = summary.index_dir
+        return open_runtime(m, index_dir, ServeConfig(**limits), qa=qa, caption=caption, video_dir=video_dir)
+    except BaseException:
+        for x in (m, qa, caption):
+            if x is not None:
+                x.close()
+        raise
+
+
+_QA_DEMO = DEMO_PACKAGE.parent / "qa" / "package"
+_CAPTION_DEMO = DEMO_PACKAGE.parent / "caption"
 
 
 # Commands that live with their subsystem register themselves here (one line each).

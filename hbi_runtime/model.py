@@ -124,6 +124,14 @@ class TextSide(Side):
                                 f"({self.n})")
         object.__setattr__(self, "truncated", flags)
 
+    def select(self, rows) -> TextSide:
+        """The texts at ``rows`` (an index array, repeats allowed, or a slice), in that order, with their
+        truncation flags and clusters."""
+        picked = np.arange(self.n)[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        base = Side.select(self, picked)
+        return TextSide(base.levels, truncated=tuple(self.truncated[int(r)] for r in picked),
+                        clusters=None if self.clusters is None else self.clusters.select(picked))
+
 
 @dataclass(frozen=True)
 class VideoSide(Side):

@@ -50,6 +50,7 @@ class Hit:
     abs_path_b64: str = ""
     display: str = ""
     explanation: dict | None = None  # the entity-level interaction map (explain_hit), when asked for
+    video_id: int | None = None  # the video's id in the index catalog (stable across runs; hbi-run serve's media)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -179,7 +180,8 @@ def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: in
                             _timestamp(row, ex.best_frame),
                             _words(words[q], model.manifest.max_words, ex, store.levels[0].mask[int(video)], row),
                             abs_path=exact_text(row.abs_bytes), path_b64=path_b64(row.rel),
-                            abs_path_b64=path_b64(row.abs_bytes), display=row.display, explanation=why_map))
+                            abs_path_b64=path_b64(row.abs_bytes), display=row.display, explanation=why_map,
+                            video_id=row.video_id))
         results.append(QueryResult(query, bool(text.truncated[q]), hits))
     return results
 

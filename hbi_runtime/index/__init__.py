@@ -22,11 +22,11 @@
 """
 
 from hbi_runtime.index.catalog import SCHEMA_VERSION, DamagedIndexError
-from hbi_runtime.index.index import Index, IndexRow, ShardView, compact, index_status
+from hbi_runtime.index.index import Index, IndexRow, ShardView, compact, index_status, published_state
 from hbi_runtime.index.scan import DEFAULT_EXTENSIONS, ScanEntry, ScanResult, fast_hash, scan
 from hbi_runtime.index.update import FailedFile, IndexSummary, default_index_dir, update_index
 from hbi_runtime.index.windows import Window, plan_windows
 
 __all__ = ["DEFAULT_EXTENSIONS", "SCHEMA_VERSION", "DamagedIndexError", "FailedFile", "Index", "IndexRow",
            "IndexSummary", "ScanEntry", "ScanResult", "ShardView", "Window", "compact", "default_index_dir",
-           "fast_hash", "index_status", "plan_windows", "scan", "update_index"]
+           "fast_hash", "index_status", "plan_windows", "published_state", "scan", "update_index"]

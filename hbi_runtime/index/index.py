@@ -329,6 +329,28 @@ def index_status(index_dir: str | os.PathLike, *, verify: bool = False) -> dict:
             "verified": "full" if verify else "cheap"}
 
 
+def published_state(index_dir: str | os.PathLike) -> tuple:
+    """A cheap token of what a reader would see now: the published generation and the shards with their row
+    counts. It changes when a run publishes or a compaction moves rows between shards, so a
+    long-running reader (``hbi-run serve``) polls it to know when to open the index again.
+
+    Raises:
+        BadInputError: no index there; DamagedIndexError: the catalog cannot be read.
+    """
+    index_dir = Path(index_dir)
+    conn = open_catalog(index_dir)
+    try:
+        conn.execute("BEGIN")
+        view = read_view(conn, index_dir)
+        shards = tuple(conn.execute("SELECT id, n_rows FROM shards ORDER BY id").fetchall())
+        conn.execute("COMMIT")
+    except sqlite3.DatabaseError as exc:
+        raise damaged_catalog(index_dir, exc) from None
+    finally:
+        conn.close()
+    return (view.schema, view.gen, shards)
+
+
 def _published_at(index_dir: Path) -> str | None:
     conn = open_catalog(index_dir)
     try:

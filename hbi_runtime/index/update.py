@@ -89,6 +89,17 @@ class IndexSummary:
     rows: int = 0  # stored sides (windows) written by this run
     seconds: float = 0.0
 
+    def to_dict(self, model_sha256: str) -> dict:
+        """The ``hbi.index/1`` document (``hbi-run index --format json``, ``hbi-run serve``'s index jobs)."""
+        return {"schema": "hbi.index/1", "model_sha256": model_sha256, "index": str(self.index_dir),
+                "new": self.new, "unchanged": self.unchanged, "reindexed": self.reindexed,
+                "recovered": self.recovered, "resumed": self.resumed,
+                "removed": self.removed, "rows": self.rows, "seconds": round(self.seconds, 2),
+                "failed": [f.to_dict() for f in self.failed],
+                "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+                "repaired": self.repaired, "verified": self.verified,
+                "moved_aside": None if self.moved_aside is None else str(self.moved_aside)}
+
 
 def default_index_dir(video_dir: str | bytes | os.PathLike, model) -> Path:
     """``$XDG_CACHE_HOME/hbi-toolkit/index/<sha256(abs video_dir)[:16]>-<model manifest sha256[:12]>/``.

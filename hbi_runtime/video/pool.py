@@ -19,6 +19,7 @@ import collections
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -34,12 +35,22 @@ STARTUP_TIMEOUT_S = 120.0  # a worker that has not imported its decoders by then
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM} if hasattr(signal, "pthread_sigmask") else set()
+
+
 def _worker_main(conn, preprocessing, threads: int, memory_limit_mb: float | None, run=decode_video) -> None:
     """Worker loop: receive (task_id, item, decoder, timeout), send back ("ok" | "error" | "bug", task_id, x).
 
     ``run(item, preprocessing, decoder=, threads=, timeout=, memory_limit_mb=)`` does one task: a file for
     :func:`decode_video`, a group of windows for the index (``hbi_runtime.index.windows.run_task``)."""
     _silence_native_logs()
+    # Ctrl+C reaches the whole process group and a service manager's SIGTERM the whole control group: the parent
+    # decides what stops (it finishes or abandons the work, then closes the pool; a worker whose parent died
+    # reads EOF and ends), so one keystroke never kills a decode the parent still waits for.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _STOP_SIGNALS:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by the parent while we started
     conn.send(("ready", os.getpid(), None))
     while True:
         try:
@@ -98,7 +109,14 @@ class _Worker:
     def __init__(self, ctx, args: tuple, run=decode_video, name: str = "hbi-video-decoder") -> None:
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main, args=(child, *args, run), daemon=True, name=name)
-        self.proc.start()
+        # Started with SIGINT / SIGTERM blocked (the mask is inherited): a Ctrl+C or a service stop that reaches
+        # the process group while the worker still starts cannot kill it before it ignores them (_worker_main).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _STOP_SIGNALS else None
+        try:
+            self.proc.start()
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
         self.started = time.monotonic()
         self.ready = False
