@@ -242,10 +242,18 @@ class Runtime:
         if self.video_dir is None:
             raise NotServedError("this server does not know the folder of videos it serves",
                                  hint="the index records none; restart it with --videos DIR")
+        from hbi_runtime.index.catalog import open_catalog, read_view
+
+        conn = open_catalog(self.holder.dir)  # the index's own storage and window policy, as its last run left them
+        try:
+            meta = read_view(conn, self.holder.dir).meta
+        finally:
+            conn.close()
+        policy = meta.get("window") or {}
         summary = update_index(self.model, self.video_dir, self.holder.dir, workers=self.config.workers,
                                batch_size=self.config.batch_size, progress=progress,
-                               window=self.holder.current().index.meta.get("window")
-                               if self.holder.ready else None)
+                               dtype=meta.get("storage_dtype", "int8"), window=policy.get("window"),
+                               stride=policy.get("stride"))
         return summary.to_dict(self.model.package.manifest_sha256)
 
     # ------------------------------------------------------------------ lifecycle

@@ -246,20 +246,19 @@ class IndexJobs:
         def progress(done: int, total: int, path, rate: float) -> None:
             job.done, job.total, job.current, job.rate = done, total, path, rate
 
+        state, summary, error = "failed", None, None
         try:
-            job.summary = self._run(progress)
-            job.state = "done"
+            summary, state = self._run(progress), "done"
         except HbiError as exc:
-            job.error, job.state = exc.to_json(), "failed"
+            error = exc.to_json()
         except Exception as exc:  # noqa: BLE001 - a job must end with a state, whatever happened
-            job.error = {"type": "InternalError", "message": f"the index run failed: {type(exc).__name__}: {exc}",
-                         "hint": "see the server log; run `hbi-run index` by hand to see the error"}
-            job.state = "failed"
+            error = {"type": "InternalError", "message": f"the index run failed: {type(exc).__name__}: {exc}",
+                     "hint": "see the server log; run `hbi-run index` by hand to see the error"}
         finally:
-            job.finished = time.time()
-            job.current = None
             try:
-                self._after()
+                self._after()  # the new state is served before the job says it is done
             finally:
+                job.summary, job.error, job.current, job.finished = summary, error, None, time.time()
+                job.state = state
                 with self._lock:
                     self._active = None
