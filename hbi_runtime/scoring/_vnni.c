@@ -14,19 +14,25 @@
  * hbi_runtime/scoring/engine.py up to float rounding. The dot products are exact in int32: sum_k codes * q
  * (u8 x s8), minus 128 * sum_k q.
  *
- * Layout: the stored codes are read as they lie ((videos * T, D) row-major, the on-disk layout); the *query* is
- * packed once per call into the VNNI-interleaved layout qpack[block][k / 4][16 rows][4 bytes] (16 query rows per
- * block, zero rows past the end). Then, in the AVX-512 path, one 4-byte group of a frame broadcast to all lanes
- * times one 64-byte vector of qpack gives that frame's partial dots with 16 query rows at once (vpdpbusd), so
- * the accumulators hold finished dot products, lane j = query row j: no reduction across lanes, no masked
- * stores. Blocking (GEMM-style): 12 frames x 2 query blocks (24 accumulators) per pass over k, so each
- * 64-byte query load feeds 12 vpdpbusd and each broadcast feeds 2; a video's frames stay in L1 across the
- * passes over the query blocks. The AMX path multiplies 16-row tiles of frames (the stored rows, as they lie)
- * by the same qpack, which is exactly the B-tile layout of tdpbusd.
+ * Layout: the stored codes are read as they lie ((videos * T, D) row-major, the on-disk layout); only the *query*
+ * is packed, once per call. Three AVX-512 microkernels, by the number of query rows (measured on AMD Zen 4, where a
+ * broadcast from memory costs about as much as a vpdpbusd and the transpose-and-add tree of row-major tiles a
+ * quarter of their time):
+ *   - one query of <= 16 rows (retrieve): ceil(L / 4) groups of 4 rows, 16 bytes of each row per 64-byte vector;
+ *     16 bytes of a frame broadcast to the four 128-bit blocks; per frame the groups' accumulators sum to one
+ *     vector of its dots by two unpack-and-add stages (video_dots_groups);
+ *   - up to 48 rows (a few queries): row-major tiles of 4 frames x 4 query rows, every 64-byte load feeding four
+ *     vpdpbusd, summed across lanes by a transpose-and-add tree (video_dots_rows);
+ *   - more (query batches): the VNNI-interleaved query, qpack[block][k / 4][16 rows][4 bytes]; one 4-byte group
+ *     of a frame broadcast to all lanes times one qpack vector gives finished dots with 16 query rows, no
+ *     reduction across lanes; 6 frames x 4 query blocks (24 accumulators) per pass over k, so that each broadcast
+ *     feeds 4 vpdpbusd (GEMM-style blocking; video_dots_avx512).
+ * The AMX path multiplies tiles of a video's frames (the stored rows, as they lie) by the same qpack, which is
+ * exactly the B-tile layout of tdpbusd (T <= 16, D % 64 == 0; the caller falls back to AVX-512 otherwise).
  *
  * After the products (dots[t][j], int32, per video): sim = (dots - offset) * qscale, the max over frames of
- * sim * vscale (vertical: lanes = query rows), the weighted sums; only the max over each query's rows is
- * across lanes (one per frame and query).
+ * sim * vscale (vertical: lanes = query rows), the weighted sums; the max over each query's rows per frame is a
+ * masked reduction, or for one query a single transpose-and-max tree over 16 frames.
  *
  * It is a plain C library loaded with ctypes (the Python module init below only makes it importable, so that
  * setuptools builds it and Python finds it); ctypes releases the GIL, and the caller hands chunks of videos to its
@@ -76,9 +82,7 @@ HBI_EXPORT int hbi_vnni_supported(void) {
 #ifdef HBI_X86
 /* CPUID leaf 7 subleaf 0, EDX bit 24 = AMX-TILE, bit 25 = AMX-INT8 */
 static int hbi_cpu_has_amx(void) {
-    unsigned int a = 7, b = 0, c = 0, d = 0;
-    __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "+c"(c), "=d"(d));
-    unsigned int max_leaf = 0, t1, t2, t3;
+    unsigned int a, b, c, d, max_leaf = 0, t1, t2, t3;
     __asm__ volatile("cpuid" : "=a"(max_leaf), "=b"(t1), "=c"(t2), "=d"(t3) : "a"(0), "c"(0));
     if (max_leaf < 7) return 0;
     a = 7; c = 0;
@@ -227,10 +231,10 @@ HBI_TARGET static void dots_one_block(const uint8_t *const rows[FB], int nf, con
 }
 
 /*
- * The row-major microkernel, for a few query rows (one query): dots of 4 frames x 4 query rows, D bytes each,
+ * The row-major microkernel, for a few queries (up to 48 rows): dots of 4 frames x 4 query rows, D bytes each,
  * both as stored (no packing). 16 accumulators, summed across lanes together by a transpose-and-add tree (45
- * instructions for 16 dot products). With one query of <= 16 rows the packed layout would waste lanes (12 of
- * 16 used) and spend one broadcast per vpdpbusd; here every 64-byte load feeds four vpdpbusd.
+ * instructions for 16 dot products). The packed layout would spend one broadcast per vpdpbusd or two here (fewer
+ * than 4 blocks of 16 rows); here every 64-byte load feeds four vpdpbusd.
  */
 #define HBI_ADD32(x, y) _mm512_add_epi32(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y))
 #define HBI_ADD64(x, y) _mm512_add_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y))
@@ -291,6 +295,87 @@ HBI_TARGET static void video_dots_rows(const uint8_t *vcodes, int T, int D, cons
             dot_tile(a, b, D, dots + t0 * P + j0, P);
         }
     }
+}
+
+/*
+ * One query of L <= 16 rows, without padding it to 16 rows: G = ceil(L / 4) groups, group g holding rows
+ * G * r + g (r = 0..3), 16 bytes of each per 64-byte vector (qg[k / 16][g][r][16], zero rows past L). 16 bytes of
+ * a frame broadcast to the four 128-bit blocks times a group's vector gives partial dots of that frame with 4
+ * rows, 4 lanes each; per frame the G accumulators then sum to one vector whose lane 4r + g is the dot with row
+ * G * r + g: 9 instructions per frame instead of the row-major tiles' transpose-and-add tree (45 per 16 dots, a
+ * quarter of that kernel's time with one query). 4 frames x G groups per pass over k.
+ */
+#define HBI_G_STEP(f, x)                                                                                      \
+    do {                                                                                                      \
+        HBI_DP(c##f##0, x, q0);                                                                               \
+        if (G > 1) HBI_DP(c##f##1, x, q1);                                                                    \
+        if (G > 2) HBI_DP(c##f##2, x, q2);                                                                    \
+        if (G > 3) HBI_DP(c##f##3, x, q3);                                                                    \
+    } while (0)
+#define HBI_G_CHUNK(c, LOADX)                                                                                 \
+    do {                                                                                                      \
+        const int8_t *qc = qg + (int64_t)(c) * G * 64;                                                        \
+        const __m512i q0 = _mm512_loadu_si512(qc);                                                            \
+        const __m512i q1 = G > 1 ? _mm512_loadu_si512(qc + 64) : q0;                                          \
+        const __m512i q2 = G > 2 ? _mm512_loadu_si512(qc + 128) : q0;                                         \
+        const __m512i q3 = G > 3 ? _mm512_loadu_si512(qc + 192) : q0;                                         \
+        __m512i x = LOADX(r0, c); HBI_G_STEP(0, x);                                                           \
+        x = LOADX(r1, c); HBI_G_STEP(1, x);                                                                   \
+        x = LOADX(r2, c); HBI_G_STEP(2, x);                                                                   \
+        x = LOADX(r3, c); HBI_G_STEP(3, x);                                                                   \
+    } while (0)
+#define HBI_BCAST16(r, c) _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)((r) + 16 * (c))))
+#define HBI_BCAST16_TAIL(r, c) _mm512_broadcast_i32x4(_mm_maskz_loadu_epi8(tail, (r) + 16 * (c)))
+
+HBI_TARGET static inline __attribute__((always_inline)) void dots_groups(const uint8_t *const rows[4], int nf,
+                                                                         const int8_t *qg, int D, const int G,
+                                                                         int32_t *out) {
+    __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
+            c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
+    const uint8_t *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
+    const int C = D / 16;
+    for (int c = 0; c < C; c++) HBI_G_CHUNK(c, HBI_BCAST16);
+    if (D % 16) {
+        const __mmask16 tail = (__mmask16)((1u << (D % 16)) - 1);
+        HBI_G_CHUNK(C, HBI_BCAST16_TAIL);
+    }
+    const __m512i v0 = HBI_ADD64(HBI_ADD32(c00, c01), HBI_ADD32(c02, c03)),
+                  v1 = HBI_ADD64(HBI_ADD32(c10, c11), HBI_ADD32(c12, c13)),
+                  v2 = HBI_ADD64(HBI_ADD32(c20, c21), HBI_ADD32(c22, c23)),
+                  v3 = HBI_ADD64(HBI_ADD32(c30, c31), HBI_ADD32(c32, c33));
+    _mm512_storeu_si512((void *)out, v0);
+    if (nf > 1) _mm512_storeu_si512((void *)(out + 16), v1);
+    if (nf > 2) _mm512_storeu_si512((void *)(out + 32), v2);
+    if (nf > 3) _mm512_storeu_si512((void *)(out + 48), v3);
+}
+
+HBI_TARGET static void video_dots_groups(const uint8_t *vcodes, int T, int D, const int8_t *qg, int G,
+                                         int32_t *dots) {
+    for (int t0 = 0; t0 < T; t0 += 4) {
+        const int nf = T - t0 < 4 ? T - t0 : 4;
+        const uint8_t *rows[4];
+        for (int i = 0; i < 4; i++) rows[i] = vcodes + (int64_t)(t0 + (i < nf ? i : nf - 1)) * D;
+        switch (G) { /* one specialised copy per group count */
+            case 1: dots_groups(rows, nf, qg, D, 1, dots + t0 * 16); break;
+            case 2: dots_groups(rows, nf, qg, D, 2, dots + t0 * 16); break;
+            case 3: dots_groups(rows, nf, qg, D, 3, dots + t0 * 16); break;
+            default: dots_groups(rows, nf, qg, D, 4, dots + t0 * 16); break;
+        }
+    }
+}
+
+/* qg for video_dots_groups; lane[4r + g] = the row G * r + g holds, or -1 */
+static void pack_query_groups(const int8_t *q, int L, int D, int G, int8_t *qg, int lane[16]) {
+    const int C = (D + 15) / 16;
+    memset(qg, 0, (size_t)C * (size_t)G * 64);
+    for (int l = 0; l < 16; l++) lane[l] = -1;
+    for (int g = 0; g < G; g++)
+        for (int r = 0; r < 4; r++) {
+            const int j = G * r + g;
+            if (j >= L) continue;
+            lane[4 * r + g] = j;
+            for (int k = 0; k < D; k++) qg[((int64_t)(k / 16) * G + g) * 64 + 16 * r + k % 16] = q[(int64_t)j * D + k];
+        }
 }
 
 /* 6 frames x 4 query blocks (24 accumulators): each broadcast feeds 4 vpdpbusd (a broadcast from memory costs
@@ -374,6 +459,57 @@ HBI_TARGET static void video_dots_avx512(const uint8_t *vcodes, int T, int D, co
  * From the dots of one video to its scores (see the header): sim and the max over frames run over 16 query rows
  * per vector; the max over each query's rows is a masked reduction per frame.
  */
+/* the max of each of 16 vectors, as the lanes of one: lane 4i + j of the result = max over the lanes of x[4i + j]
+ * (a transpose-and-max tree, 45 instructions for 16 reductions instead of about 8 each) */
+#define HBI_MAX32(x, y) _mm512_max_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
+#define HBI_MAX64(x, y)                                                                                        \
+    _mm512_max_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))),             \
+                  _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))))
+#define HBI_MAX128(x, y) _mm512_max_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD))
+
+HBI_TARGET static inline __m512 hbi_max16(const __m512 x[16]) {
+    const __m512 u0 = HBI_MAX64(HBI_MAX32(x[0], x[1]), HBI_MAX32(x[2], x[3])),
+                 u1 = HBI_MAX64(HBI_MAX32(x[4], x[5]), HBI_MAX32(x[6], x[7])),
+                 u2 = HBI_MAX64(HBI_MAX32(x[8], x[9]), HBI_MAX32(x[10], x[11])),
+                 u3 = HBI_MAX64(HBI_MAX32(x[12], x[13]), HBI_MAX32(x[14], x[15]));
+    return HBI_MAX128(HBI_MAX128(u0, u1), HBI_MAX128(u2, u3));
+}
+
+/*
+ * One query of at most 16 rows (the retrieve case), from dots[t * 16 + lane] where the lanes in ml hold its rows
+ * (in any order: the per-lane q_offset, qscales, qweights follow the same order): sim rows stay in registers, 16
+ * frames at a time; the max over frames is vertical and the max over the query's rows of every frame is one
+ * transpose-and-max tree.
+ */
+HBI_TARGET static float video_score_one(const int32_t *dots, int T, const float *vs, const float *vw,
+                                        const int32_t *q_offset, const float *qscales, const float *qweights,
+                                        float floor_b, __mmask16 ml) {
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
+    const __m512i off = _mm512_loadu_si512((const void *)q_offset);
+    const __m512 qs = _mm512_loadu_ps(qscales);
+    __m512 best = lowest, v2t = _mm512_setzero_ps();
+    for (int t0 = 0; t0 < T; t0 += 16) {
+        const int nf = T - t0 < 16 ? T - t0 : 16;
+        __m512 rows[16];
+        for (int f = 0; f < 16; f++) {
+            if (f < nf) {
+                const __m512i d = _mm512_loadu_si512((const void *)(dots + (t0 + f) * 16));
+                const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, off)), qs);
+                best = _mm512_max_ps(best, _mm512_mul_ps(x, _mm512_set1_ps(vs[t0 + f])));
+                rows[f] = _mm512_mask_blend_ps(ml, lowest, x);
+            } else {
+                rows[f] = lowest;
+            }
+        }
+        const __mmask16 mf = (__mmask16)(nf >= 16 ? 0xFFFF : (1u << nf) - 1);
+        const __m512 m = _mm512_max_ps(hbi_max16(rows), _mm512_set1_ps(floor_b)); /* lane f: frame t0 + f */
+        const __m512 w = _mm512_mul_ps(_mm512_maskz_loadu_ps(mf, vw + t0), _mm512_maskz_loadu_ps(mf, vs + t0));
+        v2t = _mm512_add_ps(v2t, _mm512_maskz_mul_ps(mf, m, w));
+    }
+    const __m512 t2v = _mm512_maskz_mul_ps(ml, best, _mm512_loadu_ps(qweights));
+    return 0.5f * (_mm512_reduce_add_ps(t2v) + _mm512_reduce_add_ps(v2t));
+}
+
 HBI_TARGET static void video_scores(const int32_t *dots, int T, int P, const float *vs, const float *vw,
                                     const int32_t *q_offset, const float *qscales, const float *qweights,
                                     const float *qfloor, int BtL, int L, float *sim, float *tmax, float *scores,
@@ -465,19 +601,26 @@ HBI_TARGET static void score_videos(const uint8_t *codes, const float *vscales, 
                                     const int8_t *qpack, int NB,
                                     int64_t block_bytes, const int32_t *q_offset, const float *qscales,
                                     const float *qweights, const float *qfloor, int BtL, int L, float *scores,
-                                    int64_t stride, int32_t *dots, float *sim, float *tmax, int path) {
+                                    int64_t stride, int32_t *dots, float *sim, float *tmax, int path,
+                                    const int8_t *qg, int G, __mmask16 lanes) {
     const int P = 16 * NB;
     for (int64_t v = 0; v < n_videos; v++) {
         const uint8_t *vcodes = codes + v * (int64_t)T * D;
         /* no software prefetch: the hardware prefetcher follows this sequential stream */
         if (path == HBI_PATH_AMX)
             video_dots_amx(vcodes, T, D, qpack, NB, block_bytes, dots);
+        else if (qg != NULL)
+            video_dots_groups(vcodes, T, D, qg, G, dots);
         else if (BtL <= HBI_ROWS_MAX)
             video_dots_rows(vcodes, T, D, q, BtL, dots, P);
         else
             video_dots_avx512(vcodes, T, D, qpack, NB, block_bytes, dots);
-        video_scores(dots, T, P, vscales + v * T, vweights + v * T, q_offset, qscales, qweights, qfloor, BtL, L,
-                     sim, tmax, scores, stride, v);
+        if (P == 16 && BtL == L) /* one query; its rows are the lanes in `lanes` (per-lane arrays to match) */
+            scores[v] = video_score_one(dots, T, vscales + v * T, vweights + v * T, q_offset, qscales, qweights,
+                                        qfloor[0], lanes);
+        else
+            video_scores(dots, T, P, vscales + v * T, vweights + v * T, q_offset, qscales, qweights, qfloor, BtL,
+                         L, sim, tmax, scores, stride, v);
     }
 }
 
@@ -530,12 +673,32 @@ HBI_EXPORT int hbi_score_u8s8(const uint8_t *codes, const float *vscales, const 
         memcpy(qoff, q_offset, sizeof(int32_t) * (size_t)BtL);
         memcpy(qs, qscales, sizeof(float) * (size_t)BtL);
         memcpy(qw, qweights, sizeof(float) * (size_t)BtL);
+        __mmask16 lanes = (__mmask16)(L >= 16 ? 0xFFFF : (1u << L) - 1);
+        /* one query of <= 16 rows on the AVX-512 path: the grouped microkernel, its lanes in their own order */
+        const int G = (L + 3) / 4, C16 = (D + 15) / 16;
+        int8_t *qg = NULL;
+        if (path == HBI_PATH_AVX512 && BtL == L && L <= 16) {
+            qg = (int8_t *)aligned_alloc(64, (size_t)C16 * (size_t)G * 64);
+            if (qg == NULL) goto done;
+            int lane[16];
+            pack_query_groups(q, L, D, G, qg, lane);
+            lanes = 0;
+            for (int l = 0; l < 16; l++) {
+                const int j = lane[l];
+                qoff[l] = j >= 0 ? q_offset[j] : 0;
+                qs[l] = j >= 0 ? qscales[j] : 0.0f;
+                qw[l] = j >= 0 ? qweights[j] : 0.0f;
+                if (j >= 0) lanes |= (__mmask16)(1u << l);
+            }
+        }
         if (path == HBI_PATH_AMX) amx_configure(T);
         score_videos(codes, vscales, vweights, n_videos, T, D, q, qpack, NB, block_bytes, qoff, qs, qw, qfloor, BtL,
-                     L, scores, stride, dots, sim, tmax, path);
+                     L, scores, stride, dots, sim, tmax, path, qg, G, lanes);
         if (path == HBI_PATH_AMX) amx_release();
+        free(qg);
         rc = HBI_OK;
     }
+done:
     free(qpack);
     free(qoff);
     free(qs);

@@ -47,6 +47,7 @@ def _case(seed: int, n_videos: int, frames: int, dim: int, n_queries: int, text_
 # 4-block groups, then 2- and 1-block rest), T around the 4/6/12-frame blocks, D off 4 and 64
 SHAPES = [
     (37, 12, 512, 1, 12),  # one query: the retrieve case
+    (13, 20, 96, 1, 16),  # one query of 16 rows, T > 16: its reductions over two groups of frames
     (29, 7, 67, 3, 9),  # D % 4 != 0, T off every block
     (23, 13, 100, 5, 16),  # 80 rows: packed, 4 blocks + 1
     (19, 25, 64, 7, 14),  # T > 2 x 12 frames, 98 rows: 4 + 2 blocks
@@ -68,6 +69,22 @@ def test_avx512_path_equals_the_numpy_scorer(shape):
     got = _run("avx512", video, queries)
     # the same exact int32 products; only the float scaling and summation order may round differently
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("dim", [67, 512])
+def test_one_query_of_every_length_up_to_16_rows(dim):
+    # one query is the grouped microkernel (ceil(L / 4) groups of 4 rows, 16 bytes per step): every group count,
+    # the empty query (one zero row, floor 0), a D % 16 tail, T off its 4-frame step
+    rng = np.random.default_rng(dim)
+    video = StoreLevel.from_side_level(_level(rng, 21, 7, dim, 1), "int8")
+    for length in range(0, 17):
+        text = _level(rng, 1, max(length, 1), dim, length)  # exactly `length` valid tokens
+        queries = Queries.from_level(text)
+        expected = np.zeros((1, video.n), dtype=np.float32)
+        numpy_level(queries, video, 64, expected)
+        np.testing.assert_allclose(_run("avx512", video, queries, chunk=4), expected, rtol=0, atol=2e-6,
+                                   err_msg=f"{length} valid tokens")
 
 
 @needs_native
