@@ -130,3 +130,12 @@ def test_bound_loops_measure_something_plausible():
     bandwidth = kernel.read_bandwidth(gigabytes=0.05, repeats=1)
     assert 0.5 < bandwidth["read_gbps"] < 2000
     assert (kernel.amx_peak(seconds=0.02, repeats=1) is None) == ("amx" not in available_paths())
+
+
+def test_doctor_reports_the_kernel_paths_and_why_amx_does_not_run():
+    from hbi_runtime.doctor import probe_scoring
+
+    report = probe_scoring()
+    assert report["native_int8"] == native_available()
+    assert report["paths"] == list(available_paths())
+    assert report["amx"] == ("ok" if "amx" in available_paths() else amx_status() if native_available() else "no-cpu")
