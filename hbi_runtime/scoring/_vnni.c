@@ -25,8 +25,9 @@
  *     vpdpbusd, summed across lanes by a transpose-and-add tree (video_dots_rows);
  *   - more (query batches): the VNNI-interleaved query, qpack[block][k / 4][16 rows][4 bytes]; one 4-byte group
  *     of a frame broadcast to all lanes times one qpack vector gives finished dots with 16 query rows, no
- *     reduction across lanes; 6 frames x 4 query blocks (24 accumulators) per pass over k, so that each broadcast
- *     feeds 4 vpdpbusd (GEMM-style blocking; video_dots_avx512).
+ *     reduction across lanes; 4 frames x 6 query blocks (24 accumulators) per pass over k, so that each broadcast
+ *     feeds 6 vpdpbusd (GEMM-style blocking; the remaining blocks 6 frames x 4, 12 x 2, 12 x 1;
+ *     video_dots_avx512).
  * The AMX path multiplies tiles of a video's frames (the stored rows, as they lie) by the same qpack, which is
  * exactly the B-tile layout of tdpbusd (T <= 16, D % 64 == 0; the caller falls back to AVX-512 otherwise).
  *
@@ -133,10 +134,10 @@ HBI_EXPORT int hbi_paths_supported(void) {
 
 #define FB 12 /* frames per pass over k */
 
-/* Up to this many query rows the AVX-512 path uses the row-major microkernel (dot_tile), above it the packed one.
- * Measured on AMD Zen 4 (one thread, CPU time, 1,000 videos, T = 12, D = 512, 12 rows per query): row-major /
- * packed 240 / 204 GOP/s at 1 query, 246 / 236 at 4, 275 / 296 at 8, 314 / 351 at 32. The packed kernel needs
- * 4 blocks of 16 rows (> 48 rows) to feed 4 vpdpbusd per broadcast. */
+/* Up to this many query rows (and more than one query) the AVX-512 path uses the row-major microkernel (dot_tile),
+ * above it the packed one: the packed kernel needs 4 or more blocks of 16 rows to feed 4 or more vpdpbusd per
+ * broadcast. Measured on AMD Zen 4 (one thread, CPU time, T = 12, D = 512, 12 rows per query), against the
+ * row-major tiles alone: 4 queries (48 rows) 280 vs 269 GOP/s, 8 queries 360 vs 310, 32 queries 391 vs 345. */
 #define HBI_ROWS_MAX 48
 
 static inline int32_t hbi_load32(const uint8_t *p) {
@@ -374,7 +375,9 @@ static void pack_query_groups(const int8_t *q, int L, int D, int G, int8_t *qg, 
             const int j = G * r + g;
             if (j >= L) continue;
             lane[4 * r + g] = j;
-            for (int k = 0; k < D; k++) qg[((int64_t)(k / 16) * G + g) * 64 + 16 * r + k % 16] = q[(int64_t)j * D + k];
+            for (int k = 0; k < D; k += 16)  /* 16 bytes at a time (fewer at the end of the row) */
+                memcpy(qg + ((int64_t)(k / 16) * G + g) * 64 + 16 * r, q + (int64_t)j * D + k,
+                       (size_t)(D - k < 16 ? D - k : 16));
         }
 }
 
@@ -428,11 +431,72 @@ HBI_TARGET static void dots_four_blocks(const uint8_t *const rows[FB4], int nf, 
     }
 }
 
+/* 4 frames x 6 query blocks (24 accumulators): each broadcast feeds 6 vpdpbusd */
+#define FB6 4
+#define HBI_STEP6(f)                                                                                          \
+    do {                                                                                                      \
+        const __m512i x = _mm512_set1_epi32(hbi_load32(r##f + 4 * g));                                        \
+        HBI_DP(a##f, x, q0); HBI_DP(b##f, x, q1); HBI_DP(c##f, x, q2);                                        \
+        HBI_DP(d##f, x, q3); HBI_DP(e##f, x, q4); HBI_DP(h##f, x, q5);                                        \
+    } while (0)
+#define HBI_TAIL6(f)                                                                                          \
+    do {                                                                                                      \
+        const __m512i x = _mm512_set1_epi32(hbi_word(r##f, g, D));                                            \
+        HBI_DP(a##f, x, q0); HBI_DP(b##f, x, q1); HBI_DP(c##f, x, q2);                                        \
+        HBI_DP(d##f, x, q3); HBI_DP(e##f, x, q4); HBI_DP(h##f, x, q5);                                        \
+    } while (0)
+#define HBI_FOR_4(M) M(0); M(1); M(2); M(3)
+#define HBI_Q6(g)                                                                                             \
+    const __m512i q0 = _mm512_loadu_si512(qblk + 64 * (g)),                                                   \
+                  q1 = _mm512_loadu_si512(qblk + block_bytes + 64 * (g)),                                     \
+                  q2 = _mm512_loadu_si512(qblk + 2 * block_bytes + 64 * (g)),                                 \
+                  q3 = _mm512_loadu_si512(qblk + 3 * block_bytes + 64 * (g)),                                 \
+                  q4 = _mm512_loadu_si512(qblk + 4 * block_bytes + 64 * (g)),                                 \
+                  q5 = _mm512_loadu_si512(qblk + 5 * block_bytes + 64 * (g))
+
+HBI_TARGET static void dots_six_blocks(const uint8_t *const rows[FB6], int nf, const int8_t *qblk,
+                                       int64_t block_bytes, int D, int32_t *dots, int P) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0, c0 = a0,
+            c1 = a0, c2 = a0, c3 = a0, d0 = a0, d1 = a0, d2 = a0, d3 = a0, e0 = a0, e1 = a0, e2 = a0, e3 = a0,
+            h0 = a0, h1 = a0, h2 = a0, h3 = a0;
+    const uint8_t *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
+    const int G = D / 4;
+    for (int g = 0; g < G; g++) {
+        HBI_Q6(g);
+        HBI_FOR_4(HBI_STEP6);
+    }
+    if (D % 4) {
+        const int g = G;
+        HBI_Q6(g);
+        HBI_FOR_4(HBI_TAIL6);
+    }
+    const __m512i av[FB6] = {a0, a1, a2, a3}, bv[FB6] = {b0, b1, b2, b3}, cv[FB6] = {c0, c1, c2, c3},
+                  dv[FB6] = {d0, d1, d2, d3}, ev[FB6] = {e0, e1, e2, e3}, hv[FB6] = {h0, h1, h2, h3};
+    for (int f = 0; f < nf; f++) {
+        int32_t *o = dots + f * P;
+        _mm512_storeu_si512((void *)o, av[f]);
+        _mm512_storeu_si512((void *)(o + 16), bv[f]);
+        _mm512_storeu_si512((void *)(o + 32), cv[f]);
+        _mm512_storeu_si512((void *)(o + 48), dv[f]);
+        _mm512_storeu_si512((void *)(o + 64), ev[f]);
+        _mm512_storeu_si512((void *)(o + 80), hv[f]);
+    }
+}
+
 /* the products of one video with every query block, AVX-512: dots[t * P + j] */
 HBI_TARGET static void video_dots_avx512(const uint8_t *vcodes, int T, int D, const int8_t *qpack, int NB,
                                          int64_t block_bytes, int32_t *dots) {
     const int P = 16 * NB;
     int jb = 0;
+    /* groups of 6 query blocks: 4 frames per pass over k */
+    for (; jb + 6 <= NB; jb += 6) {
+        for (int t0 = 0; t0 < T; t0 += FB6) {
+            const int nf = T - t0 < FB6 ? T - t0 : FB6;
+            const uint8_t *rows[FB6];
+            for (int f = 0; f < FB6; f++) rows[f] = vcodes + (int64_t)(t0 + (f < nf ? f : nf - 1)) * D;
+            dots_six_blocks(rows, nf, qpack + jb * block_bytes, block_bytes, D, dots + t0 * P + 16 * jb, P);
+        }
+    }
     /* groups of 4 query blocks: 6 frames per pass over k */
     for (; jb + 4 <= NB; jb += 4) {
         for (int t0 = 0; t0 < T; t0 += FB4) {
@@ -624,12 +688,15 @@ HBI_TARGET static void score_videos(const uint8_t *codes, const float *vscales, 
     }
 }
 
-/* query rows (BtL, D) s8 -> qpack[BtL / 16 rounded up][ceil(D / 4)][16][4], zero-padded */
+/* query rows (BtL, D) s8 -> qpack[BtL / 16 rounded up][ceil(D / 4)][16][4], zero-padded (4 bytes at a time) */
 static void pack_query(const int8_t *q, int BtL, int D, int8_t *qpack, int NB, int G4) {
     memset(qpack, 0, (size_t)NB * (size_t)G4 * 64);
     for (int j = 0; j < BtL; j++) {
         int8_t *block = qpack + (int64_t)(j / 16) * G4 * 64 + 4 * (j % 16);
-        for (int k = 0; k < D; k++) block[(k / 4) * 64 + (k % 4)] = q[(int64_t)j * D + k];
+        const int8_t *row = q + (int64_t)j * D;
+        int k = 0;
+        for (; k + 4 <= D; k += 4) memcpy(block + (k / 4) * 64, row + k, 4);
+        for (; k < D; k++) block[(k / 4) * 64 + (k % 4)] = row[k];
     }
 }
 #endif
@@ -666,7 +733,7 @@ HBI_EXPORT int hbi_score_u8s8(const uint8_t *codes, const float *vscales, const 
     float *tmax = (float *)aligned_alloc(64, sizeof(float) * (size_t)P);
     int rc = HBI_ENOMEM;
     if (qpack && qoff && qs && qw && dots && sim && tmax) {
-        pack_query(q, BtL, D, qpack, NB, G4);
+        if (path == HBI_PATH_AMX || BtL > HBI_ROWS_MAX) pack_query(q, BtL, D, qpack, NB, G4); /* its users */
         memset(qoff, 0, sizeof(int32_t) * (size_t)P);
         memset(qs, 0, sizeof(float) * (size_t)P);
         memset(qw, 0, sizeof(float) * (size_t)P);
