@@ -142,43 +142,49 @@ class NativeLevelKernel:
 
     def run(self, queries: Any, level: StoreLevel, chunk: int, out: np.ndarray) -> None:
         """Write the ``(Bt, N)`` level scores into ``out`` (float32), ``chunk`` videos per step."""
-        if level.dtype != "int8":
-            raise MissingDependencyError(f"the native scoring kernel reads int8 stores, not {level.dtype}",
-                                         hint="use backend='ort' or 'auto'")
-        codes, q_scales = quantize_int8(queries.tokens)  # (BtL, D) u8 with zero point 128, (BtL,)
-        q = np.ascontiguousarray(signed_codes(codes))  # (BtL, D)
-        q_offset = (INT8_ZERO_POINT * q.astype(np.int32).sum(axis=1)).astype(np.int32)
-        q_scales = np.ascontiguousarray(q_scales, dtype=np.float32)
-        bt_l, length = q.shape[0], queries.length
-        q_weights = np.ascontiguousarray(queries.weights, dtype=np.float32).reshape(-1)  # (Bt * L,)
-        q_floor = np.ascontiguousarray(queries.floor, dtype=np.float32)  # (Bt,)
-        t, d = level.length, level.dim
-        path = self.path
-        if path == "amx" and (t > 16 or d % 64):  # the AMX path's shapes; the AVX-512 path takes any
-            path = "avx512"
-        code = _PATH_CODE[path]
-        if not (out.flags.c_contiguous and out.dtype == np.float32):
-            raise MissingDependencyError("the native scoring kernel writes into a C-contiguous float32 array",
-                                         hint="use backend='ort'")
-
-        def work(start: int, stop: int) -> int:
-            """One chunk on one thread: the kernel writes the chunk's scores straight into ``out[:, start:stop]``."""
-            video = np.ascontiguousarray(level.tokens[start:stop])  # (c, T, D) u8; a memory map stays a view
-            scales = np.ascontiguousarray(level.scales[start:stop], dtype=np.float32)  # (c, T)
-            weights = np.ascontiguousarray(level.weights[start:stop], dtype=np.float32)  # (c, T)
-            return self._lib.hbi_score_u8s8(_ptr(video), _ptr(scales), _ptr(weights), stop - start, t, d, _ptr(q),
-                                            _ptr(q_offset), _ptr(q_scales), _ptr(q_weights), _ptr(q_floor), bt_l,
-                                            length, _ptr(out) + 4 * start, out.shape[1], code)
-
+        prepared = self.prepare(queries)
         # Chunks go to the threads as each becomes free (no barrier per chunk: on a shared machine one late thread
         # would stall the other at every chunk); small enough that the last ones balance the threads.
         chunk = max(1, min(chunk, -(-level.n // (4 * self.threads))))
         parts = [(start, min(start + chunk, level.n)) for start in range(0, level.n, chunk)]
-        codes_rc = self._map(lambda p: work(*p), parts)
+        codes_rc = self._map(lambda p: self.score_range(prepared, level, p[0], p[1], out), parts)
         bad = [rc for rc in codes_rc if rc != 0]
         if bad:
             raise MissingDependencyError(f"the native scoring kernel failed: {_ERRORS.get(bad[0], bad[0])}",
                                          hint="use backend='ort'")
+
+    @staticmethod
+    def prepare(queries: Any) -> dict[str, Any]:
+        """The query operands of the kernel (int8 codes, offsets, scales, weights, floors), computed once per run."""
+        codes, q_scales = quantize_int8(queries.tokens)  # (BtL, D) u8 with zero point 128, (BtL,)
+        q = np.ascontiguousarray(signed_codes(codes))  # (BtL, D)
+        return {"q": q, "offset": (INT8_ZERO_POINT * q.astype(np.int32).sum(axis=1)).astype(np.int32),
+                "scales": np.ascontiguousarray(q_scales, dtype=np.float32),
+                "weights": np.ascontiguousarray(queries.weights, dtype=np.float32).reshape(-1),  # (Bt * L,)
+                "floor": np.ascontiguousarray(queries.floor, dtype=np.float32), "length": queries.length}
+
+    def score_range(self, prepared: dict[str, Any], level: StoreLevel, start: int, stop: int,
+                    out: np.ndarray) -> int:
+        """One call of the kernel on the videos ``start:stop`` (on this thread): their scores go straight into
+        ``out[:, start:stop]``. Returns the kernel's code (0: done; see ``_ERRORS``)."""
+        if level.dtype != "int8":
+            raise MissingDependencyError(f"the native scoring kernel reads int8 stores, not {level.dtype}",
+                                         hint="use backend='ort' or 'auto'")
+        if not (out.flags.c_contiguous and out.dtype == np.float32):
+            raise MissingDependencyError("the native scoring kernel writes into a C-contiguous float32 array",
+                                         hint="use backend='ort'")
+        t, d = level.length, level.dim
+        path = self.path
+        if path == "amx" and (t > 16 or d % 64):  # the AMX path's shapes; the AVX-512 path takes any
+            path = "avx512"
+        video = np.ascontiguousarray(level.tokens[start:stop])  # (c, T, D) u8; a memory map stays a view
+        scales = np.ascontiguousarray(level.scales[start:stop], dtype=np.float32)  # (c, T)
+        weights = np.ascontiguousarray(level.weights[start:stop], dtype=np.float32)  # (c, T)
+        q = prepared["q"]
+        return self._lib.hbi_score_u8s8(_ptr(video), _ptr(scales), _ptr(weights), stop - start, t, d, _ptr(q),
+                                        _ptr(prepared["offset"]), _ptr(prepared["scales"]),
+                                        _ptr(prepared["weights"]), _ptr(prepared["floor"]), q.shape[0],
+                                        prepared["length"], _ptr(out) + 4 * start, out.shape[1], _PATH_CODE[path])
 
     def vnni_peak(self, seconds: float = 0.3, repeats: int = 5) -> dict:
         """The u8 x s8 peak of this CPU's vpdpbusd (register operands, 24 independent chains), all threads at once:
