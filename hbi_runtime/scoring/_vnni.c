@@ -15,14 +15,16 @@
  * (u8 x s8), minus 128 * sum_k q.
  *
  * Layout: the stored codes are read as they lie ((videos * T, D) row-major, the on-disk layout); only the *query*
- * is packed, once per call. Three AVX-512 microkernels, by the number of query rows (measured on AMD Zen 4, where a
+ * is packed, once per call. Two AVX-512 paths, by the number of query rows (measured on AMD Zen 4, where a
  * broadcast from memory costs about as much as a vpdpbusd and the transpose-and-add tree of row-major tiles a
  * quarter of their time):
- *   - one query of <= 16 rows (retrieve): ceil(L / 4) groups of 4 rows, 16 bytes of each row per 64-byte vector;
- *     16 bytes of a frame broadcast to the four 128-bit blocks; per frame the groups' accumulators sum to one
- *     vector of its dots by two unpack-and-add stages (video_dots_groups);
- *   - up to 48 rows (a few queries): row-major tiles of 4 frames x 4 query rows, every 64-byte load feeding four
- *     vpdpbusd, summed across lanes by a transpose-and-add tree (video_dots_rows);
+ *   - up to 48 rows (one query: retrieve; a few queries): row-major tiles of 4 frames x 4 query rows, every
+ *     64-byte load feeding four vpdpbusd, summed across lanes by a transpose-and-add tree (score_videos_rows,
+ *     the kernel of the previous version, kept as it was: variants of its stores and reductions measured 8-14 %
+ *     more CPU time streaming 100,000 videos, for reasons not found). Tried
+ *     for one query and dropped: groups of 4 rows with 16-byte broadcasts of the frame and two unpack-and-add
+ *     stages instead of the tree: 13 % less CPU with the videos in cache, but 1.3-1.6x slower streaming 100,000
+ *     videos from memory;
  *   - more (query batches): the VNNI-interleaved query, qpack[block][k / 4][16 rows][4 bytes]; one 4-byte group
  *     of a frame broadcast to all lanes times one qpack vector gives finished dots with 16 query rows, no
  *     reduction across lanes; 4 frames x 6 query blocks (24 accumulators) per pass over k, so that each broadcast
@@ -33,7 +35,7 @@
  *
  * After the products (dots[t][j], int32, per video): sim = (dots - offset) * qscale, the max over frames of
  * sim * vscale (vertical: lanes = query rows), the weighted sums; the max over each query's rows per frame is a
- * masked reduction, or for one query a single transpose-and-max tree over 16 frames.
+ * masked reduction.
  *
  * It is a plain C library loaded with ctypes (the Python module init below only makes it importable, so that
  * setuptools builds it and Python finds it); ctypes releases the GIL, and the caller hands chunks of videos to its
@@ -134,7 +136,7 @@ HBI_EXPORT int hbi_paths_supported(void) {
 
 #define FB 12 /* frames per pass over k */
 
-/* Up to this many query rows (and more than one query) the AVX-512 path uses the row-major microkernel (dot_tile),
+/* Up to this many query rows the AVX-512 path uses the row-major microkernel (dot_tile),
  * above it the packed one: the packed kernel needs 4 or more blocks of 16 rows to feed 4 or more vpdpbusd per
  * broadcast. Measured on AMD Zen 4 (one thread, CPU time, T = 12, D = 512, 12 rows per query), against the
  * row-major tiles alone: 4 queries (48 rows) 280 vs 269 GOP/s, 8 queries 360 vs 310, 32 queries 391 vs 345. */
@@ -232,7 +234,7 @@ HBI_TARGET static void dots_one_block(const uint8_t *const rows[FB], int nf, con
 }
 
 /*
- * The row-major microkernel, for a few queries (up to 48 rows): dots of 4 frames x 4 query rows, D bytes each,
+ * The row-major microkernel, for one query or a few (up to 48 rows): dots of 4 frames x 4 query rows, D bytes each,
  * both as stored (no packing). 16 accumulators, summed across lanes together by a transpose-and-add tree (45
  * instructions for 16 dot products). The packed layout would spend one broadcast per vpdpbusd or two here (fewer
  * than 4 blocks of 16 rows); here every 64-byte load feeds four vpdpbusd.
@@ -259,7 +261,7 @@ HBI_TARGET static inline __m512i hbi_ld(const void *p, __mmask64 m, int full) {
         HBI_DP(c30, x, q0); HBI_DP(c31, x, q1); HBI_DP(c32, x, q2); HBI_DP(c33, x, q3);                 \
     } while (0)
 
-HBI_TARGET static void dot_tile(const uint8_t *const a[4], const int8_t *const b[4], int D, int32_t *out, int P) {
+HBI_TARGET static void dot_tile(const uint8_t *const a[4], const int8_t *const b[4], int D, int32_t out[16]) {
     __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
             c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
     const uint8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
@@ -275,110 +277,74 @@ HBI_TARGET static void dot_tile(const uint8_t *const a[4], const int8_t *const b
                   u1 = HBI_ADD64(HBI_ADD32(c10, c11), HBI_ADD32(c12, c13)),
                   u2 = HBI_ADD64(HBI_ADD32(c20, c21), HBI_ADD32(c22, c23)),
                   u3 = HBI_ADD64(HBI_ADD32(c30, c31), HBI_ADD32(c32, c33));
-    const __m512i r = HBI_ADD128(HBI_ADD128(u0, u1), HBI_ADD128(u2, u3));  /* lanes 4i..4i+3: frame i */
-    /* whole 4-row x 4-column stores: the dots buffer has room past the last frame and query row */
-    _mm_storeu_si128((__m128i *)out, _mm512_castsi512_si128(r));
-    _mm_storeu_si128((__m128i *)(out + P), _mm512_extracti32x4_epi32(r, 1));
-    _mm_storeu_si128((__m128i *)(out + 2 * P), _mm512_extracti32x4_epi32(r, 2));
-    _mm_storeu_si128((__m128i *)(out + 3 * P), _mm512_extracti32x4_epi32(r, 3));
+    _mm512_storeu_si512((void *)out, HBI_ADD128(HBI_ADD128(u0, u1), HBI_ADD128(u2, u3)));
 }
 
-HBI_TARGET static void video_dots_rows(const uint8_t *vcodes, int T, int D, const int8_t *q, int BtL,
-                                       int32_t *dots, int P) {
-    for (int t0 = 0; t0 < T; t0 += 4) {
-        const int nr = T - t0 < 4 ? T - t0 : 4;
-        const uint8_t *a[4];
-        for (int i = 0; i < 4; i++) a[i] = vcodes + (int64_t)(t0 + (i < nr ? i : nr - 1)) * D;
-        for (int j0 = 0; j0 < BtL; j0 += 4) {
-            const int nq = BtL - j0 < 4 ? BtL - j0 : 4;
-            const int8_t *b[4];
-            for (int j = 0; j < 4; j++) b[j] = q + (int64_t)(j0 + (j < nq ? j : nq - 1)) * D;
-            dot_tile(a, b, D, dots + t0 * P + j0, P);
+/* the whole computation of the row-major path: dots of each video by tiles, then its scores */
+HBI_TARGET static void score_videos_rows(const uint8_t *codes, const float *vscales, const float *vweights,
+                                    int64_t n_videos, int T, int D, const int8_t *q, const int32_t *q_offset,
+                                    const float *qscales, const float *qweights, const float *qfloor, int BtL, int L,
+                                    float *scores, int64_t stride, int32_t *dots, float *sim, float *tmax) {
+    const int Bt = BtL / L;
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
+    for (int64_t v = 0; v < n_videos; v++) {
+        const uint8_t *vcodes = codes + v * (int64_t)T * D;
+        /* no software prefetch: the hardware prefetcher follows this sequential stream; explicit prefetches of
+         * the next videos made the 100k-video scan 1.5x slower */
+        /* dots[t * BtL + j] = codes of frame t . query row j; tiles past the edge repeat the last row */
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            const int nr = T - t0 < 4 ? T - t0 : 4;
+            const uint8_t *a[4];
+            for (int i = 0; i < 4; i++) a[i] = vcodes + (int64_t)(t0 + (i < nr ? i : nr - 1)) * D;
+            for (int j0 = 0; j0 < BtL; j0 += 4) {
+                const int nq = BtL - j0 < 4 ? BtL - j0 : 4;
+                const int8_t *b[4];
+                int32_t tile[16];
+                for (int j = 0; j < 4; j++) b[j] = q + (int64_t)(j0 + (j < nq ? j : nq - 1)) * D;
+                dot_tile(a, b, D, tile);
+                /* masked stores, not memcpy: a library call per row of a tile cost 15 % of the kernel */
+                const __mmask8 mq = (__mmask8)((1u << nq) - 1);
+                for (int i = 0; i < nr; i++)
+                    _mm_mask_storeu_epi32(dots + (t0 + i) * BtL + j0, mq, _mm_loadu_si128((const __m128i *)(tile + 4 * i)));
+            }
+        }
+        /* sim = (dots - offset) * qscale; tmax = max over frames of sim * vscale: 16 query rows per vector */
+        const float *vs = vscales + v * T, *vw = vweights + v * T;
+        for (int j0 = 0; j0 < BtL; j0 += 16) {
+            const __mmask16 m = BtL - j0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (BtL - j0)) - 1);
+            const __m512i off = _mm512_maskz_loadu_epi32(m, q_offset + j0);
+            const __m512 qs = _mm512_maskz_loadu_ps(m, qscales + j0);
+            __m512 best = lowest;
+            for (int t = 0; t < T; t++) {
+                const __m512i d = _mm512_maskz_loadu_epi32(m, dots + t * BtL + j0);
+                const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, off)), qs);
+                _mm512_mask_storeu_ps(sim + t * BtL + j0, m, x);
+                best = _mm512_max_ps(best, _mm512_mul_ps(x, _mm512_set1_ps(vs[t])));
+            }
+            _mm512_mask_storeu_ps(tmax + j0, m, best);
+        }
+        for (int bq = 0; bq < Bt; bq++) {
+            __m512 t2v = _mm512_setzero_ps();
+            for (int l0 = 0; l0 < L; l0 += 16) {
+                const __mmask16 m = L - l0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - l0)) - 1);
+                t2v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qweights + bq * L + l0),
+                                      _mm512_maskz_loadu_ps(m, tmax + bq * L + l0), t2v);
+            }
+            float v2t = 0.0f;
+            const float floor_b = qfloor[bq];
+            for (int t = 0; t < T; t++) {
+                const float *row = sim + t * BtL + bq * L;
+                __m512 best = lowest;
+                for (int l0 = 0; l0 < L; l0 += 16) {
+                    const __mmask16 m = L - l0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - l0)) - 1);
+                    best = _mm512_max_ps(best, _mm512_mask_loadu_ps(lowest, m, row + l0));
+                }
+                const float m = _mm512_reduce_max_ps(best);
+                v2t += (m > floor_b ? m : floor_b) * (vw[t] * vs[t]);
+            }
+            scores[bq * stride + v] = 0.5f * (_mm512_reduce_add_ps(t2v) + v2t);
         }
     }
-}
-
-/*
- * One query of L <= 16 rows, without padding it to 16 rows: G = ceil(L / 4) groups, group g holding rows
- * G * r + g (r = 0..3), 16 bytes of each per 64-byte vector (qg[k / 16][g][r][16], zero rows past L). 16 bytes of
- * a frame broadcast to the four 128-bit blocks times a group's vector gives partial dots of that frame with 4
- * rows, 4 lanes each; per frame the G accumulators then sum to one vector whose lane 4r + g is the dot with row
- * G * r + g: 9 instructions per frame instead of the row-major tiles' transpose-and-add tree (45 per 16 dots, a
- * quarter of that kernel's time with one query). 4 frames x G groups per pass over k.
- */
-#define HBI_G_STEP(f, x)                                                                                      \
-    do {                                                                                                      \
-        HBI_DP(c##f##0, x, q0);                                                                               \
-        if (G > 1) HBI_DP(c##f##1, x, q1);                                                                    \
-        if (G > 2) HBI_DP(c##f##2, x, q2);                                                                    \
-        if (G > 3) HBI_DP(c##f##3, x, q3);                                                                    \
-    } while (0)
-#define HBI_G_CHUNK(c, LOADX)                                                                                 \
-    do {                                                                                                      \
-        const int8_t *qc = qg + (int64_t)(c) * G * 64;                                                        \
-        const __m512i q0 = _mm512_loadu_si512(qc);                                                            \
-        const __m512i q1 = G > 1 ? _mm512_loadu_si512(qc + 64) : q0;                                          \
-        const __m512i q2 = G > 2 ? _mm512_loadu_si512(qc + 128) : q0;                                         \
-        const __m512i q3 = G > 3 ? _mm512_loadu_si512(qc + 192) : q0;                                         \
-        __m512i x = LOADX(r0, c); HBI_G_STEP(0, x);                                                           \
-        x = LOADX(r1, c); HBI_G_STEP(1, x);                                                                   \
-        x = LOADX(r2, c); HBI_G_STEP(2, x);                                                                   \
-        x = LOADX(r3, c); HBI_G_STEP(3, x);                                                                   \
-    } while (0)
-#define HBI_BCAST16(r, c) _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)((r) + 16 * (c))))
-#define HBI_BCAST16_TAIL(r, c) _mm512_broadcast_i32x4(_mm_maskz_loadu_epi8(tail, (r) + 16 * (c)))
-
-HBI_TARGET static inline __attribute__((always_inline)) void dots_groups(const uint8_t *const rows[4], int nf,
-                                                                         const int8_t *qg, int D, const int G,
-                                                                         int32_t *out) {
-    __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
-            c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
-    const uint8_t *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
-    const int C = D / 16;
-    for (int c = 0; c < C; c++) HBI_G_CHUNK(c, HBI_BCAST16);
-    if (D % 16) {
-        const __mmask16 tail = (__mmask16)((1u << (D % 16)) - 1);
-        HBI_G_CHUNK(C, HBI_BCAST16_TAIL);
-    }
-    const __m512i v0 = HBI_ADD64(HBI_ADD32(c00, c01), HBI_ADD32(c02, c03)),
-                  v1 = HBI_ADD64(HBI_ADD32(c10, c11), HBI_ADD32(c12, c13)),
-                  v2 = HBI_ADD64(HBI_ADD32(c20, c21), HBI_ADD32(c22, c23)),
-                  v3 = HBI_ADD64(HBI_ADD32(c30, c31), HBI_ADD32(c32, c33));
-    _mm512_storeu_si512((void *)out, v0);
-    if (nf > 1) _mm512_storeu_si512((void *)(out + 16), v1);
-    if (nf > 2) _mm512_storeu_si512((void *)(out + 32), v2);
-    if (nf > 3) _mm512_storeu_si512((void *)(out + 48), v3);
-}
-
-HBI_TARGET static void video_dots_groups(const uint8_t *vcodes, int T, int D, const int8_t *qg, int G,
-                                         int32_t *dots) {
-    for (int t0 = 0; t0 < T; t0 += 4) {
-        const int nf = T - t0 < 4 ? T - t0 : 4;
-        const uint8_t *rows[4];
-        for (int i = 0; i < 4; i++) rows[i] = vcodes + (int64_t)(t0 + (i < nf ? i : nf - 1)) * D;
-        switch (G) { /* one specialised copy per group count */
-            case 1: dots_groups(rows, nf, qg, D, 1, dots + t0 * 16); break;
-            case 2: dots_groups(rows, nf, qg, D, 2, dots + t0 * 16); break;
-            case 3: dots_groups(rows, nf, qg, D, 3, dots + t0 * 16); break;
-            default: dots_groups(rows, nf, qg, D, 4, dots + t0 * 16); break;
-        }
-    }
-}
-
-/* qg for video_dots_groups; lane[4r + g] = the row G * r + g holds, or -1 */
-static void pack_query_groups(const int8_t *q, int L, int D, int G, int8_t *qg, int lane[16]) {
-    const int C = (D + 15) / 16;
-    memset(qg, 0, (size_t)C * (size_t)G * 64);
-    for (int l = 0; l < 16; l++) lane[l] = -1;
-    for (int g = 0; g < G; g++)
-        for (int r = 0; r < 4; r++) {
-            const int j = G * r + g;
-            if (j >= L) continue;
-            lane[4 * r + g] = j;
-            for (int k = 0; k < D; k += 16)  /* 16 bytes at a time (fewer at the end of the row) */
-                memcpy(qg + ((int64_t)(k / 16) * G + g) * 64 + 16 * r, q + (int64_t)j * D + k,
-                       (size_t)(D - k < 16 ? D - k : 16));
-        }
 }
 
 /* 6 frames x 4 query blocks (24 accumulators): each broadcast feeds 4 vpdpbusd (a broadcast from memory costs
@@ -523,57 +489,6 @@ HBI_TARGET static void video_dots_avx512(const uint8_t *vcodes, int T, int D, co
  * From the dots of one video to its scores (see the header): sim and the max over frames run over 16 query rows
  * per vector; the max over each query's rows is a masked reduction per frame.
  */
-/* the max of each of 16 vectors, as the lanes of one: lane 4i + j of the result = max over the lanes of x[4i + j]
- * (a transpose-and-max tree, 45 instructions for 16 reductions instead of about 8 each) */
-#define HBI_MAX32(x, y) _mm512_max_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
-#define HBI_MAX64(x, y)                                                                                        \
-    _mm512_max_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))),             \
-                  _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(x), _mm512_castps_pd(y))))
-#define HBI_MAX128(x, y) _mm512_max_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD))
-
-HBI_TARGET static inline __m512 hbi_max16(const __m512 x[16]) {
-    const __m512 u0 = HBI_MAX64(HBI_MAX32(x[0], x[1]), HBI_MAX32(x[2], x[3])),
-                 u1 = HBI_MAX64(HBI_MAX32(x[4], x[5]), HBI_MAX32(x[6], x[7])),
-                 u2 = HBI_MAX64(HBI_MAX32(x[8], x[9]), HBI_MAX32(x[10], x[11])),
-                 u3 = HBI_MAX64(HBI_MAX32(x[12], x[13]), HBI_MAX32(x[14], x[15]));
-    return HBI_MAX128(HBI_MAX128(u0, u1), HBI_MAX128(u2, u3));
-}
-
-/*
- * One query of at most 16 rows (the retrieve case), from dots[t * 16 + lane] where the lanes in ml hold its rows
- * (in any order: the per-lane q_offset, qscales, qweights follow the same order): sim rows stay in registers, 16
- * frames at a time; the max over frames is vertical and the max over the query's rows of every frame is one
- * transpose-and-max tree.
- */
-HBI_TARGET static float video_score_one(const int32_t *dots, int T, const float *vs, const float *vw,
-                                        const int32_t *q_offset, const float *qscales, const float *qweights,
-                                        float floor_b, __mmask16 ml) {
-    const __m512 lowest = _mm512_set1_ps(-INFINITY);
-    const __m512i off = _mm512_loadu_si512((const void *)q_offset);
-    const __m512 qs = _mm512_loadu_ps(qscales);
-    __m512 best = lowest, v2t = _mm512_setzero_ps();
-    for (int t0 = 0; t0 < T; t0 += 16) {
-        const int nf = T - t0 < 16 ? T - t0 : 16;
-        __m512 rows[16];
-        for (int f = 0; f < 16; f++) {
-            if (f < nf) {
-                const __m512i d = _mm512_loadu_si512((const void *)(dots + (t0 + f) * 16));
-                const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, off)), qs);
-                best = _mm512_max_ps(best, _mm512_mul_ps(x, _mm512_set1_ps(vs[t0 + f])));
-                rows[f] = _mm512_mask_blend_ps(ml, lowest, x);
-            } else {
-                rows[f] = lowest;
-            }
-        }
-        const __mmask16 mf = (__mmask16)(nf >= 16 ? 0xFFFF : (1u << nf) - 1);
-        const __m512 m = _mm512_max_ps(hbi_max16(rows), _mm512_set1_ps(floor_b)); /* lane f: frame t0 + f */
-        const __m512 w = _mm512_mul_ps(_mm512_maskz_loadu_ps(mf, vw + t0), _mm512_maskz_loadu_ps(mf, vs + t0));
-        v2t = _mm512_add_ps(v2t, _mm512_maskz_mul_ps(mf, m, w));
-    }
-    const __m512 t2v = _mm512_maskz_mul_ps(ml, best, _mm512_loadu_ps(qweights));
-    return 0.5f * (_mm512_reduce_add_ps(t2v) + _mm512_reduce_add_ps(v2t));
-}
-
 HBI_TARGET static void video_scores(const int32_t *dots, int T, int P, const float *vs, const float *vw,
                                     const int32_t *q_offset, const float *qscales, const float *qweights,
                                     const float *qfloor, int BtL, int L, float *sim, float *tmax, float *scores,
@@ -661,30 +576,20 @@ HBI_AMX_TARGET static void amx_configure(int T) {
 HBI_AMX_TARGET static void amx_release(void) { _tile_release(); }
 
 HBI_TARGET static void score_videos(const uint8_t *codes, const float *vscales, const float *vweights,
-                                    int64_t n_videos, int T, int D, const int8_t *q,
-                                    const int8_t *qpack, int NB,
+                                    int64_t n_videos, int T, int D, const int8_t *qpack, int NB,
                                     int64_t block_bytes, const int32_t *q_offset, const float *qscales,
                                     const float *qweights, const float *qfloor, int BtL, int L, float *scores,
-                                    int64_t stride, int32_t *dots, float *sim, float *tmax, int path,
-                                    const int8_t *qg, int G, __mmask16 lanes) {
+                                    int64_t stride, int32_t *dots, float *sim, float *tmax, int path) {
     const int P = 16 * NB;
     for (int64_t v = 0; v < n_videos; v++) {
         const uint8_t *vcodes = codes + v * (int64_t)T * D;
         /* no software prefetch: the hardware prefetcher follows this sequential stream */
         if (path == HBI_PATH_AMX)
             video_dots_amx(vcodes, T, D, qpack, NB, block_bytes, dots);
-        else if (qg != NULL)
-            video_dots_groups(vcodes, T, D, qg, G, dots);
-        else if (BtL <= HBI_ROWS_MAX)
-            video_dots_rows(vcodes, T, D, q, BtL, dots, P);
         else
             video_dots_avx512(vcodes, T, D, qpack, NB, block_bytes, dots);
-        if (P == 16 && BtL == L) /* one query; its rows are the lanes in `lanes` (per-lane arrays to match) */
-            scores[v] = video_score_one(dots, T, vscales + v * T, vweights + v * T, q_offset, qscales, qweights,
-                                        qfloor[0], lanes);
-        else
-            video_scores(dots, T, P, vscales + v * T, vweights + v * T, q_offset, qscales, qweights, qfloor, BtL,
-                         L, sim, tmax, scores, stride, v);
+        video_scores(dots, T, P, vscales + v * T, vweights + v * T, q_offset, qscales, qweights, qfloor, BtL, L,
+                     sim, tmax, scores, stride, v);
     }
 }
 
@@ -740,29 +645,16 @@ HBI_EXPORT int hbi_score_u8s8(const uint8_t *codes, const float *vscales, const 
         memcpy(qoff, q_offset, sizeof(int32_t) * (size_t)BtL);
         memcpy(qs, qscales, sizeof(float) * (size_t)BtL);
         memcpy(qw, qweights, sizeof(float) * (size_t)BtL);
-        __mmask16 lanes = (__mmask16)(L >= 16 ? 0xFFFF : (1u << L) - 1);
-        /* one query of <= 16 rows on the AVX-512 path: the grouped microkernel, its lanes in their own order */
-        const int G = (L + 3) / 4, C16 = (D + 15) / 16;
-        int8_t *qg = NULL;
-        if (path == HBI_PATH_AVX512 && BtL == L && L <= 16) {
-            qg = (int8_t *)aligned_alloc(64, (size_t)C16 * (size_t)G * 64);
-            if (qg == NULL) goto done;
-            int lane[16];
-            pack_query_groups(q, L, D, G, qg, lane);
-            lanes = 0;
-            for (int l = 0; l < 16; l++) {
-                const int j = lane[l];
-                qoff[l] = j >= 0 ? q_offset[j] : 0;
-                qs[l] = j >= 0 ? qscales[j] : 0.0f;
-                qw[l] = j >= 0 ? qweights[j] : 0.0f;
-                if (j >= 0) lanes |= (__mmask16)(1u << l);
-            }
+        if (path == HBI_PATH_AVX512 && BtL <= HBI_ROWS_MAX) {
+            score_videos_rows(codes, vscales, vweights, n_videos, T, D, q, q_offset, qscales, qweights, qfloor, BtL,
+                              L, scores, stride, dots, sim, tmax);
+            rc = HBI_OK;
+            goto done;
         }
         if (path == HBI_PATH_AMX) amx_configure(T);
-        score_videos(codes, vscales, vweights, n_videos, T, D, q, qpack, NB, block_bytes, qoff, qs, qw, qfloor, BtL,
-                     L, scores, stride, dots, sim, tmax, path, qg, G, lanes);
+        score_videos(codes, vscales, vweights, n_videos, T, D, qpack, NB, block_bytes, qoff, qs, qw, qfloor, BtL,
+                     L, scores, stride, dots, sim, tmax, path);
         if (path == HBI_PATH_AMX) amx_release();
-        free(qg);
         rc = HBI_OK;
     }
 done:

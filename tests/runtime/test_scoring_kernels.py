@@ -1,7 +1,7 @@
 """Every path of the native int8 scoring kernel against the numpy scorer, and the run-time dispatch between them.
 
-The kernel has two AVX-512 microkernels (row-major tiles for up to 48 query rows, the packed VNNI-interleaved
-query above) and an AMX path; the shapes below reach each of them, with T and D off their block sizes. AMX tests
+The kernel has two AVX-512 paths (row-major tiles for up to 48 query rows, the packed VNNI-interleaved query
+above, in 6-, 4-, 2- and 1-block groups) and an AMX path; the shapes below reach each of them, with T and D off their block sizes. AMX tests
 skip with a reason where the CPU lacks AMX (then only the dispatch's refusal is tested).
 """
 
@@ -47,7 +47,7 @@ def _case(seed: int, n_videos: int, frames: int, dim: int, n_queries: int, text_
 # 4-block groups, then 2- and 1-block rest), T around the 4/6/12-frame blocks, D off 4 and 64
 SHAPES = [
     (37, 12, 512, 1, 12),  # one query: the retrieve case
-    (13, 20, 96, 1, 16),  # one query of 16 rows, T > 16: its reductions over two groups of frames
+    (13, 20, 96, 1, 16),  # one query of 16 rows, T > 16 (AMX takes T <= 16 only)
     (29, 7, 67, 3, 9),  # D % 4 != 0, T off every block
     (23, 13, 100, 5, 16),  # 80 rows: packed, 4 blocks + 1
     (19, 25, 64, 7, 14),  # T > 2 x 12 frames, 98 rows: 4 + 2 blocks
@@ -74,8 +74,8 @@ def test_avx512_path_equals_the_numpy_scorer(shape):
 @needs_native
 @pytest.mark.parametrize("dim", [67, 512])
 def test_one_query_of_every_length_up_to_16_rows(dim):
-    # one query is the grouped microkernel (ceil(L / 4) groups of 4 rows, 16 bytes per step): every group count,
-    # the empty query (one zero row, floor 0), a D % 16 tail, T off its 4-frame step
+    # one query (the retrieve case, the row-major tiles): every row count up to 16, the empty query (one zero row,
+    # floor 0), a D % 64 tail, T off the 4-frame tile
     rng = np.random.default_rng(dim)
     video = StoreLevel.from_side_level(_level(rng, 21, 7, dim, 1), "int8")
     for length in range(0, 17):
