@@ -1,8 +1,9 @@
 """Every path of the native int8 scoring kernel against the numpy scorer, and the run-time dispatch between them.
 
 The kernel has two AVX-512 paths (row-major tiles for up to 48 query rows, the packed VNNI-interleaved query
-above, in 6-, 4-, 2- and 1-block groups) and an AMX path; the shapes below reach each of them, with T and D off their block sizes. AMX tests
-skip with a reason where the CPU lacks AMX (then only the dispatch's refusal is tested).
+above, in 6-, 4-, 2- and 1-block groups) and an AMX path; the shapes below reach each of them, with T and D off
+their block sizes. AMX tests skip with a reason where the CPU lacks AMX (then only the dispatch's refusal is
+tested).
 """
 
 from __future__ import annotations
