@@ -51,6 +51,10 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HBI_X86 1
+/* AMX intrinsics: GCC >= 11, Clang >= 12; an older compiler builds the AVX-512 paths only (AMX then reads as absent) */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define HBI_AMX_BUILD 1
+#endif
 #include <immintrin.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -102,7 +106,7 @@ static int hbi_cpu_has_amx(void) {
 static int hbi_amx_state = 0;
 
 HBI_EXPORT int hbi_amx_status(void) {
-#if defined(HBI_X86) && defined(__linux__)
+#if defined(HBI_X86) && defined(__linux__) && defined(HBI_AMX_BUILD)
     if (hbi_amx_state != 0) return hbi_amx_state;
     if (!hbi_cpu_has_amx() || !hbi_vnni_supported()) {
         hbi_amx_state = -1;
@@ -526,6 +530,7 @@ HBI_TARGET static void video_scores(const int32_t *dots, int T, int P, const flo
     }
 }
 
+#ifdef HBI_AMX_BUILD
 /* AMX: tile config (64 bytes): palette 1; tiles 0, 1 = C (rows x 64 B), 2 = A (rows x 64 B), 3, 4 = B (16 x 64 B) */
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -574,6 +579,16 @@ HBI_AMX_TARGET static void amx_configure(int T) {
 }
 
 HBI_AMX_TARGET static void amx_release(void) { _tile_release(); }
+#endif
+#ifndef HBI_AMX_BUILD
+/* no AMX intrinsics in this compiler: never called (hbi_amx_status() says the CPU lacks AMX) */
+static void video_dots_amx(const uint8_t *vcodes, int T, int D, const int8_t *qpack, int NB, int64_t block_bytes,
+                           int32_t *dots) {
+    (void)vcodes; (void)T; (void)D; (void)qpack; (void)NB; (void)block_bytes; (void)dots;
+}
+static void amx_configure(int T) { (void)T; }
+static void amx_release(void) {}
+#endif
 
 HBI_TARGET static void score_videos(const uint8_t *codes, const float *vscales, const float *vweights,
                                     int64_t n_videos, int T, int D, const int8_t *qpack, int NB,
@@ -706,6 +721,7 @@ HBI_TARGET static int64_t vnni_loop(int64_t iters) {
     return _mm512_reduce_add_epi32(s);
 }
 
+#ifdef HBI_AMX_BUILD
 HBI_AMX_TARGET static int64_t amx_loop(int64_t iters) {
     hbi_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -734,6 +750,7 @@ HBI_AMX_TARGET static int64_t amx_loop(int64_t iters) {
     _tile_release();
     return out[0];
 }
+#endif
 
 HBI_TARGET static int64_t read_stream(const uint8_t *p, int64_t n) {
     __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
@@ -757,7 +774,7 @@ HBI_EXPORT int64_t hbi_vnni_loop(int64_t iters) {
 }
 
 HBI_EXPORT int64_t hbi_amx_loop(int64_t iters) {
-#ifdef HBI_X86
+#if defined(HBI_X86) && defined(HBI_AMX_BUILD)
     return hbi_amx_status() == 1 ? amx_loop(iters) : -1;
 #else
     (void)iters;
