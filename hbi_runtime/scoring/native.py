@@ -2,10 +2,11 @@
 
 On int8 storage, ONNX Runtime's ``MatMulIntegerToFloat`` with one query (``Bt * L`` of about 12 columns) reaches
 a fifth of the u8 x s8 peak: its kernels are blocked for wide right-hand sides, and every chunk's codes are
-re-packed. ``_vnni.c`` reads the stored ``(videos * T, D)`` codes as they lie and packs only the *query* into the
+re-packed. ``_vnni.c`` reads the stored ``(videos * T, D)`` codes as they lie. Up to 48 query rows (one query:
+retrieve) it multiplies tiles of 4 frames x 4 query rows as stored; above, it packs the *query* into the
 VNNI-interleaved layout (16 query rows per 64-byte vector), so each product instruction finishes dot products of
-one frame with 16 query rows without any reduction across lanes; 12 frames x 32 query rows per pass (GEMM-style
-blocking). It fuses every reduction of the level score (max over frames, max over each query's rows, both
+one frame with 16 query rows without any reduction across lanes, 4 frames x 96 query rows per pass (GEMM-style
+blocking); see the C file's header for why and the measurements. It fuses every reduction of the level score (max over frames, max over each query's rows, both
 weighted sums), so only the scores leave the kernel. Same arithmetic as the ORT graph (exact int32 products, then
 the query and video scales), so the two agree to float rounding.
 
@@ -18,8 +19,9 @@ Available when the extension was built (x86-64 with a C compiler at install time
 otherwise :func:`native_available` is False and scoring uses ONNX Runtime. The call releases the GIL
 (ctypes); :class:`NativeLevelKernel` hands chunks of videos to its threads, one call per chunk.
 
-Also here: the loops the benchmarks measure the machine's bounds with (:func:`vnni_peak`, :func:`amx_peak`,
-:func:`read_bandwidth`), run on the kernel's own thread pool so that the bound is measured the way it runs.
+Also here: the loops the benchmarks measure the machine's bounds with (``NativeLevelKernel.vnni_peak``,
+``amx_peak``, ``read_bandwidth``), run on the kernel's own thread pool so that the bound is measured the way it
+runs.
 """
 
 from __future__ import annotations
