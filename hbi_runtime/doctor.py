@@ -125,11 +125,12 @@ def collect(packages: Sequence[str | os.PathLike] = (), *, cudart: Any = None) -
 
 
 def probe_scoring() -> dict:
-    """Which scorer ``auto`` takes for int8 indexes: the native VNNI kernel when built and runnable here."""
-    from hbi_runtime.scoring.native import native_available
+    """Which scorer ``auto`` takes for int8 indexes: the native kernel when built and runnable here, and which of
+    its paths (``amx``, ``avx512``) this machine runs, with AMX's status (``ok``, ``no-cpu``, ``refused``)."""
+    from hbi_runtime.scoring.native import amx_status, available_paths, native_available
 
     native = native_available()
-    return {"native_int8": native,
+    return {"native_int8": native, "paths": list(available_paths()), "amx": amx_status() if native else "no-cpu",
             "next": None if native else "int8 indexes are scored with ONNX Runtime (the native kernel needs x86-64 "
                                         "with AVX-512 VNNI and a C compiler at install time)"}
 
@@ -238,7 +239,8 @@ def render_text(report: dict) -> str:
         f"{'python':<12} {report['python']['version']} ({report['python']['executable']})",
         f"{'platform':<12} {report['platform']['platform']}",
         f"{'numpy':<12} {report['numpy']['version']}",
-        f"{'scoring':<12} " + ("native int8 kernel (AVX-512 VNNI)" if report["scoring"]["native_int8"]
+        f"{'scoring':<12} " + (f"native int8 kernel ({', '.join(report['scoring']['paths'])}; AMX: "
+                               f"{report['scoring']['amx']})" if report["scoring"]["native_int8"]
                                else f"onnxruntime -> {report['scoring']['next']}"),
         "backends:",
     ]

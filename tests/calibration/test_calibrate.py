@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import hbi_runtime
 from hbi_export.cli import app
 from hbi_runtime.compare import compare_tensors
-from hbi_runtime.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_USAGE, UsageError
+from hbi_runtime.errors import EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_MISMATCH, EXIT_USAGE, UsageError
 from hbi_runtime.names import display_path, parse_display_path
 from hbi_runtime.package import MANIFEST_NAME, load_package, sha256_file
 
@@ -161,6 +161,28 @@ def test_int8_package_runs_through_the_runtime(int8, tmp_path):
     doc = json.loads(result.stdout)
     assert doc["model_sha256"] == load_package(out).manifest_sha256
     assert Path(doc["queries"][0]["hits"][0]["path"]).name == expected["expected"]
+
+
+@pytest.mark.slow
+def test_an_index_built_with_the_int8_package_is_queried_with_it_never_with_its_source(int8, tmp_path):
+    # the documented use of a calibrated package (docs/calibration.md, "Using an INT8 package"): --model PKG-int8
+    # for index and retrieve alike; the index is tied to the INT8 package's manifest, so its source is refused
+    from hbi_runtime.cli import app as run_app
+
+    out, _ = int8
+    index, env = tmp_path / "index", {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    built = CliRunner().invoke(run_app, ["index", str(SAMPLES), "--index", str(index), "-m", str(out),
+                                         "--workers", "1"], env=env)
+    assert built.exit_code == 0, built.output
+    expected = json.loads((DEMO / "queries.json").read_text())["queries"][0]
+    ok = CliRunner().invoke(run_app, ["retrieve", expected["query"], "--index", str(index), "-m", str(out),
+                                      "--top-k", "1", "-f", "json"], env=env)
+    assert ok.exit_code == 0, ok.output
+    assert Path(json.loads(ok.stdout)["queries"][0]["hits"][0]["path"]).name == expected["expected"]
+    refused = CliRunner().invoke(run_app, ["retrieve", expected["query"], "--index", str(index), "-m", str(PKG)],
+                                 env=env)
+    assert refused.exit_code == EXIT_MISMATCH, refused.output
+    assert load_package(out).manifest_sha256 in refused.output and "--rebuild" in refused.output
 
 
 # ---------------------------------------------------------------------------------------------------------------

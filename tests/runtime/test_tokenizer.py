@@ -311,3 +311,46 @@ def test_tokenizer_works_without_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120, check=False, env=env)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- cached BPE tables
+
+
+def test_bpe_tables_are_cached_by_content_and_rebuilt_when_damaged(tmp_path, monkeypatch):
+    import hbi_runtime.tokenizer as tok
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fresh = ClipTokenizer()  # builds the tables and writes the cache
+    files = list(tok.tables_cache_dir().glob("*.marshal"))
+    assert len(files) == 1 and files[0].name.startswith(tok.VOCAB_SHA256[:32])
+    text = "a red circle appears, then a blue square — twice"
+    expected = (fresh.encode(text), fresh.decode(fresh.encode(text)))
+
+    def no_build(path):
+        raise AssertionError("the tables were built although a cache exists")
+
+    monkeypatch.setattr(tok, "_build_tables", no_build)
+    cached = ClipTokenizer()  # read back, not built
+    assert (cached.encode(text), cached.decode(cached.encode(text))) == expected
+    assert cached._id_of == fresh._id_of and cached._rank == fresh._rank
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    files[0].write_bytes(files[0].read_bytes()[:1000])  # damaged: built again and rewritten
+    rebuilt = ClipTokenizer()
+    assert rebuilt.encode(text) == expected[0]
+    assert len(files[0].read_bytes()) > 1000
+
+    # another vocabulary (same merges, one extra trailing line) gets its own cache file
+    other = tmp_path / "other.txt.gz"
+    with gzip.open(DEFAULT_VOCAB_PATH, "rb") as src, gzip.open(other, "wb") as dst:
+        dst.write(src.read() + b"\n")
+    assert ClipTokenizer(other).encode(text) == expected[0]
+    assert len(list(tok.tables_cache_dir().glob("*.marshal"))) == 2
+
+
+def test_bpe_tables_work_without_a_writable_cache(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    assert ClipTokenizer().encode("a red circle") == ClipTokenizer().encode("a red circle") != []
