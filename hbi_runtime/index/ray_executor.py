@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hbi_runtime.errors import BadInputError, MissingDependencyError, UsageError
+from hbi_runtime.errors import BadInputError, HbiError, MissingDependencyError, UsageError
 from hbi_runtime.index.catalog import TMP
 from hbi_runtime.index.scan import ScanEntry
 from hbi_runtime.index.update import FrameInfo, Work, _Job, encode_batches
@@ -189,15 +189,35 @@ class RayExecutor:
                                        timeout_s=work.timeout_s, window=work.window, stride=work.stride,
                                        dtype=work.dtype, batch_size=work.batch_size, full_hash=work.full_hash,
                                        staging=str(staging), threads=threads))
-        for row in out.iter_rows():
-            payload = json.loads(row["batch"])
-            jobs = [work.jobs[r["i"]] for r in payload["jobs"]]
-            for job, record in zip(jobs, payload["jobs"]):
-                _restore(job, record)
-            self.last_node = payload["node"]
-            self.batches_by_node[payload["node"]] += 1
-            tmp = None if payload["tmp"] is None else Path(payload["tmp"])
-            work.committer.adopt(jobs, [r["hash"] for r in payload["jobs"]], tmp, payload["rows"], payload["files"])
+        try:
+            for row in out.iter_rows():
+                self._commit(work, json.loads(row["batch"]))
+        except Exception as exc:  # an actor's own error (e.g. the index folder not reachable) says what to do
+            cause = _hbi_cause(exc)
+            if cause is None:
+                raise
+            raise cause from None
+
+    def _commit(self, work: Work, payload: dict) -> None:
+        """One actor batch: its files' results onto the driver's jobs, then the committer adopts its shard."""
+        jobs = [work.jobs[r["i"]] for r in payload["jobs"]]
+        for job, record in zip(jobs, payload["jobs"]):
+            _restore(job, record)
+        self.last_node = payload["node"]
+        self.batches_by_node[payload["node"]] += 1
+        tmp = None if payload["tmp"] is None else Path(payload["tmp"])
+        work.committer.adopt(jobs, [r["hash"] for r in payload["jobs"]], tmp, payload["rows"], payload["files"])
+
+
+def _hbi_cause(exc: BaseException | None) -> HbiError | None:
+    """The toolkit's own error inside a Ray error (Ray wraps what an actor raises), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, HbiError):
+            return exc
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
 
 
 __all__ = ["LOCAL_OBJECT_STORE_BYTES", "RAY_INSTALL", "RayExecutor", "RayOptions", "import_ray"]

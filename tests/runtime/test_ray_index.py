@@ -175,6 +175,26 @@ def test_worker_node_removed_mid_run(cluster, videos, model, local_index, tmp_pa
     _assert_tidy(target)
 
 
+def test_windows_on_ray_equal_local(cluster, videos, model, tmp_path):
+    """--window: actors probe and decode windows with the same window decoder as a local run."""
+    small = tmp_path / "videos"
+    small.mkdir()
+    for name in ("clip03.mp4", "clip06.mp4", "clip07.mp4"):
+        src = next(videos.rglob(name))
+        shutil.copy(src, small / name)
+    shutil.copy(videos / "corrupt.mp4", small / "corrupt.mp4")
+    local = update_index(model, small, tmp_path / "local", batch_size=BATCH, window=1.0)
+    executor = RayExecutor(RayOptions(actors=1, resources=ACTOR), DEMO)
+    remote = update_index(model, small, tmp_path / "ray", batch_size=BATCH, window=1.0, executor=executor)
+    assert (remote.new, remote.rows, len(remote.failed)) == (local.new, local.rows, 1) and local.rows > 3
+    mine = Index.open(tmp_path / "ray", verify=True)
+    theirs = Index.open(tmp_path / "local")
+    key = [(r.rel, r.start_s, r.end_s, tuple(r.frames)) for r in theirs.rows]
+    assert sorted((r.rel, r.start_s, r.end_s, tuple(r.frames)) for r in mine.rows) == sorted(key)
+    assert _failed(tmp_path / "ray") == _failed(tmp_path / "local")
+    _assert_tidy(tmp_path / "ray")
+
+
 def _committed(index_dir: Path) -> int:
     try:
         conn = sqlite3.connect(f"file:{index_dir / CATALOG}?mode=ro", uri=True, timeout=1)
