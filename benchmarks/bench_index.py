@@ -82,9 +82,14 @@ def main() -> None:
               "fraction_of_bound": round(rate / bound, 3), "failed": len(summary.failed),
               "index_bytes_per_video": int(index_bytes / len(clips)),
               "load_average": os.getloadavg()}
+    save_record(record, args.json)
+
+
+def save_record(record: dict, path: Path) -> None:
+    """Print the benchmark's record and write it as JSON to ``path``."""
     print(json.dumps(record, indent=2))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(record, indent=2) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ import typer
 
 from hbi_runtime import doctor as doctor_lib
 from hbi_runtime.bench.cli import register as _register_bench
-from hbi_runtime.cli_options import (AllowUnverifiedOption, BackendName, BackendOption, Device, DeviceOption,
-                                     EnginePrecisionAlias, FormatOption, LevelsOption, ModelOption, PrecisionOption,
-                                     TableFormatOption, WorkersOption, engine_precision, keep_examples, make_app,
+from hbi_runtime.cli_options import (ActorsOption, AllowUnverifiedOption, BackendName, BackendOption, Device,
+                                     DeviceOption, EnginePrecisionAlias, Executor, ExecutorOption, FormatOption,
+                                     GpusPerActorOption, LevelsOption, ModelOption, PrecisionOption,
+                                     RayAddressOption, TableFormatOption, WorkersOption, engine_precision, keep_examples, make_app,
                                      parse_levels, run_guarded, strict_option)
 from hbi_runtime.cli_support import OutputFormat, TableFormat, csv_text, emit_json
 from hbi_runtime.names import exact_text, path_b64, printable
@@ -71,8 +72,15 @@ def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendC
     """The model on the chosen backend and device: ``--backend trt`` runs the engines of ``hbi-export build-engine``
     (on ``cuda``); ``--backend onnxruntime`` runs on ``--device cpu`` (default), ``cuda``, or ``tensorrt`` (ONNX
     Runtime's TensorRT execution provider, where ``--precision`` is its precision)."""
-    from hbi_runtime.errors import UsageError
     from hbi_runtime.model import load
+
+    package, options = _load_args(model, backend)
+    return load(package, allow_unverified=allow_unverified, **options)
+
+
+def _load_args(model: Optional[Path], backend: BackendChoice) -> tuple[Path, dict]:
+    """The package folder and the :func:`hbi_runtime.model.load` options of ``_load_model`` (what Ray actors load)."""
+    from hbi_runtime.errors import UsageError
 
     if model is None:
         if not (DEMO_PACKAGE / "manifest.json").exists():
@@ -88,7 +96,7 @@ def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendC
         from hbi_runtime.backends.tensorrt import import_tensorrt
 
         import_tensorrt()  # fail before any decoding starts, with the install hint
-        return load(model, backend="trt", allow_unverified=allow_unverified, precision=backend.engine_precision)
+        return model, {"backend": "trt", "precision": backend.engine_precision}
     if backend.engine_precision is not None and device != "tensorrt":
         raise UsageError("--precision goes with --backend trt (engines) or --device tensorrt (ONNX Runtime's "
                          "TensorRT execution provider)")
@@ -99,8 +107,8 @@ def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendC
         options: dict = {"providers": device}
         if device == "tensorrt" and backend.engine_precision is not None:
             options["tensorrt"] = {"precision": backend.engine_precision}
-        return load(model, allow_unverified=allow_unverified, **options)
-    return load(model, allow_unverified=allow_unverified)
+        return model, options
+    return model, {}
 
 
 class _Progress:
@@ -218,6 +226,8 @@ def _status_text(d: dict) -> str:
 @app.command(epilog="Examples:\n\n  hbi-run index ~/Videos --model pkg/b32\n\n"
                     "  hbi-run index ~/Videos --model pkg/b32 --window 30 --index ~/Videos-index --format json\n\n"
                     "  hbi-run index --status --index ~/Videos-index\n\n"
+                    "  hbi-run index /mnt/shared/videos -m pkg/b32 --index /mnt/shared/index --executor ray "
+                    "--ray-address auto\n\n"
                     "  hbi-run index ~/Videos --model pkg/b32 --retry-failed --verify --strict")
 def index(
     ctx: typer.Context,
@@ -252,6 +262,10 @@ def index(
     precision: PrecisionOption = None,
     engine_precision_alias: EnginePrecisionAlias = None,
     device: DeviceOption = None,
+    executor: ExecutorOption = Executor.local,
+    ray_address: RayAddressOption = None,
+    actors: ActorsOption = None,
+    gpus_per_actor: GpusPerActorOption = 0.0,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Index a folder of videos: incremental (only new or changed files are encoded), crash-safe, resumable.
@@ -278,10 +292,11 @@ def index(
             if videos is None:
                 raise UsageError("give the folder of videos to index", hint="hbi-run index VIDEO_DIR (or --status)")
             choice = _choice(backend, precision, engine_precision_alias, device)
+            run_on = _executor(executor, ray_address, actors, gpus_per_actor, model, choice)
             with _load_model(model, allow_unverified, choice) as m:
                 summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=batch_size,
                                         window=window, stride=stride, rebuild=rebuild, quiet=json_mode,
-                                        retry_failed=retry_failed, force=force, verify=verify)
+                                        retry_failed=retry_failed, force=force, verify=verify, executor=run_on)
                 result = summary.to_dict(m.package.manifest_sha256)
             failed = bool(summary.failed)
             if json_mode:
@@ -290,6 +305,22 @@ def index(
                 sys.stdout.write(_summary_text(result))
     if strict and failed:
         raise SystemExit(3)
+
+
+def _executor(executor: Executor, address: Optional[str], actors: Optional[int], gpus_per_actor: float,
+              model: Optional[Path], choice: BackendChoice):
+    """None for --executor local, else the Ray executor (fails now, with the install hint, without Ray)."""
+    from hbi_runtime.errors import UsageError
+
+    if executor is Executor.local:
+        if address is not None or actors is not None or gpus_per_actor:
+            raise UsageError("--ray-address, --actors and --gpus-per-actor go with --executor ray")
+        return None
+    from hbi_runtime.index.ray_executor import RayExecutor, RayOptions
+
+    package, options = _load_args(model, choice)
+    return RayExecutor(RayOptions(address=address, actors=actors, gpus_per_actor=gpus_per_actor, load=options),
+                       package)
 
 
 def _index_status(videos: Optional[Path], index_dir: Optional[Path], model: Optional[Path], allow_unverified: bool,

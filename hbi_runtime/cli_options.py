@@ -277,6 +277,26 @@ class Steps:
 
 # ------------------------------------------------------------------------------------------ work and files
 WorkersOption = Annotated[int, typer.Option("--workers", min=1, help="Worker processes (video decoding).")]
+
+
+class Executor(str, enum.Enum):
+    local = "local"
+    ray = "ray"
+
+
+ExecutorOption = Annotated[Executor, typer.Option(
+    "--executor", case_sensitive=False,
+    help="Where videos are decoded and encoded: local (worker processes here) or ray (an actor pool on a Ray "
+         "cluster, needs the `ray` extra; docs/scale.md). Not --engine: an engine is a TensorRT plan.")]
+RayAddressOption = Annotated[Optional[str], typer.Option(
+    "--ray-address", show_default=False,
+    help="With --executor ray: `auto` (the cluster this machine belongs to) or HOST:PORT / ray://HOST:PORT. "
+         "Default: start a Ray on this machine for the run.")]
+ActorsOption = Annotated[Optional[int], typer.Option(
+    "--actors", min=1, show_default=False,
+    help="With --executor ray: actors in the pool, each loading the model once (default: one per cluster CPU).")]
+GpusPerActorOption = Annotated[float, typer.Option(
+    "--gpus-per-actor", min=0, help="With --executor ray: GPUs each actor reserves (GPU clusters).")]
 AllowUnverifiedOption = Annotated[bool, typer.Option(
     "--allow-unverified", help="Use a package whose parity check failed or never ran.")]
 
@@ -293,9 +313,9 @@ def overwrite_option(what: str):
                             "refused).")]
 
 
-__all__ = ["LEVELS_HELP", "AllowUnverifiedOption", "BackendName", "BackendOption", "DebugAlias", "Device",
-           "DeviceOption", "EnginePrecisionAlias", "FormatOption", "GlobalOptions", "JsonAlias", "LevelsOption",
-           "ModelOption", "PrecisionOption", "Steps", "TableFormatOption", "TorchDeviceOption", "WorkersOption",
+__all__ = ["LEVELS_HELP", "ActorsOption", "AllowUnverifiedOption", "BackendName", "BackendOption", "DebugAlias", "Device",
+           "DeviceOption", "EnginePrecisionAlias", "Executor", "ExecutorOption", "FormatOption", "GpusPerActorOption", "GlobalOptions", "JsonAlias", "LevelsOption",
+           "ModelOption", "PrecisionOption", "RayAddressOption", "Steps", "TableFormatOption", "TorchDeviceOption", "WorkersOption",
            "deprecated", "keep_examples",
            "engine_precision", "is_debug", "make_app", "output_format", "overwrite_option", "parse_levels",
            "run_guarded", "strict_option"]

@@ -251,7 +251,7 @@ def damaged_catalog(index_dir: Path, exc: Exception) -> DamagedIndexError:
 # the writer
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     for item in folder.iterdir():
         fd = os.open(item, os.O_RDONLY)
         try:
@@ -477,11 +477,27 @@ class Writer:
         return shard_id, self._install(tmp, shard_id)
 
     def _install(self, tmp: Path, shard_id: int) -> dict:
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         files = verify.record_files(tmp)
         os.rename(tmp, shard_dir(self.dir, shard_id))
         _fsync_dir(self.dir / SHARDS)
         return files
+
+    def adopt_shard(self, tmp: Path, files: dict) -> int:
+        """Move a shard that another process wrote and synced under ``tmp/`` into ``shards/`` and return its id
+        (reference it with :meth:`add_shard`). The folder must hold exactly the files of the record ``files``, at
+        their recorded sizes (a partial or foreign write is refused: ``BadInputError``)."""
+        tmp = Path(tmp)
+        if tmp.parent.resolve() != (self.dir / TMP).resolve():
+            raise UsageError(f"a shard to adopt must lie in {self.dir / TMP}, not {tmp}")
+        present = {p.name: p.stat().st_size for p in tmp.iterdir()} if tmp.is_dir() else {}
+        if present != {name: size for name, (size, _) in files.items()}:
+            raise BadInputError(f"the shard {tmp} does not hold the files its writer recorded (found {present})",
+                                hint="rerun the index command: the batch is encoded again")
+        shard_id = self.next_shard_id()
+        os.rename(tmp, shard_dir(self.dir, shard_id))
+        _fsync_dir(self.dir / SHARDS)
+        return shard_id
 
     def add_shard(self, shard_id: int, n_rows: int, files: dict) -> None:
         """Reference a written shard with its files' record (inside a transaction)."""

@@ -17,6 +17,7 @@ it was built with.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import sqlite3
@@ -156,7 +157,8 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
                  timeout_s: float = 120.0, retry_failed: bool = False, full_hash: bool = False,
                  rebuild: bool = False, force: bool = False, verify: bool = False,
                  verify_budget_bytes: int = VERIFY_BUDGET_BYTES, progress: Progress | None = None,
-                 window_progress: Callable[[int, str], None] | None = None) -> IndexSummary:
+                 window_progress: Callable[[int, str], None] | None = None,
+                 executor: Callable[[Work], None] | None = None) -> IndexSummary:
     """Index the videos of ``video_dir`` (recursively) into ``index_dir``, re-encoding only what changed.
 
     Readers see the index as it was before the run until the run ends, then as it is after it (one
@@ -181,6 +183,9 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
             once with ``(0, total, None, 0.0)`` before the first.
         window_progress: with ``window``, called as each group of windows is decoded, with the number of windows
             decoded so far and the file's display path (a long file shows progress before it is committed).
+        executor: decodes and encodes the run's files elsewhere (``executor(work)``, see :class:`Work`; the
+            Ray executor of :mod:`hbi_runtime.index.ray_executor`); default: here, with ``workers`` decoding
+            processes. Either way this process is the one committer.
     Returns:
         :class:`IndexSummary`.
     Raises:
@@ -227,8 +232,12 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
                 summary.removed = len(plan.removals)
             summary.repaired = [{**d, "shard": f"{d['shard']:06d}"} for d in damaged]
             first_new_shard = writer.next_shard_id()
-            sink = _Sink(writer, model, dtype, batch_size, full_hash, summary, progress, len(plan.jobs))
-            if plan.jobs:
+            committer = Committer(writer, summary, progress, len(plan.jobs))
+            if plan.jobs and executor is not None:
+                executor(Work(plan.jobs, committer, model, dtype, batch_size, full_hash, window, stride, workers,
+                              timeout_s))
+            elif plan.jobs:
+                sink = _Sink(committer, model, dtype, batch_size, full_hash)
                 stream = (_decode_windows(model, plan.jobs, window, stride, workers, timeout_s, window_progress)
                           if window is not None else _decode_whole(model, plan.jobs, workers, timeout_s))
                 for job in stream:
@@ -390,10 +399,12 @@ def failure_kind(error: Exception) -> str:
 # decoding streams: yield each job once all its windows are decoded (or it failed), in job order
 
 
-def _decode_whole(model, jobs: list[_Job], workers: int, timeout_s: float) -> Iterator[_Job]:
+def _decode_whole(model, jobs: list[_Job], workers: int, timeout_s: float, pool=None) -> Iterator[_Job]:
     from hbi_runtime.video import VideoDecodeError, VideoDecoder
 
-    with VideoDecoder(model.manifest.preprocessing, workers=workers, timeout_s=timeout_s) as pool:
+    opened = VideoDecoder(model.manifest.preprocessing, workers=workers, timeout_s=timeout_s) if pool is None else \
+        contextlib.nullcontext(pool)
+    with opened as pool:
         for job, (_, result) in zip(jobs, pool.decode_many(job.entry.path for job in jobs)):
             if isinstance(result, VideoDecodeError):
                 job.fail(result.reason, failure_kind(result))
@@ -404,11 +415,13 @@ def _decode_whole(model, jobs: list[_Job], workers: int, timeout_s: float) -> It
 
 
 def _decode_windows(model, jobs: list[_Job], window: float, stride: float, workers: int, timeout_s: float,
-                    on_windows: Callable[[int, str], None] | None = None) -> Iterator[_Job]:
+                    on_windows: Callable[[int, str], None] | None = None, pool=None) -> Iterator[_Job]:
     from hbi_runtime.video import VideoDecodeError
 
     decoded = 0
-    with WindowDecoder(model.manifest.preprocessing, workers=workers, timeout_s=timeout_s) as pool:
+    opened = WindowDecoder(model.manifest.preprocessing, workers=workers, timeout_s=timeout_s) if pool is None \
+        else contextlib.nullcontext(pool)
+    with opened as pool:
         for start in range(0, len(jobs), PROBE_CHUNK):
             chunk = jobs[start:start + PROBE_CHUNK]
             tasks, owners = [], []
@@ -441,22 +454,112 @@ def _decode_windows(model, jobs: list[_Job], window: float, stride: float, worke
 # encoding and committing
 
 
-class _Sink:
-    """Encodes decoded windows as they come (frames are dropped once encoded) and commits whole files in batches."""
+@dataclass(frozen=True)
+class Work:
+    """What an executor gets from :func:`update_index`: the files to decode and encode (``jobs``, in scan order),
+    the settings of the run, and the :class:`Committer` to hand each finished batch to (in this process)."""
 
-    def __init__(self, writer: Writer, model, dtype: str, batch_size: int, full_hash: bool, summary: IndexSummary,
-                 progress: Progress | None, total: int) -> None:
-        self.writer, self.model, self.dtype = writer, model, dtype
-        self.batch_size, self.full_hash, self.summary = batch_size, full_hash, summary
+    jobs: list[_Job]
+    committer: Committer
+    model: object  # the loaded Model (its package and manifest; an executor may load the package elsewhere)
+    dtype: str
+    batch_size: int
+    full_hash: bool
+    window: float | None
+    stride: float | None
+    workers: int
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What the catalog keeps of a decoded window once its frames are encoded (a DecodedVideo without frames)."""
+
+    duration: float
+    fps: float
+    n_frames: int
+    indices: list[int]
+
+
+class Committer:
+    """The one committer of a run: adds finished batches (a written shard + its files' catalog entries) to the
+    catalog, one transaction each, and counts them into the summary and the progress callback."""
+
+    def __init__(self, writer: Writer, summary: IndexSummary, progress: Progress | None, total: int) -> None:
+        self.writer, self.summary = writer, summary
         self.progress, self.total, self.done = progress, total, 0
         self.t0 = time.monotonic()
+        if progress is not None:
+            progress(0, total, None, 0.0)
+
+    def commit(self, jobs: list[_Job], hashes: list[str | None], shard_id: int | None, n_rows: int,
+               files: dict | None) -> None:
+        """Reference shard ``shard_id`` (already in place under ``shards/``; None when no file of the batch has a
+        side) and record ``jobs`` (their windows in shard row order) in one transaction."""
+        row = 0
+        with self.writer.transaction():
+            if shard_id is not None:
+                self.writer.add_shard(shard_id, n_rows, files)
+            for job, content_hash in zip(jobs, hashes):
+                row = self._commit_job(job, content_hash, shard_id, row)
+        self._report(jobs)
+
+    def adopt(self, jobs: list[_Job], hashes: list[str | None], tmp: Path | None, n_rows: int,
+              files: dict | None) -> None:
+        """:meth:`commit` a batch whose shard another process wrote, complete and synced, to ``tmp`` (a folder
+        under the index's ``tmp/``) with the record ``files``: the shard is checked against the record's names
+        and sizes, moved into ``shards/`` and then referenced."""
+        shard_id = self.writer.adopt_shard(tmp, files) if tmp is not None else None
+        self.commit(jobs, hashes, shard_id, n_rows, files)
+
+    def _commit_job(self, job: _Job, content_hash: str | None, shard_id: int | None, row: int) -> int:
+        e = job.entry
+        video = job.windows[0][1] if job.windows else None
+        vid = self.writer.put_video(
+            e.rel, e.display, size=e.size, mtime_ns=e.mtime_ns, content_hash=content_hash,
+            duration=video.duration if video else None, fps=video.fps if video else None,
+            n_frames=video.n_frames if video else None, error=job.error, error_kind=job.error_kind)
+        if job.error is None:
+            self.writer.add_rows([(vid, shard_id, row + i, w.start_s, w.end_s, v.indices)
+                                  for i, (w, v) in enumerate(job.windows)])
+        return row + job.stored  # a file that failed after encoding (fingerprint) leaves dead rows behind
+
+    def _report(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            if job.error is None:
+                setattr(self.summary, job.kind, getattr(self.summary, job.kind) + 1)
+                self.summary.rows += len(job.windows)
+            job.windows = []
+            self.done += 1
+            if self.progress is not None:
+                elapsed = time.monotonic() - self.t0
+                self.progress(self.done, self.total, job.entry.display, self.done / elapsed if elapsed else 0.0)
+
+
+def fingerprint(job: _Job, full_hash: bool) -> str | None:
+    """The file's content hash for the catalog; a file that cannot be read fails (transient)."""
+    try:
+        return fast_hash(job.entry.path, job.entry.size, full=full_hash)
+    except OSError as exc:
+        job.fail(f"cannot read it to fingerprint it ({exc.strerror})", TRANSIENT)
+        return None
+
+
+class _Sink:
+    """Encodes decoded windows as they come (frames are dropped once encoded) and hands whole files in batches
+    to the committer (``committer=None``: keeps the batches in :attr:`batches`, for an executor elsewhere)."""
+
+    def __init__(self, committer: Committer | None, model, dtype: str, batch_size: int, full_hash: bool,
+                 shard_prefix: Path | None = None) -> None:
+        self.committer, self.model, self.dtype = committer, model, dtype
+        self.batch_size, self.full_hash = batch_size, full_hash
+        self.shard_prefix = shard_prefix  # an executor's shards go to <shard_prefix>-0000, -0001, ...
+        self.batches: list[tuple[list[_Job], list, Path | None, int, dict | None]] = []
         self.frames: list[np.ndarray] = []  # decoded, not yet encoded
         self.masks: list[np.ndarray] = []
         self.stores: list[VideoStore] = []  # encoded, not yet committed
         self.jobs: list[_Job] = []  # files of the batch, in row order
         self.rows = 0
-        if progress is not None:
-            progress(0, total, None, 0.0)
 
     def add(self, job: _Job) -> None:
         if job.error is None and not job.windows:
@@ -480,47 +583,47 @@ class _Sink:
             self.frames, self.masks = [], []
 
     def flush(self) -> None:
-        """Write the batch's shard and commit it with its files' catalog entries (one transaction)."""
+        """Write the batch's shard and commit it with its files' catalog entries (one transaction); for an
+        executor, write it to a new folder ``<shard_prefix>-NNNN`` (synced, with its files' record) instead."""
         if not self.jobs:
             return
         self._encode()
-        hashes = {id(job): self._hash(job) for job in self.jobs}
-        shard_id, files = self.writer.write_shard(VideoStore.concat(self.stores)) if self.stores else (None, None)
-        row = 0
-        with self.writer.transaction():
-            if shard_id is not None:
-                self.writer.add_shard(shard_id, self.rows, files)
-            for job in self.jobs:
-                row = self._commit_job(job, hashes[id(job)], shard_id, row)
-        self._report()
+        hashes = [fingerprint(job, self.full_hash) for job in self.jobs]
+        if self.committer is None:
+            tmp = files = None
+            if self.stores:
+                tmp = Path(f"{self.shard_prefix}-{len(self.batches):04d}")
+                files = write_synced(VideoStore.concat(self.stores), tmp)
+            for job in self.jobs:  # the frames are encoded: keep what the catalog needs
+                job.windows = [(w, FrameInfo(v.duration, v.fps, v.n_frames, [int(f) for f in v.indices]))
+                               for w, v in job.windows]
+            self.batches.append((self.jobs, hashes, tmp, self.rows, files))
+        else:
+            shard_id, files = (self.committer.writer.write_shard(VideoStore.concat(self.stores)) if self.stores
+                               else (None, None))
+            self.committer.commit(self.jobs, hashes, shard_id, self.rows, files)
         self.jobs, self.stores, self.rows = [], [], 0
 
-    def _hash(self, job: _Job) -> str | None:
-        try:
-            return fast_hash(job.entry.path, job.entry.size, full=self.full_hash)
-        except OSError as exc:
-            job.fail(f"cannot read it to fingerprint it ({exc.strerror})", TRANSIENT)
-            return None
 
-    def _commit_job(self, job: _Job, content_hash: str | None, shard_id: int | None, row: int) -> int:
-        e = job.entry
-        video = job.windows[0][1] if job.windows else None
-        vid = self.writer.put_video(
-            e.rel, e.display, size=e.size, mtime_ns=e.mtime_ns, content_hash=content_hash,
-            duration=video.duration if video else None, fps=video.fps if video else None,
-            n_frames=video.n_frames if video else None, error=job.error, error_kind=job.error_kind)
-        if job.error is None:
-            self.writer.add_rows([(vid, shard_id, row + i, w.start_s, w.end_s, v.indices.tolist())
-                                  for i, (w, v) in enumerate(job.windows)])
-        return row + job.stored  # a file that failed after encoding (fingerprint) leaves dead rows behind
+def write_synced(store: VideoStore, folder: Path) -> dict:
+    """Write ``store`` as a shard folder, fsync it, and return its files' record (sizes and sha256)."""
+    from hbi_runtime.index.catalog import fsync_tree
 
-    def _report(self) -> None:
-        for job in self.jobs:
-            if job.error is None:
-                setattr(self.summary, job.kind, getattr(self.summary, job.kind) + 1)
-                self.summary.rows += len(job.windows)
-            job.windows = []
-            self.done += 1
-            if self.progress is not None:
-                elapsed = time.monotonic() - self.t0
-                self.progress(self.done, self.total, job.entry.display, self.done / elapsed if elapsed else 0.0)
+    store.save(folder)
+    fsync_tree(folder)
+    return shard_checks.record_files(folder)
+
+
+def encode_batches(model, pool, jobs: list[_Job], shard_prefix: Path, *, dtype: str, batch_size: int,
+                   full_hash: bool, window: float | None, stride: float | None, timeout_s: float) -> list:
+    """Decode (with the open decoder ``pool``) and encode ``jobs`` as :func:`update_index` does, writing each
+    batch's shard to ``<shard_prefix>-NNNN`` instead of committing it: what an executor's worker runs. Returns the
+    batches as ``(jobs, hashes, shard folder or None, rows, files record or None)``, for
+    :meth:`Committer.adopt`."""
+    sink = _Sink(None, model, dtype, batch_size, full_hash, shard_prefix)
+    stream = (_decode_windows(model, jobs, window, stride, 1, timeout_s, pool=pool) if window is not None
+              else _decode_whole(model, jobs, 1, timeout_s, pool=pool))
+    for job in stream:
+        sink.add(job)
+    sink.flush()
+    return sink.batches
