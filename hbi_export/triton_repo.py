@@ -287,8 +287,8 @@ def _write(pkg: Package, root: Path, engine_set: EngineSet | None, engines: Path
         TOKENIZER_PY.replace("VOCAB_FILE", repr(vocab.name)))
     tmax = models["text_encoder"]["max_batch_size"]
     (root / TOKENIZER_MODEL / "config.pbtxt").write_text(tokenizer_config(text, tmax, serving))
-    (root / TEXT_MODEL / "config.pbtxt").write_text(ensemble_config(text, tmax))
     (root / TEXT_MODEL / "1").mkdir(parents=True)  # an ensemble has an empty version folder
+    (root / TEXT_MODEL / "config.pbtxt").write_text(ensemble_config(text, tmax))
     models[TOKENIZER_MODEL] = {"backend": "python", "max_batch_size": tmax}
     models[TEXT_MODEL] = {"platform": "ensemble", "max_batch_size": tmax}
     summary = {"schema": REPOSITORY_SCHEMA, "package": str(pkg.dir), "package_sha256": pkg.manifest_sha256,

@@ -27,10 +27,12 @@ import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import numpy as np
+import typer
 
+from hbi_runtime.cli_options import AllowUnverifiedOption, ModelOption, run_guarded
 from hbi_runtime.errors import MissingDependencyError, UsageError
 
 HOST_HINT = "pip install 'hbi-toolkit[triton-host]' (Linux)"
@@ -86,6 +88,9 @@ def hosted(pkg_dir: str | os.PathLike, *, ports: tuple[int, int, int] = DEFAULT_
     _check_ports(ports)
     python_library_env()
     triton_mod = import_pytriton()
+    if int(np.__version__.split(".")[0]) >= 2:  # measured: 0.7's proxy then answers every request with empty outputs
+        raise MissingDependencyError(f"PyTriton needs NumPy < 2 (this is {np.__version__})",
+                                     hint="install the extra into its own environment: " + HOST_HINT)
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
@@ -129,3 +134,50 @@ def hosted(pkg_dir: str | os.PathLike, *, ports: tuple[int, int, int] = DEFAULT_
             yield server
     finally:
         model.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hbi-run triton-host
+
+HOST_HELP = (
+    "Serve a model package's encoders from a Triton Inference Server on this machine (PyTriton; ONNX Runtime on "
+    "the CPU) until interrupted: models text_encoder, video_encoder and text (strings), with Triton's dynamic "
+    "batcher, on HTTP and gRPC. Clients: `--backend triton --triton-url ...` of hbi-run. Listens on 127.0.0.1 "
+    "unless --address says otherwise. Needs `pip install 'hbi-toolkit[triton-host]'` (Linux). See docs/scale.md."
+)
+HOST_EXAMPLES = (
+    "Examples:\n\n"
+    "  hbi-run triton-host -m pkg/b32\n\n"
+    "  hbi-run triton-host -m pkg/b32 --http-port 9010 --grpc-port 9011 --metrics-port 9012\n\n"
+    "  hbi-run index ~/Videos -m pkg/b32 --backend triton --triton-url grpc://localhost:8011"
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``hbi-run triton-host`` to ``app``."""
+    app.command("triton-host", help=HOST_HELP, epilog=HOST_EXAMPLES)(triton_host)
+
+
+def triton_host(
+    ctx: typer.Context,
+    model: ModelOption = None,
+    http_port: Annotated[int, typer.Option("--http-port", help="HTTP port.")] = DEFAULT_PORTS[0],
+    grpc_port: Annotated[int, typer.Option("--grpc-port", help="gRPC port.")] = DEFAULT_PORTS[1],
+    metrics_port: Annotated[int, typer.Option("--metrics-port", help="Prometheus metrics port.")] = DEFAULT_PORTS[2],
+    address: Annotated[str, typer.Option("--address", help="Address to listen on.")] = "127.0.0.1",
+    queue_delay_us: Annotated[int, typer.Option(
+        "--queue-delay-us", min=0, help="Dynamic batcher: longest wait for a fuller batch.")] = 2000,
+    max_batch: Annotated[Optional[int], typer.Option(
+        "--max-batch", min=1, help="Largest batch of the video encoder (texts: 64).", show_default=False)] = None,
+    allow_unverified: AllowUnverifiedOption = False,
+) -> None:
+    with run_guarded(ctx, False):
+        from hbi_runtime.cli import DEMO_PACKAGE
+
+        pkg = model if model is not None else DEMO_PACKAGE
+        with hosted(pkg, ports=(http_port, grpc_port, metrics_port), address=address,
+                    queue_delay_us=queue_delay_us, allow_unverified=allow_unverified,
+                    max_batch={"video_encoder": max_batch} if max_batch else None) as server:
+            typer.echo(f"serving {pkg} on http://{address}:{http_port} and grpc://{address}:{grpc_port} "
+                       "(Ctrl+C stops)", err=True)
+            server.serve()
