@@ -239,13 +239,12 @@ def write_repository(pkg_dir: str | os.PathLike, out: str | os.PathLike, *, engi
     engine_set = _engine_set(Path(engines)) if engines is not None else None
     with staged_output_dir(out) as tmp:
         summary = _write(pkg, Path(tmp), engine_set, Path(engines) if engines is not None else None, serving,
-                         progress)
-    summary["repository"] = str(out)
+                         progress, out)
     return summary
 
 
 def _write(pkg: Package, root: Path, engine_set: EngineSet | None, engines: Path | None, serving: Serving,
-           progress: Callable[[str], None]) -> dict[str, Any]:
+           progress: Callable[[str], None], out: Path) -> dict[str, Any]:
     models: dict[str, Any] = {}
     files: dict[str, str] = {}
     plugin = None
@@ -295,6 +294,7 @@ def _write(pkg: Package, root: Path, engine_set: EngineSet | None, engines: Path
                "graphs": {n: pkg.graph(n).sha256 for n in ENCODERS}, "models": models, "plugin_library": plugin,
                "files": files}
     write_atomic(root / REPOSITORY_MANIFEST, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary["repository"] = str(out)
     (root / "README.md").write_text(readme(summary, engine_set is not None))
     return summary
 
@@ -329,8 +329,8 @@ def readme(summary: dict[str, Any], plans: bool) -> str:
             "LD_PRELOAD=/path/to/libhbi_trt_plugins.so \\",
         ]
     lines += [
-        "tritonserver --model-repository=$PWD/" + Path(summary.get("repository", ".")).name
-        + " --http-port 8010 --grpc-port 8011 --metrics-port 8012",
+        f"tritonserver --model-repository={Path(summary['repository']).absolute()} \\",
+        "    --http-port 8010 --grpc-port 8011 --metrics-port 8012",
         "```",
         "",
     ]

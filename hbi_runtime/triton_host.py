@@ -22,7 +22,6 @@ its stubs inherit.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from hbi_runtime.errors import MissingDependencyError, UsageError
 HOST_HINT = "pip install 'hbi-toolkit[triton-host]' (Linux)"
 DEFAULT_PORTS = (8010, 8011, 8012)  # http, grpc, metrics: clear of `hbi-run serve`'s 8000 and Triton's 8000-8002
 DEFAULT_MAX_BATCH = {"text_encoder": 64, "video_encoder": 16, "text": 64}
-LOG = logging.getLogger(__name__)
+ACCESS_TOKEN_ENV = "HBI_TRITON_ACCESS_TOKEN"
 
 
 def import_pytriton() -> Any:
@@ -112,11 +111,14 @@ def hosted(pkg_dir: str | os.PathLike, *, ports: tuple[int, int, int] = DEFAULT_
         return {**out, "truncated": np.asarray(truncated, dtype=bool).reshape(-1, 1)}
 
     http, grpc, metrics = ports
+    # PyTriton restricts Triton's admin endpoints (statistics, model repository, ...) to a random token; a caller that
+    # reads the statistics sets its own in $HBI_TRITON_ACCESS_TOKEN (header "triton-access-token")
+    security = triton_mod.TritonSecurityConfig(access_token=os.environ.get(ACCESS_TOKEN_ENV) or None)
     config = triton_mod.TritonConfig(http_address=address, http_port=http, grpc_address=address, grpc_port=grpc,
                                      metrics_port=metrics, exit_on_error=True,
                                      exit_timeout_secs=5)
     try:
-        with triton_mod.Triton(config=config) as server:
+        with triton_mod.Triton(config=config, security_config=security) as server:
             for name, backend in (("text_encoder", text), ("video_encoder", video)):
                 server.bind(model_name=name, infer_func=encoder(backend),
                             inputs=_tensors(Tensor, backend.input_specs),

@@ -172,6 +172,7 @@ class TritonBackend(Backend):
         self._threads = threading.local()
         self._verified = False
         self.parity: dict | None = None  # the last probe's ParityResult.to_dict()
+        self.gate_runs = 0  # how often the parity gate ran (once, and again after each reconnection)
 
     def describe(self) -> dict[str, Any]:
         return {"url": self.url, "model": self.model}
@@ -288,6 +289,7 @@ class TritonBackend(Backend):
         if not client.is_model_ready(self.model):
             raise ConnectionError(f"model {self.model!r} is not ready on {self.url}")
         self._check_signature(client.get_model_metadata(self.model))
+        self.gate_runs += 1
         self._probe()
         self._verified = True
 
