@@ -150,7 +150,7 @@ def ensemble_config(spec: GraphSpec, max_batch: int) -> str:
     tok_out = [t.name for t in spec.inputs] + [TRUNCATED]
     steps = (f"    {{\n      model_name: {_q(TOKENIZER_MODEL)}\n      model_version: -1\n"
              + maps("input_map", [TEXT_INPUT]) + maps("output_map", tok_out) + "    },\n"
-             + f"    {{\n      model_name: \"text_encoder\"\n      model_version: -1\n"
+             + "    {\n      model_name: \"text_encoder\"\n      model_version: -1\n"
              + maps("input_map", [t.name for t in spec.inputs]) + maps("output_map", [t.name for t in spec.outputs])
              + "    }\n")
     return (f"name: {_q(TEXT_MODEL)}\nplatform: \"ensemble\"\nmax_batch_size: {max_batch}\n"

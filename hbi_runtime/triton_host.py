@@ -38,6 +38,7 @@ HOST_HINT = "pip install 'hbi-toolkit[triton-host]' (Linux)"
 DEFAULT_PORTS = (8010, 8011, 8012)  # http, grpc, metrics: clear of `hbi-run serve`'s 8000 and Triton's 8000-8002
 DEFAULT_MAX_BATCH = {"text_encoder": 64, "video_encoder": 16, "text": 64}
 ACCESS_TOKEN_ENV = "HBI_TRITON_ACCESS_TOKEN"
+DEMO_PACKAGE = Path(__file__).resolve().parent / "data" / "demo" / "package"  # hbi-run's default model
 
 
 def import_pytriton() -> Any:
@@ -144,8 +145,8 @@ def hosted(pkg_dir: str | os.PathLike, *, ports: tuple[int, int, int] = DEFAULT_
 HOST_HELP = (
     "Serve a model package's encoders from a Triton Inference Server on this machine (PyTriton; ONNX Runtime on "
     "the CPU) until interrupted: models text_encoder, video_encoder and text (strings), with Triton's dynamic "
-    "batcher, on HTTP and gRPC. Clients: `--backend triton --triton-url ...` of hbi-run. Listens on 127.0.0.1 "
-    "unless --address says otherwise. Needs `pip install 'hbi-toolkit[triton-host]'` (Linux). See docs/scale.md."
+    "batcher, on HTTP and gRPC; clients pass --backend triton --triton-url URL to index and retrieve. Listens on "
+    "127.0.0.1 unless --address says otherwise. Needs `pip install 'hbi-toolkit[triton-host]'` (Linux). See docs/scale.md."
 )
 HOST_EXAMPLES = (
     "Examples:\n\n"
@@ -174,8 +175,6 @@ def triton_host(
     allow_unverified: AllowUnverifiedOption = False,
 ) -> None:
     with run_guarded(ctx, False):
-        from hbi_runtime.cli import DEMO_PACKAGE
-
         pkg = model if model is not None else DEMO_PACKAGE
         with hosted(pkg, ports=(http_port, grpc_port, metrics_port), address=address,
                     queue_delay_us=queue_delay_us, allow_unverified=allow_unverified,
