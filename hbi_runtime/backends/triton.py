@@ -241,14 +241,14 @@ class TritonBackend(Backend):
                 raise
             except Exception as exc:  # noqa: BLE001 - tritonclient raises its own and socket / gevent errors
                 if not _transient(exc):
-                    raise BadInputError(f"Triton server {self.url} refused {doing} for model {self.model!r}: "
-                                        f"{exc}", hint="check the server's log") from exc
+                    raise BadInputError(f"Triton server {self.url} refused {doing} (model {self.model!r}): {exc}",
+                                        hint="check the server's log") from exc
                 self._drop_client()
                 self._verified = False  # a server that went away may come back with another model
                 if attempt >= self.retries:
                     raise ServerUnavailableError(
-                        f"Triton server {self.url} did not answer while {doing} for model {self.model!r} "
-                        f"({attempt + 1} attempt(s) over about {self._waited(attempt):.0f} s): {exc}",
+                        f"Triton server {self.url} did not answer ({doing}, model {self.model!r}; {attempt + 1} "
+                        f"attempt(s) over about {self._waited(attempt):.0f} s): {exc}",
                         hint="start the server (or check --triton-url), then run the command again") from exc
                 time.sleep(wait)
                 wait, attempt = wait * 2, attempt + 1
