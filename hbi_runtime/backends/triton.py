@@ -210,6 +210,7 @@ class TritonBackend(Backend):
     def _close(self) -> None:
         if self._local is not None:
             self._local.close()
+        self._drop_client()  # this thread's; other threads' clients go with their thread-local storage
         self._reset()
 
     # ------------------------------------------------------------------ server calls

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from hbi_runtime.backends import backend_options, create_backend
 from hbi_runtime.backends.triton import TritonBackend, parse_url, probe_feed
 from hbi_runtime.cli import DEMO_PACKAGE, app
-from hbi_runtime.errors import MissingDependencyError, UsageError
+from hbi_runtime.errors import MissingDependencyError, ServerUnavailableError, UsageError
 from hbi_runtime.package import load_package
 from hbi_runtime.tokenizer import EOT_ID, SOT_ID
 
@@ -100,3 +100,21 @@ def test_cli_option_pairs(args, tmp_path):
                                       *args])
     assert result.exit_code == 2, result.output
     assert "--backend triton" in result.output
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_nobody_listening_is_a_bounded_clear_error(package, scheme):
+    pytest.importorskip(f"tritonclient.{scheme}", reason="tritonclient is not installed: pip install "
+                                                          "'hbi-toolkit[triton]'")
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"{scheme}://127.0.0.1:{port}"
+    backend = TritonBackend(package.graph("text_encoder"), package.graph_path("text_encoder"), url=url, retries=2,
+                            retry_wait_s=0.05, timeout_s=5)
+    with pytest.raises(ServerUnavailableError) as err:
+        backend.load()
+    assert url in err.value.message and "3 attempt(s)" in err.value.message
+    assert err.value.exit_code == 3 and "--triton-url" in err.value.hint
