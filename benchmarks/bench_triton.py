@@ -10,7 +10,8 @@ batcher) on free 127.0.0.1 ports, then measures, alternating the two paths in ev
 Each client sends single-item requests (one video of T frames, or one text): the serving pattern, where batching
 across clients is the server's job. A cell is a fixed number of requests (bounded load, no open-loop flood) split
 across the C clients; throughput = requests / wall time. Reported per encoder and C: the medians over repeats
-of items/s on both paths, the overhead ratio in-process / triton (> 1: Triton is slower), and the server's
+of items/s on both paths, the overhead ratio in-process / triton (> 1: Triton is slower; of the medians, and the
+median of the per-repeat ratios, which pairs runs made close in time), and the server's
 batching (requests per execution, from Triton's statistics). Both paths share this machine's cores (the server
 computes, the clients wait), as they would on one box.
 
@@ -182,17 +183,20 @@ def main() -> None:
     rows = []
     for (graph, clients), cell in cells.items():
         local_rate, triton_rate = statistics.median(cell["in-process"]), statistics.median(cell["triton"])
+        paired = statistics.median(a / b for a, b in zip(cell["in-process"], cell["triton"]))
         rows.append({"encoder": graph, "clients": clients, "in_process_per_s": round(local_rate, 2),
                      "triton_per_s": round(triton_rate, 2), "overhead_ratio": round(local_rate / triton_rate, 3),
+                     "paired_ratio": round(paired, 3),
                      "requests_per_execution": round(statistics.median(cell["batching"]), 2),
                      "in_process_runs": [round(x, 2) for x in cell["in-process"]],
                      "triton_runs": [round(x, 2) for x in cell["triton"]]})
     print(f"\npackage {package} (video input {shape}), {args.repeats} repeats, medians; server startup "
           f"{startup_s:.1f} s; machine shared with other jobs")
-    print(f"{'encoder':<14} {'clients':>7} {'in-process/s':>13} {'triton/s':>9} {'ratio':>6} {'req/exec':>8}")
+    print(f"{'encoder':<14} {'clients':>7} {'in-process/s':>13} {'triton/s':>9} {'ratio':>6} {'paired':>6} "
+          f"{'req/exec':>8}")
     for row in rows:
         print(f"{row['encoder']:<14} {row['clients']:>7} {row['in_process_per_s']:>13} {row['triton_per_s']:>9} "
-              f"{row['overhead_ratio']:>6} {row['requests_per_execution']:>8}")
+              f"{row['overhead_ratio']:>6} {row['paired_ratio']:>6} {row['requests_per_execution']:>8}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"schema": SCHEMA, "package": str(package), "package_sha256": local.package.manifest_sha256,
               "video_input": list(shape), "repeats": args.repeats, "video_requests": args.video_requests,
