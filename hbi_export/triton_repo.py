@@ -158,7 +158,7 @@ def ensemble_config(spec: GraphSpec, max_batch: int) -> str:
             + f"ensemble_scheduling {{\n  step [\n{steps}  ]\n}}\n")
 
 
-TOKENIZER_PY = '''"""Triton Python-backend model: CLIP BPE tokenization of the hbi package (written by `hbi-export triton`).
+TOKENIZER_PY = '''"""Triton Python-backend model: CLIP BPE tokenization of an hbi package (by `hbi-export triton`).
 
 Needs hbi-toolkit's runtime in the Python environment of the server's Python backend
 (`pip install 'hbi-toolkit[runtime]'`): the tokenizer is hbi_runtime's, so ids equal what `hbi-run` sends.

@@ -146,7 +146,8 @@ HOST_HELP = (
     "Serve a model package's encoders from a Triton Inference Server on this machine (PyTriton; ONNX Runtime on "
     "the CPU) until interrupted: models text_encoder, video_encoder and text (strings), with Triton's dynamic "
     "batcher, on HTTP and gRPC; clients pass --backend triton --triton-url URL to index and retrieve. Listens on "
-    "127.0.0.1 unless --address says otherwise. Needs `pip install 'hbi-toolkit[triton-host]'` (Linux). See docs/scale.md."
+    "127.0.0.1 unless --address says otherwise. Needs `pip install 'hbi-toolkit[triton-host]'` (Linux). See "
+    "docs/scale.md."
 )
 HOST_EXAMPLES = (
     "Examples:\n\n"
