@@ -18,8 +18,7 @@ from hbi_runtime.bench.cli import register as _register_bench
 from hbi_runtime.cli_options import (AllowUnverifiedOption, BackendName, BackendOption, Device, DeviceOption,
                                      EnginePrecisionAlias, FormatOption, LevelsOption, ModelOption, PrecisionOption,
                                      TableFormatOption, TritonUrlOption, WorkersOption, engine_precision,
-                                     keep_examples, make_app,
-                                     parse_levels, run_guarded, strict_option)
+                                     keep_examples, make_app, parse_levels, run_guarded, strict_option)
 from hbi_runtime.cli_support import OutputFormat, TableFormat, csv_text, emit_json
 from hbi_runtime.names import exact_text, path_b64, printable
 from hbi_runtime.tasks.cli import register as _register_tasks
@@ -88,7 +87,8 @@ def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendC
                          hint="e.g. --backend triton --triton-url grpc://localhost:8011")
     if backend.name is BackendName.triton:
         if device is not None or backend.engine_precision is not None:
-            raise UsageError("--device and --precision are the server's business with --backend triton")
+            raise UsageError("--device and --precision do not go with --backend triton: the server decides them",
+                             hint="for TensorRT plans in Triton: `hbi-export triton PKG OUT --engines DIR`")
         from hbi_runtime.backends.triton import import_tritonclient, parse_url
 
         import_tritonclient(parse_url(backend.triton_url)[0])  # fail before any decoding starts, with the hint
