@@ -29,6 +29,7 @@ import typer
 
 from hbi_export.presets import MODEL_PRESETS
 from hbi_export.tasks.qa_cli import register as _register_qa
+from hbi_export.triton_repo import register as _register_triton
 from hbi_export.trt.cli import register as _register_trt
 from hbi_runtime.cli_options import (LEVELS_HELP, DebugAlias, FormatOption, Steps, deprecated, keep_examples,
                                      make_app, overwrite_option, parse_levels, run_guarded)
@@ -446,6 +447,7 @@ def register_entry_points(target: typer.Typer, group: str = COMMAND_GROUP) -> li
 # hbi_export's own subsystems register directly; the subsystems above it through their entry points
 _register_trt(app)
 _register_qa(app)
+_register_triton(app)
 register_entry_points(app)
 keep_examples(app)  # last: every command is registered
 

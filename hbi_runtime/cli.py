@@ -18,11 +18,13 @@ from hbi_runtime.bench.cli import register as _register_bench
 from hbi_runtime.cli_options import (ActorsOption, AllowUnverifiedOption, BackendName, BackendOption, Device,
                                      DeviceOption, EnginePrecisionAlias, Executor, ExecutorOption, FormatOption,
                                      GpusPerActorOption, LevelsOption, ModelOption, PrecisionOption,
-                                     RayAddressOption, TableFormatOption, WorkersOption, engine_precision, keep_examples, make_app,
-                                     parse_levels, run_guarded, strict_option)
+                                     RayAddressOption, TableFormatOption, TritonUrlOption, WorkersOption,
+                                     engine_precision, keep_examples, make_app, parse_levels, run_guarded,
+                                     strict_option)
 from hbi_runtime.cli_support import OutputFormat, TableFormat, csv_text, emit_json
 from hbi_runtime.names import exact_text, path_b64, printable
 from hbi_runtime.tasks.cli import register as _register_tasks
+from hbi_runtime.triton_host import register as _register_triton_host
 
 app = make_app("hbi-run", "Run HBI video-text retrieval models without torch (ONNX Runtime / TensorRT).",
                "Examples:\n\n  hbi-run demo\n\n  hbi-run doctor\n\n  hbi-run --debug doctor --format json")
@@ -61,11 +63,12 @@ class BackendChoice:
     name: BackendName = BackendName.onnxruntime
     engine_precision: Optional[str] = None
     device: Optional[Device] = None
+    triton_url: Optional[str] = None
 
 
 def _choice(backend: BackendName, precision: Optional[str], alias: Optional[str],
-            device: Optional[Device] = None) -> BackendChoice:
-    return BackendChoice(backend, engine_precision(precision, alias), device)
+            device: Optional[Device] = None, triton_url: Optional[str] = None) -> BackendChoice:
+    return BackendChoice(backend, engine_precision(precision, alias), device, triton_url)
 
 
 def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendChoice = BackendChoice()):
@@ -88,6 +91,17 @@ def _load_args(model: Optional[Path], backend: BackendChoice) -> tuple[Path, dic
                              hint="pass --model PKG; make one with `hbi-export onnx --checkpoint CKPT --out PKG`")
         model = DEMO_PACKAGE
     device = backend.device.value if backend.device is not None else None
+    if (backend.triton_url is not None) != (backend.name is BackendName.triton):
+        raise UsageError("--backend triton and --triton-url go together",
+                         hint="e.g. --backend triton --triton-url grpc://localhost:8011")
+    if backend.name is BackendName.triton:
+        if device is not None or backend.engine_precision is not None:
+            raise UsageError("--device and --precision do not go with --backend triton: the server decides them",
+                             hint="for TensorRT plans in Triton: `hbi-export triton PKG OUT --engines DIR`")
+        from hbi_runtime.backends.triton import import_tritonclient, parse_url
+
+        import_tritonclient(parse_url(backend.triton_url)[0])  # fail before any decoding starts, with the hint
+        return load(model, backend="triton", allow_unverified=allow_unverified, url=backend.triton_url)
     if backend.name is BackendName.trt:
         if device not in (None, "cuda"):
             raise UsageError(f"--backend trt runs its engines on --device cuda, not {device}",
@@ -228,7 +242,8 @@ def _status_text(d: dict) -> str:
                     "  hbi-run index --status --index ~/Videos-index\n\n"
                     "  hbi-run index /mnt/shared/videos -m pkg/b32 --index /mnt/shared/index --executor ray "
                     "--ray-address auto\n\n"
-                    "  hbi-run index ~/Videos --model pkg/b32 --retry-failed --verify --strict")
+                    "  hbi-run index ~/Videos --model pkg/b32 --retry-failed --verify --strict\n\n"
+                    "  hbi-run index ~/Videos -m pkg/b32 --backend triton --triton-url grpc://localhost:8011")
 def index(
     ctx: typer.Context,
     videos: Annotated[Optional[Path], typer.Argument(
@@ -266,6 +281,7 @@ def index(
     ray_address: RayAddressOption = None,
     actors: ActorsOption = None,
     gpus_per_actor: GpusPerActorOption = 0.0,
+    triton_url: TritonUrlOption = None,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Index a folder of videos: incremental (only new or changed files are encoded), crash-safe, resumable.
@@ -291,7 +307,7 @@ def index(
         else:
             if videos is None:
                 raise UsageError("give the folder of videos to index", hint="hbi-run index VIDEO_DIR (or --status)")
-            choice = _choice(backend, precision, engine_precision_alias, device)
+            choice = _choice(backend, precision, engine_precision_alias, device, triton_url)
             run_on = _executor(executor, ray_address, actors, gpus_per_actor, model, choice)
             with _load_model(model, allow_unverified, choice) as m:
                 summary = _index_folder(m, videos, index_dir, workers=workers, batch_size=batch_size,
@@ -403,7 +419,9 @@ def _warn_truncated(results) -> None:
 
 @app.command(epilog="Examples:\n\n  hbi-run retrieve \"a dog catches a frisbee\" --videos ~/Videos --model pkg/b32\n\n"
                     "  hbi-run retrieve --queries queries.txt --index ~/Videos-index -m pkg/b32 --format jsonl\n\n"
-                    "  hbi-run retrieve --video clip.mp4 --captions captions.txt -m pkg/b32")
+                    "  hbi-run retrieve --video clip.mp4 --captions captions.txt -m pkg/b32\n\n"
+                    "  hbi-run retrieve 'a dog runs' --index ~/Videos-index -m pkg/b32 --backend triton "
+                    "--triton-url http://localhost:8010")
 def retrieve(
     ctx: typer.Context,
     queries: Annotated[Optional[list[str]], typer.Argument(help="Text queries.", show_default=False)] = None,
@@ -432,6 +450,7 @@ def retrieve(
     precision: PrecisionOption = None,
     engine_precision_alias: EnginePrecisionAlias = None,
     device: DeviceOption = None,
+    triton_url: TritonUrlOption = None,
     explain: Annotated[bool, typer.Option(
         "--explain", help="Add each hit's entity-level Banzhaf interaction map (words x frames, docs/explain.md) to "
                           "the JSON / JSON-lines output.")] = False,
@@ -457,7 +476,7 @@ def retrieve(
                     or explain):
                 raise UsageError("--video and --captions go together, without queries, --videos, --index, "
                                  "--verify or --explain")
-            choice = _choice(backend, precision, engine_precision_alias, device)
+            choice = _choice(backend, precision, engine_precision_alias, device, triton_url)
             with _load_model(model, allow_unverified, choice) as m:
                 ranked = rank_captions(m, str(video), _read_lines(captions, "captions"), top_k=top_k,
                                        level_weights=weights)
@@ -471,7 +490,7 @@ def retrieve(
             return
         texts = check_queries(list(queries or []) + (_read_lines(queries_file, "queries") if queries_file else []))
         _one_source(videos, index_dir)
-        choice = _choice(backend, precision, engine_precision_alias, device)
+        choice = _choice(backend, precision, engine_precision_alias, device, triton_url)
         with _load_model(model, allow_unverified, choice) as m:
             if videos is not None:
                 summary = _index_folder(m, videos, None, workers=workers, batch_size=16, window=window,
@@ -653,6 +672,7 @@ def serve(
     precision: PrecisionOption = None,
     engine_precision_alias: EnginePrecisionAlias = None,
     device: DeviceOption = None,
+    triton_url: TritonUrlOption = None,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Serve retrieval, QA, captioning and explanations over HTTP from one process that keeps the model and the
@@ -683,7 +703,8 @@ def serve(
         sock = srv.bind(host, port)
         try:
             rt = _serve_runtime(model, index_dir, videos, qa_model, caption_model, allow_unverified,
-                                _choice(backend, precision, engine_precision_alias, device), workers, json_mode,
+                                _choice(backend, precision, engine_precision_alias, device, triton_url), workers,
+                                json_mode,
                                 dict(max_batch=max_batch, max_delay_ms=max_delay_ms, queue_size=queue_size,
                                      request_timeout_s=request_timeout_s, max_body_bytes=max_body_kb * 1024,
                                      api_key=key, cors_origins=tuple(cors_origin or ()),
@@ -749,6 +770,7 @@ _CAPTION_DEMO = DEMO_PACKAGE.parent / "caption"
 # Commands that live with their subsystem register themselves here (one line each).
 _register_bench(app)
 _register_tasks(app)
+_register_triton_host(app)
 keep_examples(app)  # last: every command is registered
 
 

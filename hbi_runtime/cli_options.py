@@ -10,7 +10,8 @@ flag and value spelling:
 ``--debug``        global (``hbi-run --debug retrieve ...``); after the command it is a hidden alias
 ``--model/-m``     a model package folder (:data:`ModelOption`)
 ``--levels``       three level *weights* entity,action,event, one parser (:func:`parse_levels`)
-``--backend``      ``onnxruntime`` | ``trt`` (:data:`BackendOption`; ``ort`` is a deprecated alias)
+``--backend``      ``onnxruntime`` | ``trt`` | ``triton`` (:data:`BackendOption`; ``ort`` is a deprecated alias)
+``--triton-url``   the Triton server of ``--backend triton`` (:data:`TritonUrlOption`)
 ``--device``       ``cpu`` | ``cuda`` | ``tensorrt``: ONNX Runtime's execution providers (:data:`DeviceOption`);
                    training takes a torch device under the same name (:data:`TorchDeviceOption`)
 ``--precision``    ``fp32`` | ``fp16`` | ``int8`` (of a package, or of the TensorRT engines to use)
@@ -176,6 +177,7 @@ def parse_levels(text: Optional[str], option: str = "--levels") -> tuple[float, 
 class BackendName(str, enum.Enum):
     onnxruntime = "onnxruntime"
     trt = "trt"
+    triton = "triton"
 
 
 _BACKEND_ALIASES = {"ort": BackendName.onnxruntime}
@@ -195,8 +197,12 @@ def _backend(value) -> BackendName:
 
 
 BackendOption = Annotated[BackendName, typer.Option(
-    "--backend", parser=_backend, metavar="[onnxruntime|trt]",
-    help="onnxruntime (the default) or trt (TensorRT engines from `hbi-export build-engine`).")]
+    "--backend", parser=_backend, metavar="[onnxruntime|trt|triton]",
+    help="onnxruntime (the default), trt (TensorRT engines from `hbi-export build-engine`) or triton (the encoders "
+         "on a Triton server: --triton-url).")]
+TritonUrlOption = Annotated[Optional[str], typer.Option(
+    "--triton-url", help="With --backend triton: the server, grpc://HOST:PORT or http://HOST:PORT.",
+    show_default=False)]
 
 
 class Device(str, enum.Enum):
@@ -313,9 +319,10 @@ def overwrite_option(what: str):
                             "refused).")]
 
 
-__all__ = ["LEVELS_HELP", "ActorsOption", "AllowUnverifiedOption", "BackendName", "BackendOption", "DebugAlias", "Device",
-           "DeviceOption", "EnginePrecisionAlias", "Executor", "ExecutorOption", "FormatOption", "GpusPerActorOption", "GlobalOptions", "JsonAlias", "LevelsOption",
-           "ModelOption", "PrecisionOption", "RayAddressOption", "Steps", "TableFormatOption", "TorchDeviceOption", "WorkersOption",
+__all__ = ["LEVELS_HELP", "ActorsOption", "AllowUnverifiedOption", "BackendName", "BackendOption", "DebugAlias",
+           "Device", "DeviceOption", "EnginePrecisionAlias", "Executor", "ExecutorOption", "FormatOption",
+           "GpusPerActorOption", "GlobalOptions", "JsonAlias", "LevelsOption", "ModelOption", "PrecisionOption",
+           "RayAddressOption", "Steps", "TableFormatOption", "TorchDeviceOption", "TritonUrlOption", "WorkersOption",
            "deprecated", "keep_examples",
            "engine_precision", "is_debug", "make_app", "output_format", "overwrite_option", "parse_levels",
            "run_guarded", "strict_option"]

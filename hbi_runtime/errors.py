@@ -57,6 +57,10 @@ class ConfigError(BadInputError):
     """A model configuration is invalid or inconsistent."""
 
 
+class ServerUnavailableError(BadInputError):
+    """A server named by the user (``--triton-url``) did not answer, after the bounded retries."""
+
+
 class MismatchError(HbiError):
     """Two artifacts do not belong together (package vs index, engine vs GPU, schema versions)."""
 

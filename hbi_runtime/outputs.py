@@ -90,6 +90,13 @@ def _is_explanation_folder(path: Path) -> bool:
     return doc is not None and str(doc.get("schema", "")).startswith("hbi.explain/")
 
 
+def _is_triton_repository(path: Path) -> bool:
+    """A Triton model repository (``hbi-export triton``): ``hbi_repository.json`` of schema
+    ``hbi.triton-repository/*``."""
+    doc = _json_object(path / "hbi_repository.json")
+    return doc is not None and str(doc.get("schema", "")).startswith("hbi.triton-repository/")
+
+
 ARTIFACT_KINDS: dict[str, Callable[[Path], bool]] = {
     "model package": _is_model_package,
     "caption package": _is_caption_package,
@@ -98,6 +105,7 @@ ARTIFACT_KINDS: dict[str, Callable[[Path], bool]] = {
     "demo artifact folder": _is_demo_folder,
     "QA demo folder": _is_qa_demo_folder,
     "explanation folder": _is_explanation_folder,
+    "Triton model repository": _is_triton_repository,
 }
 """What an existing folder must be for ``--overwrite`` to replace it, by the kind of artifact being written."""
 

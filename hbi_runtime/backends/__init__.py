@@ -4,7 +4,8 @@
   ``infer(dict) -> dict``, ``close``, ``with``) and the feed validation every backend shares;
 * :mod:`hbi_runtime.backends.onnxruntime`: :class:`OrtBackend` (CPU; CUDA / TensorRT providers with
   onnxruntime-gpu);
-* :mod:`hbi_runtime.backends.tensorrt`: :class:`TrtBackend` (``"trt"``: engines from ``hbi-export build-engine``).
+* :mod:`hbi_runtime.backends.tensorrt`: :class:`TrtBackend` (``"trt"``: engines from ``hbi-export build-engine``);
+* :mod:`hbi_runtime.backends.triton`: :class:`TritonBackend` (``"triton"``: the encoders on a Triton server).
 
 Backends are chosen by name from :data:`BACKENDS`, an explicit dict (a new backend is one line here). Importing
 this package imports no runtime library: each backend imports its own in ``load()``.
@@ -19,12 +20,14 @@ from typing import Any
 from hbi_runtime.backends.base import Backend, validate_feed
 from hbi_runtime.backends.onnxruntime import OrtBackend
 from hbi_runtime.backends.tensorrt import TrtBackend
+from hbi_runtime.backends.triton import TritonBackend
 from hbi_runtime.errors import UsageError
 from hbi_runtime.package import GraphSpec
 
 BACKENDS: dict[str, type[Backend]] = {
     "onnxruntime": OrtBackend,
     "trt": TrtBackend,
+    "triton": TritonBackend,
 }
 
 
@@ -59,4 +62,4 @@ def _backend_class(name: str) -> type[Backend]:
     return BACKENDS[name]
 
 
-__all__ = ["BACKENDS", "Backend", "OrtBackend", "TrtBackend", "backend_options", "create_backend", "validate_feed"]
+__all__ = ["BACKENDS", "Backend", "OrtBackend", "TrtBackend", "TritonBackend", "backend_options", "create_backend", "validate_feed"]

@@ -16,8 +16,8 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from hbi_runtime.backends import (BACKENDS, Backend, OrtBackend, TrtBackend, backend_options, create_backend,
-                                  validate_feed)
+from hbi_runtime.backends import (BACKENDS, Backend, OrtBackend, TritonBackend, TrtBackend, backend_options,
+                                  create_backend, validate_feed)
 from hbi_runtime.backends import onnxruntime as ort_backend
 from hbi_runtime.errors import BadInputError, MismatchError, MissingDependencyError, UsageError
 from hbi_runtime.package import GraphSpec, TensorSpec
@@ -179,7 +179,7 @@ def test_constructor_needs_a_graph_spec():
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_registry_is_an_explicit_dict():
-    assert BACKENDS == {"onnxruntime": OrtBackend, "trt": TrtBackend}
+    assert BACKENDS == {"onnxruntime": OrtBackend, "trt": TrtBackend, "triton": TritonBackend}
     assert backend_options("onnxruntime") == ("providers", "intra_op_threads", "inter_op_threads", "optimization",
                                               "custom_ops", "tensorrt")
 
@@ -188,7 +188,7 @@ def test_registry_is_an_explicit_dict():
 def test_unknown_backend_lists_the_known_ones(name, graph_path):
     with pytest.raises(UsageError) as exc:
         create_backend(name, SPEC, graph_path)
-    assert str(exc.value) == f"unknown backend {name!r}; known backends: ['onnxruntime', 'trt']"
+    assert str(exc.value) == f"unknown backend {name!r}; known backends: ['onnxruntime', 'triton', 'trt']"
 
 
 def test_unknown_option_lists_the_backend_options(graph_path):

@@ -327,7 +327,8 @@ def test_backend_options_reach_every_graph(built):
 
 
 def test_load_errors(built, tmp_path):
-    with pytest.raises(UsageError, match=r"unknown backend 'tensorrt'; known backends: \['onnxruntime', 'trt'\]"):
+    with pytest.raises(UsageError,
+                       match=r"unknown backend 'tensorrt'; known backends: \['onnxruntime', 'triton', 'trt'\]"):
         load(built["pkg"], backend="tensorrt")
     with pytest.raises(UsageError, match=r"backend 'onnxruntime' has no option\(s\) \['threads'\]"):
         load(built["pkg"], threads=2)
