@@ -74,7 +74,8 @@ def _choice(backend: BackendName, precision: Optional[str], alias: Optional[str]
 def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendChoice = BackendChoice()):
     """The model on the chosen backend and device: ``--backend trt`` runs the engines of ``hbi-export build-engine``
     (on ``cuda``); ``--backend onnxruntime`` runs on ``--device cpu`` (default), ``cuda``, or ``tensorrt`` (ONNX
-    Runtime's TensorRT execution provider, where ``--precision`` is its precision)."""
+    Runtime's TensorRT execution provider, where ``--precision`` is its precision); ``--backend triton`` sends the
+    encoders to the Triton server at ``--triton-url``."""
     from hbi_runtime.model import load
 
     package, options = _load_args(model, backend)
@@ -101,7 +102,7 @@ def _load_args(model: Optional[Path], backend: BackendChoice) -> tuple[Path, dic
         from hbi_runtime.backends.triton import import_tritonclient, parse_url
 
         import_tritonclient(parse_url(backend.triton_url)[0])  # fail before any decoding starts, with the hint
-        return load(model, backend="triton", allow_unverified=allow_unverified, url=backend.triton_url)
+        return model, {"backend": "triton", "url": backend.triton_url}
     if backend.name is BackendName.trt:
         if device not in (None, "cuda"):
             raise UsageError(f"--backend trt runs its engines on --device cuda, not {device}",
