@@ -16,7 +16,7 @@ import typer
 from hbi_runtime import doctor as doctor_lib
 from hbi_runtime.bench.cli import register as _register_bench
 from hbi_runtime.cli_options import (AllowUnverifiedOption, BackendName, BackendOption, Device, DeviceOption,
-                                     EnginePrecisionAlias, FormatOption, LevelsOption, ModelOption, PrecisionOption,
+                                     EnginePrecisionAlias, ExactOption, FormatOption, LevelsOption, ModelOption, PrecisionOption,
                                      TableFormatOption, WorkersOption, engine_precision, keep_examples, make_app,
                                      parse_levels, run_guarded, strict_option)
 from hbi_runtime.cli_support import OutputFormat, TableFormat, csv_text, emit_json
@@ -183,7 +183,8 @@ def _summary_dict(summary, model) -> dict:
             "failed": [f.to_dict() for f in summary.failed],
             "skipped": [{"path": p, "reason": r} for p, r in summary.skipped],
             "repaired": summary.repaired, "verified": summary.verified,
-            "moved_aside": None if summary.moved_aside is None else str(summary.moved_aside)}
+            "moved_aside": None if summary.moved_aside is None else str(summary.moved_aside),
+            "candidates": summary.candidates}
 
 
 def _summary_text(d: dict) -> str:
@@ -201,6 +202,13 @@ def _summary_text(d: dict) -> str:
                  + ("every run)" if f["kind"] == "transient" else "when the file changes or with --retry-failed)"))
               for f in d["failed"]]
     lines += [f"  skipped: {f['path']}: {printable(f['reason'])}" for f in d["skipped"]]
+    cand = d.get("candidates")
+    if cand and cand.get("reason"):
+        lines.append(f"  note: no candidate index (retrieval over large galleries stays exhaustive): {cand['reason']}")
+    elif cand:
+        lines.append(f"  candidate index: {cand['rows']} rows, {cand['nlist']} centroids, "
+                     f"{cand['bytes'] / 2**20:.1f} MiB" + (f", {cand['coded']} coded in {cand['seconds']:.1f} s"
+                                                          if cand["built"] else ", up to date"))
     return "\n".join(lines) + "\n"
 
 
@@ -415,12 +423,16 @@ def retrieve(
     explain: Annotated[bool, typer.Option(
         "--explain", help="Add each hit's entity-level Banzhaf interaction map (words x frames, docs/explain.md) to "
                           "the JSON / JSON-lines output.")] = False,
+    exact: ExactOption = False,
     output_format: TableFormatOption = TableFormat.table,
 ) -> None:
     """Search videos with text (exact HBI score), or rank captions for one video (--video --captions).
 
     Each hit says why: the timestamp of its best-matching frame, and for every query word its best frame.
     A damaged index is never searched: the command exits 3 naming the damaged shards and the repair command.
+    From 100,000 indexed videos on, a candidate stage picks the videos to score exactly (same scores; the top 10
+    of exhaustive scoring kept in >= 99 % of cases, docs/candidates.md); --exact scores every video. The JSON
+    header's "ranking" says which path answered.
     """
     json_mode = output_format.is_json
     with run_guarded(ctx, output_format):
@@ -467,8 +479,12 @@ def retrieve(
                 sys.stderr.write(f"note: --top-k {top_k} is more than the {len(idx.rows)} indexed videos; "
                                  f"showing all\n")
             results = search(m, idx, texts, top_k=top_k, level_weights=weights, memory_limit_mb=memory_limit_mb,
-                             explain_samples=DEFAULT_SAMPLES if explain else None)
-            header = {"schema": RETRIEVE_SCHEMA, "model_sha256": m.package.manifest_sha256, "index": str(target)}
+                             explain_samples=DEFAULT_SAMPLES if explain else None, mode="exact" if exact else "auto")
+            ranking = results[0].ranking
+            header = {"schema": RETRIEVE_SCHEMA, "model_sha256": m.package.manifest_sha256, "index": str(target),
+                      "ranking": ranking}
+        if ranking.get("reason"):
+            sys.stderr.write(f"warning: every video was scored (no candidate stage): {ranking['reason']}\n")
         if explain and not json_mode:
             sys.stderr.write("note: --explain adds each hit's interaction map to --format json / jsonl output; "
                              "`hbi-run explain QUERY VIDEO` draws it\n")

@@ -281,6 +281,11 @@ AllowUnverifiedOption = Annotated[bool, typer.Option(
     "--allow-unverified", help="Use a package whose parity check failed or never ran.")]
 
 
+ExactOption = Annotated[bool, typer.Option(
+    "--exact", help="Score every video (exhaustive HBI scoring) even where the candidate stage would answer "
+                    "(docs/candidates.md).")]
+
+
 def strict_option(help: str):
     """``--strict`` (a plain flag) with the command's own meaning of failure."""
     return Annotated[bool, typer.Option("--strict", help=help)]
@@ -294,7 +299,7 @@ def overwrite_option(what: str):
 
 
 __all__ = ["LEVELS_HELP", "AllowUnverifiedOption", "BackendName", "BackendOption", "DebugAlias", "Device",
-           "DeviceOption", "EnginePrecisionAlias", "FormatOption", "GlobalOptions", "JsonAlias", "LevelsOption",
+           "DeviceOption", "EnginePrecisionAlias", "ExactOption", "FormatOption", "GlobalOptions", "JsonAlias", "LevelsOption",
            "ModelOption", "PrecisionOption", "Steps", "TableFormatOption", "TorchDeviceOption", "WorkersOption",
            "deprecated", "keep_examples",
            "engine_precision", "is_debug", "make_app", "output_format", "overwrite_option", "parse_levels",

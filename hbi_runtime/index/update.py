@@ -88,6 +88,9 @@ class IndexSummary:
     moved_aside: Path | None = None  # where --rebuild moved an unreadable catalog
     rows: int = 0  # stored sides (windows) written by this run
     seconds: float = 0.0
+    # the candidate index after the run (:func:`hbi_runtime.index.candidates.build`'s report), or why there is
+    # none: {"built": False, "reason": ...}; None below candidates.BUILD_MIN_ROWS rows
+    candidates: dict | None = None
 
 
 def default_index_dir(video_dir: str | bytes | os.PathLike, model) -> Path:
@@ -145,7 +148,9 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
                  timeout_s: float = 120.0, retry_failed: bool = False, full_hash: bool = False,
                  rebuild: bool = False, force: bool = False, verify: bool = False,
                  verify_budget_bytes: int = VERIFY_BUDGET_BYTES, progress: Progress | None = None,
-                 window_progress: Callable[[int, str], None] | None = None) -> IndexSummary:
+                 window_progress: Callable[[int, str], None] | None = None, candidates: bool = True,
+                 candidate_min_rows: int | None = None,
+                 candidate_progress: Callable[[str], None] | None = None) -> IndexSummary:
     """Index the videos of ``video_dir`` (recursively) into ``index_dir``, re-encoding only what changed.
 
     Readers see the index as it was before the run until the run ends, then as it is after it (one
@@ -170,6 +175,9 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
             once with ``(0, total, None, 0.0)`` before the first.
         window_progress: with ``window``, called as each group of windows is decoded, with the number of windows
             decoded so far and the file's display path (a long file shows progress before it is committed).
+        candidates: bring the candidate index (:mod:`hbi_runtime.index.candidates`) up to date after publishing,
+            from ``candidate_min_rows`` rows on (default ``candidates.BUILD_MIN_ROWS``); without faiss the
+            summary says so and retrieval stays exact. candidate_progress: called with a line per step of it.
     Returns:
         :class:`IndexSummary`.
     Raises:
@@ -226,6 +234,8 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
             writer.publish()
             _tidy(writer, first_new_shard)
             summary.failed = _failed_files(writer, {j.entry.rel for j in plan.jobs})
+            if candidates:
+                summary.candidates = _refresh_candidates(writer.dir, candidate_min_rows, candidate_progress)
     except OSError as exc:
         raise _write_error(index_dir, exc) from None
     except sqlite3.OperationalError as exc:
@@ -240,6 +250,20 @@ def _write_error(index_dir: Path, exc: OSError) -> BadInputError | OSError:
     return environment_error(exc, f"cannot write the index {display_path(index_dir)}",
                              hint="free space or fix the folder's permissions, then rerun: the run resumes where it "
                                   "stopped, and readers still see the index as it was") or exc
+
+
+def _refresh_candidates(index_dir: Path, min_rows: int | None, progress) -> dict | None:
+    """Rebuild what changed of the candidate index (holding the writer lock, after publishing)."""
+    from hbi_runtime.errors import MissingDependencyError
+    from hbi_runtime.index import candidates as cand_stage
+    from hbi_runtime.index.index import Index
+
+    index = Index.open(index_dir)
+    limit = cand_stage.BUILD_MIN_ROWS if min_rows is None else min_rows
+    try:
+        return cand_stage.build(index, min_rows=limit, progress=progress)
+    except MissingDependencyError as exc:
+        return {"built": False, "reason": f"{exc.message}; {exc.hint}"}
 
 
 def _check_compatible(old: dict, meta: dict, index_dir: Path) -> None:
