@@ -162,8 +162,8 @@ def search(model, index: Index, queries: Sequence[str], *, top_k: int = 10,
 def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: int = 10,
                  level_weights: Sequence[float] | None = None, memory_limit_mb: float = 256,
                  explain_samples: int | None = None, explain_seed: int = 0, store=None, mode: str = "auto",
-                 candidates=None, candidate_k: int = cand_stage.DEFAULT_K,
-                 nprobe: int = cand_stage.DEFAULT_NPROBE) -> list[QueryResult]:
+                 candidates=None, candidate_k: int | None = None, nprobe: int | None = None,
+                 pool: int | None = None) -> list[QueryResult]:
     """:func:`search` for queries whose text side ``text`` (row ``q`` = ``queries[q]``, with its ``truncated``
     flags) is already encoded: one scoring pass over the index for all of them (the server encodes the queries of
     concurrent requests in one call, then ranks each group of level weights with this). The arguments are checked
@@ -172,7 +172,8 @@ def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: in
 
     Two-stage ranking (``mode`` ``auto`` from :data:`AUTO_MIN_GALLERY` rows on, or ``two-stage``): the candidate
     index (``candidates``: a :class:`~hbi_runtime.index.candidates.CandidateIndex` the caller keeps, else loaded
-    from the index) proposes ``max(candidate_k, TOPK_FACTOR * top_k)`` videos per query, and those (the union
+    from the index) proposes ``max(candidate_k, TOPK_FACTOR * top_k)`` videos per query (``candidate_k``,
+    ``nprobe``, ``pool``: :mod:`hbi_runtime.index.candidates`' defaults when None), and those (the union
     over the queries) are scored exactly; the scores and the order are those of exhaustive scoring restricted to
     them. Exact scoring answers instead, and ``ranking["reason"]`` says why, when the candidate index is missing,
     stale or damaged, when the level weights use more than the entity level, or when the candidates would be at
@@ -188,6 +189,7 @@ def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: in
     weights = tuple(level_weights) if level_weights is not None else tuple(model.manifest.level_weights)
     words = [model.tokenizer.words(q) for q in queries]
     store = index.video_store() if store is None else store
+    candidate_k = cand_stage.DEFAULT_K if candidate_k is None else candidate_k
     ranking, cand = _choose_path(index, store, weights, top_k, mode, candidates, candidate_k)
     if cand is None:
         scores = score(text, store, level_weights=weights, memory_limit_mb=memory_limit_mb)  # (Q, N)
@@ -195,7 +197,7 @@ def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: in
         best, values = topk(scores, top_k)
     else:
         best, values, rows, scores = two_stage_topk(text, store, cand, top_k, k=ranking["candidates"],
-                                                    level_weights=weights, nprobe=nprobe,
+                                                    level_weights=weights, nprobe=nprobe, pool=pool,
                                                     memory_limit_mb=memory_limit_mb)
         _check_scores(index, scores, weights, rows)
     why = explain(text, store, best, level=0)
@@ -216,13 +218,14 @@ def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: in
 
 
 def two_stage_topk(text, store, cand, top_k: int, *, k: int, level_weights: Sequence[float] = (1.0, 0.0, 0.0),
-                   nprobe: int = cand_stage.DEFAULT_NPROBE, pool: int = cand_stage.DEFAULT_POOL,
-                   memory_limit_mb: float = 256):
+                   nprobe: int | None = None, pool: int | None = None, memory_limit_mb: float = 256):
     """The two-stage top ``top_k`` of every query: ``(best (Q, top_k) rows, values, candidate rows, their exact
     scores (Q, len(rows)))``: the union of each query's ``k`` candidates (``cand``, a CandidateIndex of ``store``)
     scored exactly. Rows ascending, so equal scores keep the lower row first, as exhaustive scoring orders them."""
     level = text.levels[0]
     weights = store.levels[0].weights
+    nprobe = cand_stage.DEFAULT_NPROBE if nprobe is None else nprobe
+    pool = cand_stage.DEFAULT_POOL if pool is None else pool
     rows = np.unique(np.concatenate([cand.candidates(level.tokens[q], level.weights[q], level.mask[q], weights, k,
                                                      nprobe=nprobe, pool=pool) for q in range(text.n)]))
     scores = score(text, store.take(rows), level_weights=level_weights, memory_limit_mb=memory_limit_mb)
@@ -237,17 +240,17 @@ def _choose_path(index: Index, store, weights: tuple, top_k: int, mode: str, can
     ranking: dict = {"path": "exact", "gallery": n}
     if mode == "exact" or (mode == "auto" and n < AUTO_MIN_GALLERY):
         return ranking, None
+    if weights[1] != 0 or weights[2] != 0:
+        ranking["reason"] = "the candidate stage covers the entity level only (--levels uses action / event)"
+        return ranking, None
     k = max(int(candidate_k), TOPK_FACTOR * top_k)
     if 2 * k >= n:
         ranking["reason"] = (f"{k} candidates (the larger of {int(candidate_k)} and {TOPK_FACTOR} x --top-k {top_k}) "
                              f"would be at least half of the {n} videos")
         return ranking, None
-    if weights[1] != 0 or weights[2] != 0:
-        ranking["reason"] = "the candidate stage covers the entity level only (--levels uses action / event)"
-        return ranking, None
     if candidates is None:
         try:
-            candidates = cand_stage.load(index)
+            candidates = cand_stage.load(index, verify_bytes=index.verified)
         except cand_stage.CandidateIndexUnavailable as exc:
             ranking["reason"] = f"{exc}; {cand_stage.HINT}"
             return ranking, None

@@ -326,6 +326,14 @@ def load(index, *, verify_bytes: bool = False) -> CandidateIndex:
             or cand.origin.shape != (n, 2) or cand.keys.shape != (n,)
             or cand.residuals.shape[:2] != cand.codes.shape or cand.residuals.shape[2] != cand.codebooks.shape[0]):
         raise CandidateIndexUnavailable(f"the arrays in {folder} do not fit together: damaged")
+    # Values that would index out of range (flipped bytes the size check cannot see): a few ms at a million rows.
+    # Bytes that stay in range can only make worse candidates; the scores are always exact.
+    codes = cand.codes.reshape(-1)
+    if (len(cand.members) and (int(cand.members.min()) < 0 or int(cand.members.max()) >= n)
+            or np.any(np.diff(cand.offsets) < 0) or int(cand.offsets[0]) != 0
+            or np.any((codes >= nlist) & (codes != NO_CODE))
+            or not (np.isfinite(cand.centroids).all() and np.isfinite(cand.codebooks).all())):
+        raise CandidateIndexUnavailable(f"the arrays in {folder} hold impossible values: damaged")
     if not np.array_equal(cand.origin, index_origin(index)):
         raise CandidateIndexUnavailable("it is stale (the index changed after it was built)")
     return cand

@@ -219,6 +219,7 @@ class Index:
         self.rows = rows
         self.shards = shards
         self._snap = snap
+        self.verified = False
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, model_sha256: str | None = None, *, verify: bool = False) -> Index:
@@ -238,7 +239,9 @@ class Index:
         snap, stores, damaged = _checked_snapshot(index_dir, verify, model_sha256)
         if damaged:
             raise _damage_error(index_dir, snap.view.meta, damaged)
-        return cls._build(index_dir, snap, stores)
+        index = cls._build(index_dir, snap, stores)
+        index.verified = verify  # the candidate index is then hashed in full too, when a query loads it
+        return index
 
     @classmethod
     def _build(cls, index_dir: Path, snap: _Snapshot, stores: dict[int, VideoStore]) -> Index:

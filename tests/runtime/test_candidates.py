@@ -134,8 +134,9 @@ def test_levels_beyond_the_entity_level_are_exact(gallery, model):
     assert r.ranking["path"] == "exact" and "entity level only" in r.ranking["reason"]
 
 
-def _two_stage(model, index_dir, captions, **kw):
-    return search(model, Index.open(index_dir), captions[:1], mode="two-stage", **kw)[0]
+def _two_stage(model, index_dir, captions):
+    text = model.encode_text(captions[:1])
+    return rank_encoded(model, Index.open(index_dir), captions[:1], text, mode="two-stage", candidate_k=K)[0]
 
 
 def test_missing_candidate_index_falls_back_with_a_reason(index_copy, gallery, model):
@@ -217,3 +218,29 @@ def test_without_faiss_index_says_so_and_retrieve_stays_exact(tmp_path, gallery,
     assert summary.candidates["built"] is False and "faiss-cpu" in summary.candidates["reason"]
     r = _two_stage(model, tmp_path / "index", gallery[2])
     assert r.ranking["path"] == "exact" and "no candidate index" in r.ranking["reason"]
+
+
+def test_retrieve_cli_says_which_path_answered(gallery, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hbi_runtime import search as search_module
+    from hbi_runtime.cli import app
+
+    root, _, captions = gallery
+    args = ["retrieve", captions[0], "--index", str(root / "index"), "-m", str(DEMO), "--format", "json"]
+    runner = CliRunner()
+    small = runner.invoke(app, args)
+    assert small.exit_code == 0, small.output
+    assert json.loads(small.stdout)["ranking"] == {"path": "exact", "gallery": VIDEOS}
+    assert "warning" not in small.stderr
+    monkeypatch.setattr(search_module, "AUTO_MIN_GALLERY", 100)  # as if the gallery were large
+    monkeypatch.setattr(cand_stage, "DEFAULT_K", K)
+    two = runner.invoke(app, args)
+    assert two.exit_code == 0, two.output
+    assert json.loads(two.stdout)["ranking"] == {"path": "two-stage", "gallery": VIDEOS, "candidates": K}
+    exact = runner.invoke(app, [*args, "--exact"])
+    assert json.loads(exact.stdout)["ranking"] == {"path": "exact", "gallery": VIDEOS}
+    assert json.loads(exact.stdout)["queries"][0]["hits"][0] == json.loads(two.stdout)["queries"][0]["hits"][0]
+    wide = runner.invoke(app, [*args, "--top-k", "60"])  # 600 candidates: more than half of the gallery
+    assert json.loads(wide.stdout)["ranking"]["path"] == "exact"
+    assert "warning: every video was scored" in wide.stderr and "at least half" in wide.stderr
