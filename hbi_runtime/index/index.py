@@ -24,10 +24,9 @@ import numpy as np
 
 from hbi_runtime.errors import BadInputError
 from hbi_runtime.index import verify as shard_checks
-from hbi_runtime.index.catalog import (SHARDS, DamagedIndexError, View, Writer, check_model, damaged_catalog,
-                                       open_catalog, read_view, repair_hint, shard_dir)
+from hbi_runtime.index.catalog import (DEAD_FRACTION, SHARDS, DamagedIndexError, View, Writer, check_model,
+                                       damaged_catalog, open_catalog, read_view, repair_hint, shard_dir)
 from hbi_runtime.index.scan import display_path
-from hbi_runtime.index.update import DEAD_FRACTION
 from hbi_runtime.scoring import VideoStore
 
 _ATTEMPTS = 5  # snapshots tried while a concurrent writer keeps deleting the shards a snapshot names

@@ -29,7 +29,7 @@ import numpy as np
 
 from hbi_runtime.errors import BadInputError, MismatchError, UsageError, environment_error
 from hbi_runtime.index import verify as shard_checks
-from hbi_runtime.index.catalog import Writer, check_model, describe_io, now_iso, shard_dir
+from hbi_runtime.index.catalog import DEAD_FRACTION, Writer, check_model, describe_io, now_iso, shard_dir
 from hbi_runtime.index.scan import DEFAULT_EXTENSIONS, ScanEntry, display_path, fast_hash, path_b64, scan
 from hbi_runtime.index.windows import WINDOWS_PER_TASK, Window, WindowDecoder, WindowTask, check_window
 from hbi_runtime.scoring import DEFAULT_DTYPE, STORAGE_DTYPES, VideoStore
@@ -37,7 +37,6 @@ from hbi_runtime.scoring import DEFAULT_DTYPE, STORAGE_DTYPES, VideoStore
 BATCH = 16  # files (or windows) per committed shard, and per video-encoder call
 PROBE_CHUNK = 64  # windowed runs probe this many files ahead of decoding their windows
 MAX_SHARDS = 16  # more shards than this after a run: merge them all into one (compact)
-DEAD_FRACTION = 0.25  # more dead rows than this fraction: compact
 # Every run hashes this many bytes of shards against their checksums, least recently verified first (about 0.6 s
 # on the reference machine): an index up to this size is fully verified by every run, a larger one over a few.
 VERIFY_BUDGET_BYTES = 1 << 30
