@@ -11,8 +11,8 @@ build time and memory; optionally latency and memory at a million rows.
    (``hbi-run index``'s code, which builds the candidate index). Reused when ``DIR`` holds them; ``--videos`` /
    ``--index`` point at a folder / index made before.
 2. Queries: the canonical captions of the validation videos (K, nprobe and the probe pool are *chosen* on them:
-   the cheapest setting with recall@10 >= 0.995 there), of the test videos (the figures are quoted on them) and
-   of 300 gallery (train) videos.
+   the least work - smallest K, then pool, then nprobe - with recall@10 >= 0.995 there), of the test videos (the
+   figures are quoted on them) and of 300 gallery (train) videos.
 3. Recall@10 of the two-stage answer against exhaustive exact scoring of the same (demo model) embeddings: the
    share of the returned 10 whose exact score reaches the 10th best exact score, so a tie at the 10th place is a
    hit whichever tied video is returned. R@1: the caption's own video first, exact vs two-stage.
@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         store = index.video_store()
         where = {Path(r.rel.decode()).stem: r.row for r in index.rows}
         held = {v["id"]: v for v in manifest["videos"]}
-        split = {name: [f"test_{i:05d}" for i in eval_split(name)] for name in ("validation", "test")}
-        split["gallery"] = [f"train_{i:05d}" for i in range(0, 3000, 10)]
+        split = {name: [f"test_{i:05d}" for i in range(eval_split(name).start, eval_split(name).stop)]
+                 for name in ("validation", "test")}
+        split["gallery"] = [f"train_{i:05d}" for i in range(0, 3000, 10) if f"train_{i:05d}" in where]
         texts = {name: model.encode_text([held[v]["captions"][0] for v in ids]) for name, ids in split.items()}
     t0 = time.monotonic()
     cand = cand_stage.load(index, verify_bytes=True)
@@ -168,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{100 * res['r1_exact']:.1f} %, {res['ms_per_query']:.1f} ms", flush=True)
     report["validation_grid"] = grid
     ok = [g for g in grid if g["recall_at_10"] >= TARGET] or grid
-    chosen = min(ok, key=lambda g: (g["ms_per_query"] if g["recall_at_10"] >= TARGET else -g["recall_at_10"]))
+    # the least work (rerank K, then compressed rows pool x K, then probes), not the measured ms: those are noisy
+    # on a shared machine
+    chosen = min(ok, key=lambda g: ((g["k"], g["pool"], g["nprobe"]) if g["recall_at_10"] >= TARGET
+                                    else (-g["recall_at_10"], 0, 0)))
     setting = {key: chosen[key] for key in ("k", "nprobe", "pool")}
     report["chosen"] = {**setting, "k_fraction_of_gallery": setting["k"] / store.n}
     for name in ("test", "gallery"):

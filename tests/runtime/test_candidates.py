@@ -178,7 +178,7 @@ def test_stale_candidate_index_falls_back_and_the_next_run_rebuilds(tmp_path, ga
     update_index(model, videos, tmp_path / "index", workers=1, candidates=False)
     r = _two_stage(model, tmp_path / "index", captions)
     assert r.ranking["path"] == "exact" and "stale" in r.ranking["reason"]
-    summary = update_index(model, videos, tmp_path / "index", workers=1)
+    summary = update_index(model, videos, tmp_path / "index", workers=1, candidate_min_rows=VIDEOS // 2)
     assert summary.candidates["built"] and summary.candidates["rows"] == VIDEOS - 3
     assert summary.candidates["reused"] > 0 and not summary.candidates["retrained"]  # incremental
     r = _two_stage(model, tmp_path / "index", captions)
