@@ -60,9 +60,11 @@ BUILD_MIN_ROWS = 1000  # `hbi-run index` builds the candidate index from this ma
 RETRAIN_GROWTH = 4.0  # k-means again when the index has grown this many times since the centroids were trained
 TRAIN_POINTS_PER_CENTROID = 32  # k-means sample: at most this many tokens per centroid
 KMEANS_ITERATIONS = 10
-DEFAULT_NPROBE = 8  # centroids probed per query token (chosen on the validation split, docs/candidates.md)
-DEFAULT_K = 1000  # videos scored exactly (at least 10 x top-k; docs/candidates.md)
-DEFAULT_POOL = 8  # the probe hands this many times K rows to the centroid interaction
+# Chosen on the validation split's 120 captions over 20,000 indexed videos (benchmarks/bench_candidates.py: the
+# least work with recall@10 >= 0.995 there; docs/candidates.md)
+DEFAULT_NPROBE = 32  # centroids probed per query token
+DEFAULT_K = 1000  # videos scored exactly (at least 10 x top-k)
+DEFAULT_POOL = 8  # the probe hands this many times K rows to the compressed interaction
 HINT = "install the candidate stage (pip install 'hbi-toolkit[candidates]', i.e. faiss-cpu) and run hbi-run index again"
 
 
