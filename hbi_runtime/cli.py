@@ -430,8 +430,8 @@ def retrieve(
 
     Each hit says why: the timestamp of its best-matching frame, and for every query word its best frame.
     A damaged index is never searched: the command exits 3 naming the damaged shards and the repair command.
-    From 100,000 indexed videos on, a candidate stage picks the videos to score exactly (same scores; the top 10
-    of exhaustive scoring kept in >= 99 % of cases, docs/candidates.md); --exact scores every video. The JSON
+    From 1,000,000 indexed videos on, a candidate stage picks the videos to score exactly (same scores;
+    recall of the exhaustive top 10: docs/candidates.md); --exact scores every video. The JSON
     header's "ranking" says which path answered.
     """
     json_mode = output_format.is_json
