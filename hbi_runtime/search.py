@@ -25,9 +25,9 @@ from hbi_runtime.scoring import explain, score, topk
 
 RETRIEVE_SCHEMA = "hbi.retrieve/2"  # 2: ``words`` are the query's words as written (1: one entry per BPE piece)
 # From this many rows on, ranking is two-stage by default (candidate index, then exact HBI scores of the
-# candidates). Measured with the demo model (docs/candidates.md): exhaustive 7.9 ms at 20,000 rows and 217 ms at
-# 1,000,000, two-stage 159 ms and 185 ms: the two cross near 830,000 rows, so below a million exhaustive scoring is
-# both exact and faster. (Wider tokens, e.g. ViT-B/32's 12 x 512, make exhaustive scoring ~12x costlier per row.)
+# candidates). Measured with the demo model (docs/candidates.md; quiet machine): exhaustive 6.5 ms at 20,000 rows
+# and 221 ms at 1,000,000, two-stage 34.6 ms and 200 ms: they cross near 580,000 rows (830,000 under load), so
+# below a million exhaustive scoring is exact and about as fast. (Wider tokens, e.g. ViT-B/32's 12 x 512, make exhaustive scoring ~12x costlier per row.)
 AUTO_MIN_GALLERY = 1_000_000
 RANKING_MODES = ("auto", "exact", "two-stage")
 TOPK_FACTOR = 10  # the candidate stage hands at least this many candidates per result asked for
