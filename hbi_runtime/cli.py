@@ -16,9 +16,10 @@ import typer
 from hbi_runtime import doctor as doctor_lib
 from hbi_runtime.bench.cli import register as _register_bench
 from hbi_runtime.cli_options import (ActorsOption, AllowUnverifiedOption, BackendName, BackendOption, Device,
-                                     DeviceOption, EnginePrecisionAlias, Executor, ExecutorOption, FormatOption,
-                                     GpusPerActorOption, LevelsOption, ModelOption, PrecisionOption,
-                                     RayAddressOption, TableFormatOption, TritonUrlOption, WorkersOption,
+                                     DeviceOption, EnginePrecisionAlias, ExactOption, Executor, ExecutorOption,
+                                     FormatOption, GpusPerActorOption, LevelsOption, ModelOption, PrecisionOption,
+                                     RayAddressOption, TableFormatOption, TritonUrlOption, TwoStageOption,
+                                     WorkersOption,
                                      engine_precision, keep_examples, make_app, parse_levels, run_guarded,
                                      strict_option)
 from hbi_runtime.cli_support import OutputFormat, TableFormat, csv_text, emit_json
@@ -213,6 +214,13 @@ def _summary_text(d: dict) -> str:
                  + ("every run)" if f["kind"] == "transient" else "when the file changes or with --retry-failed)"))
               for f in d["failed"]]
     lines += [f"  skipped: {f['path']}: {printable(f['reason'])}" for f in d["skipped"]]
+    cand = d.get("candidates")
+    if cand and cand.get("reason"):
+        lines.append(f"  note: no candidate index (retrieval over large galleries stays exhaustive): {cand['reason']}")
+    elif cand:
+        lines.append(f"  candidate index: {cand['rows']} rows, {cand['nlist']} centroids, "
+                     f"{cand['bytes'] / 2**20:.1f} MiB" + (f", {cand['coded']} coded in {cand['seconds']:.1f} s"
+                                                          if cand["built"] else ", up to date"))
     return "\n".join(lines) + "\n"
 
 
@@ -368,6 +376,14 @@ def _read_lines(path: Path, what: str) -> list[str]:
     return lines
 
 
+def _ranking_mode(exact: bool, two_stage: bool) -> str:
+    from hbi_runtime.errors import UsageError
+
+    if exact and two_stage:
+        raise UsageError("--exact and --two-stage exclude each other")
+    return "exact" if exact else "two-stage" if two_stage else "auto"
+
+
 def _one_source(videos: Optional[Path], index_dir: Optional[Path]) -> None:
     from hbi_runtime.errors import UsageError
 
@@ -455,12 +471,17 @@ def retrieve(
     explain: Annotated[bool, typer.Option(
         "--explain", help="Add each hit's entity-level Banzhaf interaction map (words x frames, docs/explain.md) to "
                           "the JSON / JSON-lines output.")] = False,
+    exact: ExactOption = False,
+    two_stage: TwoStageOption = False,
     output_format: TableFormatOption = TableFormat.table,
 ) -> None:
     """Search videos with text (exact HBI score), or rank captions for one video (--video --captions).
 
     Each hit says why: the timestamp of its best-matching frame, and for every query word its best frame.
     A damaged index is never searched: the command exits 3 naming the damaged shards and the repair command.
+    --two-stage lets the index's candidate stage pick the videos to score exactly (same scores; its measured
+    recall of the exhaustive top 10: docs/candidates.md); by default every video is scored. The JSON
+    header's "ranking" says which path answered.
     """
     json_mode = output_format.is_json
     with run_guarded(ctx, output_format):
@@ -507,8 +528,13 @@ def retrieve(
                 sys.stderr.write(f"note: --top-k {top_k} is more than the {len(idx.rows)} indexed videos; "
                                  f"showing all\n")
             results = search(m, idx, texts, top_k=top_k, level_weights=weights, memory_limit_mb=memory_limit_mb,
-                             explain_samples=DEFAULT_SAMPLES if explain else None)
-            header = {"schema": RETRIEVE_SCHEMA, "model_sha256": m.package.manifest_sha256, "index": str(target)}
+                             explain_samples=DEFAULT_SAMPLES if explain else None,
+                             mode=_ranking_mode(exact, two_stage))
+            ranking = results[0].ranking
+            header = {"schema": RETRIEVE_SCHEMA, "model_sha256": m.package.manifest_sha256, "index": str(target),
+                      "ranking": ranking}
+        if ranking.get("reason"):
+            sys.stderr.write(f"warning: every video was scored (no candidate stage): {ranking['reason']}\n")
         if explain and not json_mode:
             sys.stderr.write("note: --explain adds each hit's interaction map to --format json / jsonl output; "
                              "`hbi-run explain QUERY VIDEO` draws it\n")
@@ -674,6 +700,7 @@ def serve(
     engine_precision_alias: EnginePrecisionAlias = None,
     device: DeviceOption = None,
     triton_url: TritonUrlOption = None,
+    two_stage: TwoStageOption = False,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
     """Serve retrieval, QA, captioning and explanations over HTTP from one process that keeps the model and the
@@ -709,7 +736,8 @@ def serve(
                                 dict(max_batch=max_batch, max_delay_ms=max_delay_ms, queue_size=queue_size,
                                      request_timeout_s=request_timeout_s, max_body_bytes=max_body_kb * 1024,
                                      api_key=key, cors_origins=tuple(cors_origin or ()),
-                                     reload_interval_s=reload_interval_s, workers=workers))
+                                     reload_interval_s=reload_interval_s, workers=workers,
+                                     ranking="two-stage" if two_stage else "auto"))
         except BaseException:
             sock.close()
             raise

@@ -307,6 +307,14 @@ AllowUnverifiedOption = Annotated[bool, typer.Option(
     "--allow-unverified", help="Use a package whose parity check failed or never ran.")]
 
 
+ExactOption = Annotated[bool, typer.Option(
+    "--exact", help="Score every video (exhaustive HBI scoring) even where the candidate stage would answer "
+                    "(docs/candidates.md).")]
+TwoStageOption = Annotated[bool, typer.Option(
+    "--two-stage", help="Rank with the index's candidate stage, then score the candidates exactly (faster on large "
+                        "indexes; its measured recall: docs/candidates.md).")]
+
+
 def strict_option(help: str):
     """``--strict`` (a plain flag) with the command's own meaning of failure."""
     return Annotated[bool, typer.Option("--strict", help=help)]
@@ -320,9 +328,10 @@ def overwrite_option(what: str):
 
 
 __all__ = ["LEVELS_HELP", "ActorsOption", "AllowUnverifiedOption", "BackendName", "BackendOption", "DebugAlias",
-           "Device", "DeviceOption", "EnginePrecisionAlias", "Executor", "ExecutorOption", "FormatOption",
-           "GpusPerActorOption", "GlobalOptions", "JsonAlias", "LevelsOption", "ModelOption", "PrecisionOption",
-           "RayAddressOption", "Steps", "TableFormatOption", "TorchDeviceOption", "TritonUrlOption", "WorkersOption",
+           "Device", "DeviceOption", "EnginePrecisionAlias", "ExactOption", "Executor", "ExecutorOption",
+           "FormatOption", "GpusPerActorOption", "GlobalOptions", "JsonAlias", "LevelsOption", "ModelOption",
+           "PrecisionOption", "RayAddressOption", "Steps", "TableFormatOption", "TorchDeviceOption", "TritonUrlOption",
+           "TwoStageOption", "WorkersOption",
            "deprecated", "keep_examples",
            "engine_precision", "is_debug", "make_app", "output_format", "overwrite_option", "parse_levels",
            "run_guarded", "strict_option"]

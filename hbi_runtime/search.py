@@ -18,11 +18,21 @@ import numpy as np
 
 from hbi_runtime.errors import BadInputError, UsageError
 from hbi_runtime.index import Index
+from hbi_runtime.index import candidates as cand_stage
 from hbi_runtime.index.catalog import DamagedIndexError, repair_hint
 from hbi_runtime.names import exact_text, path_b64
 from hbi_runtime.scoring import explain, score, topk
 
 RETRIEVE_SCHEMA = "hbi.retrieve/2"  # 2: ``words`` are the query's words as written (1: one entry per BPE piece)
+# From this many rows on, ``mode="auto"`` would rank in two stages (candidate index, then exact HBI scores of the
+# candidates). None: never, until the candidate stage keeps the recall contract where it would be faster. Measured
+# with the demo model (docs/candidates.md; quiet machine): exhaustive 6.5 ms at 20,000 rows and 221 ms at 1,000,000,
+# two-stage 34.6 ms and 200 ms (they cross near 580,000 rows), but recall@10 against exhaustive scoring at a million
+# (replicated store) is 0.859, under the 0.99 contract: two stages only when asked for (``two-stage``; retrieve and
+# serve --two-stage). (Wider tokens, e.g. ViT-B/32's 12 x 512, make exhaustive scoring ~12x costlier per row.)
+AUTO_MIN_GALLERY: int | None = None
+RANKING_MODES = ("auto", "exact", "two-stage")
+TOPK_FACTOR = 10  # the candidate stage hands at least this many candidates per result asked for
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class QueryResult:
     query: str
     truncated: bool
     hits: list[Hit]
+    ranking: dict | None = None  # which path answered (:func:`rank_encoded`); the CLI puts it in its JSON header
 
     def to_dict(self) -> dict:
         return {"query": self.query, "truncated": self.truncated, "hits": [h.to_dict() for h in self.hits]}
@@ -126,8 +137,11 @@ def check_queries(queries: Sequence[str]) -> list[str]:
 
 def search(model, index: Index, queries: Sequence[str], *, top_k: int = 10,
            level_weights: Sequence[float] | None = None, memory_limit_mb: float = 256,
-           explain_samples: int | None = None, explain_seed: int = 0) -> list[QueryResult]:
+           explain_samples: int | None = None, explain_seed: int = 0, mode: str = "auto") -> list[QueryResult]:
     """Rank the index's videos for each query (exact HBI score), best first, with the why of each hit.
+
+    ``mode``: ``auto`` (two-stage from :data:`AUTO_MIN_GALLERY` rows on), ``exact`` (every video scored,
+    ``retrieve --exact``) or ``two-stage`` (whenever a candidate index can answer); see :func:`rank_encoded`.
 
     ``explain_samples``: also attach each hit's entity-level interaction map (:func:`explain_hit`, that many
     Monte-Carlo coalitions; ``retrieve --explain``).
@@ -139,22 +153,38 @@ def search(model, index: Index, queries: Sequence[str], *, top_k: int = 10,
     queries = check_queries(queries)
     if top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {top_k}")
+    if mode not in RANKING_MODES:
+        raise UsageError(f"ranking mode must be one of {RANKING_MODES}, got {mode!r}")
     if explain_samples is not None:
         from hbi_runtime.explain.explainer import check_samples
 
         check_samples(explain_samples)
     return rank_encoded(model, index, queries, model.encode_text(queries), top_k=top_k, level_weights=level_weights,
-                        memory_limit_mb=memory_limit_mb, explain_samples=explain_samples, explain_seed=explain_seed)
+                        memory_limit_mb=memory_limit_mb, explain_samples=explain_samples, explain_seed=explain_seed,
+                        mode=mode)
 
 
 def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: int = 10,
                  level_weights: Sequence[float] | None = None, memory_limit_mb: float = 256,
-                 explain_samples: int | None = None, explain_seed: int = 0, store=None) -> list[QueryResult]:
+                 explain_samples: int | None = None, explain_seed: int = 0, store=None, mode: str = "auto",
+                 candidates=None, candidate_k: int | None = None, nprobe: int | None = None,
+                 pool: int | None = None) -> list[QueryResult]:
     """:func:`search` for queries whose text side ``text`` (row ``q`` = ``queries[q]``, with its ``truncated``
     flags) is already encoded: one scoring pass over the index for all of them (the server encodes the queries of
     concurrent requests in one call, then ranks each group of level weights with this). The arguments are checked
     by :func:`search`. ``store``: ``index.video_store()`` when the caller keeps it (the server, once per index
     reload: several shards are otherwise concatenated on every call).
+
+    Two-stage ranking (``mode`` ``two-stage``, or ``auto`` from :data:`AUTO_MIN_GALLERY` rows on, which is off
+    while that is None): the candidate
+    index (``candidates``: a :class:`~hbi_runtime.index.candidates.CandidateIndex` the caller keeps, else loaded
+    from the index) proposes ``max(candidate_k, TOPK_FACTOR * top_k)`` videos per query (``candidate_k``,
+    ``nprobe``, ``pool``: :mod:`hbi_runtime.index.candidates`' defaults when None), and those (the union
+    over the queries) are scored exactly; the scores and the order are those of exhaustive scoring restricted to
+    them. Exact scoring answers instead, and ``ranking["reason"]`` says why, when the candidate index is missing,
+    stale or damaged, when the level weights use more than the entity level, or when the candidates would be at
+    least half of the gallery. Every result's ``ranking`` says which path answered: ``{"path": "two-stage" |
+    "exact", "gallery": N, "candidates": K (two-stage), "reason": ... (exact in place of two-stage)}``.
 
     Raises:
         BadInputError: the index holds no video. DamagedIndexError: impossible scores (damaged shard bytes).
@@ -165,9 +195,17 @@ def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: in
     weights = tuple(level_weights) if level_weights is not None else tuple(model.manifest.level_weights)
     words = [model.tokenizer.words(q) for q in queries]
     store = index.video_store() if store is None else store
-    scores = score(text, store, level_weights=weights, memory_limit_mb=memory_limit_mb)  # (Q, N)
-    _check_scores(index, scores, weights)
-    best, values = topk(scores, top_k)
+    candidate_k = cand_stage.DEFAULT_K if candidate_k is None else candidate_k
+    ranking, cand = _choose_path(index, store, weights, top_k, mode, candidates, candidate_k)
+    if cand is None:
+        scores = score(text, store, level_weights=weights, memory_limit_mb=memory_limit_mb)  # (Q, N)
+        _check_scores(index, scores, weights)
+        best, values = topk(scores, top_k)
+    else:
+        best, values, rows, scores = two_stage_topk(text, store, cand, top_k, k=ranking["candidates"],
+                                                    level_weights=weights, nprobe=nprobe, pool=pool,
+                                                    memory_limit_mb=memory_limit_mb)
+        _check_scores(index, scores, weights, rows)
     why = explain(text, store, best, level=0)
     results = []
     for q, query in enumerate(queries):
@@ -182,8 +220,51 @@ def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: in
                             abs_path=exact_text(row.abs_bytes), path_b64=path_b64(row.rel),
                             abs_path_b64=path_b64(row.abs_bytes), display=row.display, explanation=why_map,
                             video_id=row.video_id))
-        results.append(QueryResult(query, bool(text.truncated[q]), hits))
+        results.append(QueryResult(query, bool(text.truncated[q]), hits, ranking))
     return results
+
+
+def two_stage_topk(text, store, cand, top_k: int, *, k: int, level_weights: Sequence[float] = (1.0, 0.0, 0.0),
+                   nprobe: int | None = None, pool: int | None = None, memory_limit_mb: float = 256):
+    """The two-stage top ``top_k`` of every query: ``(best (Q, top_k) rows, values, candidate rows, their exact
+    scores (Q, len(rows)))``: the union of each query's ``k`` candidates (``cand``, a CandidateIndex of ``store``)
+    scored exactly. Rows ascending, so equal scores keep the lower row first, as exhaustive scoring orders them."""
+    level = text.levels[0]
+    weights = store.levels[0].weights
+    nprobe = cand_stage.DEFAULT_NPROBE if nprobe is None else nprobe
+    pool = cand_stage.DEFAULT_POOL if pool is None else pool
+    rows = np.unique(np.concatenate([cand.candidates(level.tokens[q], level.weights[q], level.mask[q], weights, k,
+                                                     nprobe=nprobe, pool=pool) for q in range(text.n)]))
+    scores = score(text, store.take(rows), level_weights=level_weights, memory_limit_mb=memory_limit_mb)
+    local, values = topk(scores, top_k)
+    return rows[local], values, rows, scores
+
+
+def _choose_path(index: Index, store, weights: tuple, top_k: int, mode: str, candidates,
+                 candidate_k: int) -> tuple[dict, object]:
+    """``(ranking, candidate index or None)``: which path :func:`rank_encoded` takes, and why."""
+    n = store.n
+    ranking: dict = {"path": "exact", "gallery": n}
+    if mode == "exact" or (mode == "auto" and (AUTO_MIN_GALLERY is None or n < AUTO_MIN_GALLERY)):
+        return ranking, None
+    if weights[1] != 0 or weights[2] != 0:
+        ranking["reason"] = "the candidate stage covers the entity level only (--levels uses action / event)"
+        return ranking, None
+    k = max(int(candidate_k), TOPK_FACTOR * top_k)
+    if 2 * k >= n:
+        ranking["reason"] = (f"{k} candidates (the larger of {int(candidate_k)} and {TOPK_FACTOR} x --top-k {top_k}) "
+                             f"would be at least half of the {n} videos")
+        return ranking, None
+    if candidates is None:
+        try:
+            candidates = cand_stage.load(index, verify_bytes=index.verified)
+        except cand_stage.CandidateIndexUnavailable as exc:
+            ranking["reason"] = f"{exc}; {cand_stage.HINT}"
+            return ranking, None
+    elif candidates.n != n or not np.array_equal(candidates.origin, cand_stage.index_origin(index)):
+        ranking["reason"] = "the candidate index given is stale (the index changed after it was built)"
+        return ranking, None
+    return {"path": "two-stage", "gallery": n, "candidates": k}, candidates
 
 
 # Storage rounding moves a score by little: int8 moves a cosine by at most scale / 2 x ||t||_1 <= 0.013 at D = 512
@@ -191,14 +272,18 @@ def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: in
 SCORE_SLACK = 0.05
 
 
-def _check_scores(index: Index, scores: np.ndarray, weights: Sequence[float]) -> None:
+def _check_scores(index: Index, scores: np.ndarray, weights: Sequence[float], columns: np.ndarray | None = None
+                  ) -> None:
     """A score no stored side can produce (non-finite, or beyond the sum of |level weights| with unit tokens and
-    softmaxed weights) comes from damaged shard bytes that the cheap checks cannot see: refuse to rank."""
+    softmaxed weights) comes from damaged shard bytes that the cheap checks cannot see: refuse to rank.
+    ``columns``: the index rows of the score columns (all rows when None)."""
     bound = float(np.sum(np.abs(weights))) * (1 + SCORE_SLACK)
     bad = ~np.isfinite(scores) | (np.abs(scores) > bound)
     if not bad.any():
         return
     rows = np.unique(np.nonzero(bad)[1])
+    if columns is not None:
+        rows = columns[rows]
     shards = sorted({index.shard_of_row(int(r)) for r in rows[:100]})
     raise DamagedIndexError(f"index {index.dir} gives impossible scores for {len(rows)} video(s) (shard(s) "
                             f"{', '.join(f'{s:06d}' for s in shards)}): their stored bytes are damaged",

@@ -46,6 +46,7 @@ LOCK = "lock"
 SHARDS = "shards"
 TMP = "tmp"
 DAMAGED_PREFIX = "damaged-"
+DEAD_FRACTION = 0.25  # more dead rows than this fraction of the stored rows: an update (or compact) merges shards
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

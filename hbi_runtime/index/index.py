@@ -24,10 +24,9 @@ import numpy as np
 
 from hbi_runtime.errors import BadInputError
 from hbi_runtime.index import verify as shard_checks
-from hbi_runtime.index.catalog import (SHARDS, DamagedIndexError, View, Writer, check_model, damaged_catalog,
-                                       open_catalog, read_view, repair_hint, shard_dir)
+from hbi_runtime.index.catalog import (DEAD_FRACTION, SHARDS, DamagedIndexError, View, Writer, check_model,
+                                       damaged_catalog, open_catalog, read_view, repair_hint, shard_dir)
 from hbi_runtime.index.scan import display_path
-from hbi_runtime.index.update import DEAD_FRACTION
 from hbi_runtime.scoring import VideoStore
 
 _ATTEMPTS = 5  # snapshots tried while a concurrent writer keeps deleting the shards a snapshot names
@@ -219,6 +218,7 @@ class Index:
         self.rows = rows
         self.shards = shards
         self._snap = snap
+        self.verified = False
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, model_sha256: str | None = None, *, verify: bool = False) -> Index:
@@ -238,7 +238,9 @@ class Index:
         snap, stores, damaged = _checked_snapshot(index_dir, verify, model_sha256)
         if damaged:
             raise _damage_error(index_dir, snap.view.meta, damaged)
-        return cls._build(index_dir, snap, stores)
+        index = cls._build(index_dir, snap, stores)
+        index.verified = verify  # the candidate index is then hashed in full too, when a query loads it
+        return index
 
     @classmethod
     def _build(cls, index_dir: Path, snap: _Snapshot, stores: dict[int, VideoStore]) -> Index:

@@ -30,7 +30,7 @@ import numpy as np
 
 from hbi_runtime.errors import BadInputError, MismatchError, UsageError, environment_error
 from hbi_runtime.index import verify as shard_checks
-from hbi_runtime.index.catalog import Writer, check_model, describe_io, now_iso, shard_dir
+from hbi_runtime.index.catalog import DEAD_FRACTION, Writer, check_model, describe_io, now_iso, shard_dir
 from hbi_runtime.index.scan import DEFAULT_EXTENSIONS, ScanEntry, display_path, fast_hash, path_b64, scan
 from hbi_runtime.index.windows import WINDOWS_PER_TASK, Window, WindowDecoder, WindowTask, check_window
 from hbi_runtime.scoring import DEFAULT_DTYPE, STORAGE_DTYPES, VideoStore
@@ -38,7 +38,6 @@ from hbi_runtime.scoring import DEFAULT_DTYPE, STORAGE_DTYPES, VideoStore
 BATCH = 16  # files (or windows) per committed shard, and per video-encoder call
 PROBE_CHUNK = 64  # windowed runs probe this many files ahead of decoding their windows
 MAX_SHARDS = 16  # more shards than this after a run: merge them all into one (compact)
-DEAD_FRACTION = 0.25  # more dead rows than this fraction: compact
 # Every run hashes this many bytes of shards against their checksums, least recently verified first (about 0.6 s
 # on the reference machine): an index up to this size is fully verified by every run, a larger one over a few.
 VERIFY_BUDGET_BYTES = 1 << 30
@@ -89,6 +88,9 @@ class IndexSummary:
     moved_aside: Path | None = None  # where --rebuild moved an unreadable catalog
     rows: int = 0  # stored sides (windows) written by this run
     seconds: float = 0.0
+    # the candidate index after the run (:func:`hbi_runtime.index.candidates.build`'s report), or why there is
+    # none: {"built": False, "reason": ...}; None below candidates.BUILD_MIN_ROWS rows
+    candidates: dict | None = None
 
     def to_dict(self, model_sha256: str) -> dict:
         """The ``hbi.index/1`` document (``hbi-run index --format json``, ``hbi-run serve``'s index jobs)."""
@@ -99,7 +101,8 @@ class IndexSummary:
                 "failed": [f.to_dict() for f in self.failed],
                 "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
                 "repaired": self.repaired, "verified": self.verified,
-                "moved_aside": None if self.moved_aside is None else str(self.moved_aside)}
+                "moved_aside": None if self.moved_aside is None else str(self.moved_aside),
+                "candidates": self.candidates}
 
 
 def default_index_dir(video_dir: str | bytes | os.PathLike, model) -> Path:
@@ -158,7 +161,9 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
                  rebuild: bool = False, force: bool = False, verify: bool = False,
                  verify_budget_bytes: int = VERIFY_BUDGET_BYTES, progress: Progress | None = None,
                  window_progress: Callable[[int, str], None] | None = None,
-                 executor: Callable[[Work], None] | None = None) -> IndexSummary:
+                 executor: Callable[[Work], None] | None = None, candidates: bool = True,
+                 candidate_min_rows: int | None = None,
+                 candidate_progress: Callable[[str], None] | None = None) -> IndexSummary:
     """Index the videos of ``video_dir`` (recursively) into ``index_dir``, re-encoding only what changed.
 
     Readers see the index as it was before the run until the run ends, then as it is after it (one
@@ -186,6 +191,9 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
         executor: decodes and encodes the run's files elsewhere (``executor(work)``, see :class:`Work`; the
             Ray executor of :mod:`hbi_runtime.index.ray_executor`); default: here, with ``workers`` decoding
             processes. Either way this process is the one committer.
+        candidates: bring the candidate index (:mod:`hbi_runtime.index.candidates`) up to date after publishing,
+            from ``candidate_min_rows`` rows on (default ``candidates.BUILD_MIN_ROWS``); without faiss the
+            summary says so and retrieval stays exact. candidate_progress: called with a line per step of it.
     Returns:
         :class:`IndexSummary`.
     Raises:
@@ -246,6 +254,8 @@ def update_index(model, video_dir: str | bytes | os.PathLike, index_dir: str | o
             writer.publish()
             _tidy(writer, first_new_shard)
             summary.failed = _failed_files(writer, {j.entry.rel for j in plan.jobs})
+            if candidates:
+                summary.candidates = _refresh_candidates(writer.dir, candidate_min_rows, candidate_progress)
     except OSError as exc:
         raise _write_error(index_dir, exc) from None
     except sqlite3.OperationalError as exc:
@@ -260,6 +270,20 @@ def _write_error(index_dir: Path, exc: OSError) -> BadInputError | OSError:
     return environment_error(exc, f"cannot write the index {display_path(index_dir)}",
                              hint="free space or fix the folder's permissions, then rerun: the run resumes where it "
                                   "stopped, and readers still see the index as it was") or exc
+
+
+def _refresh_candidates(index_dir: Path, min_rows: int | None, progress) -> dict | None:
+    """Rebuild what changed of the candidate index (holding the writer lock, after publishing)."""
+    from hbi_runtime.errors import MissingDependencyError
+    from hbi_runtime.index import candidates as cand_stage
+    from hbi_runtime.index.index import Index
+
+    index = Index.open(index_dir)
+    limit = cand_stage.BUILD_MIN_ROWS if min_rows is None else min_rows
+    try:
+        return cand_stage.build(index, min_rows=limit, progress=progress)
+    except MissingDependencyError as exc:
+        return {"built": False, "reason": f"{exc.message}; {exc.hint}"}
 
 
 def _check_compatible(old: dict, meta: dict, index_dir: Path) -> None:

@@ -305,6 +305,7 @@ def create_app(rt: Runtime) -> FastAPI:
                                             samples), len(queries))
         served = answer.served
         return {**head(RETRIEVE_SCHEMA), "index": str(served.index.dir), "generation": served.token[1],
+                "ranking": answer.results[0].ranking,
                 "queries": [{"query": r.query, "truncated": r.truncated, "hits": [hit_dict(h) for h in r.hits]}
                             for r in answer.results]}
 

@@ -58,6 +58,7 @@ class ServeConfig:
     reload_interval_s: float = 2.0
     workers: int = 2  # decoding processes of index jobs
     batch_size: int = 16  # videos per encoder call of index jobs
+    ranking: str = "auto"  # hbi_runtime.search.RANKING_MODES: "two-stage" with --two-stage
 
 
 # ------------------------------------------------------------------------------------------- lane payloads
@@ -105,6 +106,7 @@ class Runtime:
                       "caption": lane("caption", self._caption_lane, config.max_batch),
                       "pair": lane("pair", self._pair_lane, 1)}
         self.jobs = IndexJobs(self._index_run, lambda: holder.check(force=True))
+        self._cand, self._cand_token = None, None
 
     # ------------------------------------------------------------------ text lane
     def _encode_each(self, payloads: Sequence[TextWork]) -> list:
@@ -156,7 +158,8 @@ class Runtime:
             k = max(payloads[i].top_k for i in members)
             try:
                 ranked = rank_encoded(self.model, served.index, qs, text, top_k=k, level_weights=levels,
-                                      explain_samples=samples, store=served.store)
+                                      explain_samples=samples, store=served.store, mode=self.config.ranking,
+                                      candidates=self._candidates(served))
             except DamagedIndexError as exc:
                 self.holder.report_damage(exc, served)
                 for i in members:
@@ -173,6 +176,21 @@ class Runtime:
                 at += n
                 results[i] = TextAnswer(results=mine, served=served)
         return results
+
+    def _candidates(self, served: Served):
+        """The served state's candidate index, loaded once per state (two-stage ranking only); None: let
+        rank_encoded say why there is none."""
+        if self.config.ranking != "two-stage" or served.store is None:
+            return None
+        if self._cand_token != served.token:
+            from hbi_runtime.index import candidates as cand_stage
+
+            try:
+                self._cand = cand_stage.load(served.index)
+            except cand_stage.CandidateIndexUnavailable:
+                self._cand = None
+            self._cand_token = served.token
+        return self._cand
 
     # ------------------------------------------------------------------ video lanes
     def _qa_lane(self, payloads: Sequence[VideoWork]) -> list:
@@ -283,7 +301,8 @@ def _by_key(items, key) -> dict:
 def _trim(result, top: int):
     from hbi_runtime.search import QueryResult
 
-    return result if len(result.hits) <= top else QueryResult(result.query, result.truncated, result.hits[:top])
+    return result if len(result.hits) <= top else QueryResult(result.query, result.truncated, result.hits[:top],
+                                                              result.ranking)
 
 
 def _concat_text(texts: list):
