@@ -152,8 +152,10 @@ class Runtime:
                     results[i] = exc
             return results
         for (levels, samples), members in groups.items():
-            texts = [sides[i][0].select(sides[i][1]) for i in members]
-            text = texts[0] if len(texts) == 1 else _concat_text(texts)
+            if all(sides[i][0] is sides[members[0]][0] for i in members):  # one batch encode: one select
+                text = sides[members[0]][0].select(np.concatenate([sides[i][1] for i in members]))
+            else:  # encoded request by request after a failed batch
+                text = _concat_text([sides[i][0].select(sides[i][1]) for i in members])
             qs = [q for i in members for q in payloads[i].queries]
             k = max(payloads[i].top_k for i in members)
             try:

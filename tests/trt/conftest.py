@@ -1,7 +1,7 @@
 """A fake ``tensorrt`` module and a fake GPU, as strict as the real ones where our code depends on them.
 
 The fake is *version-faithful*: ``FakeTrt("10.3.0.26")``, ``FakeTrt("10.16.0.1")`` and ``FakeTrt("11.1.0.5")``
-offer the API of TensorRT's public headers for that version (``../shared/trt-headers/<version>/include``) and
+offer the API of TensorRT's public headers for that version (``$HBI_TRT_HEADERS_ROOT/<version>/include``) and
 reject what the real one rejects:
 
 =============================================  ===========  ===========  =====================================

@@ -1,8 +1,8 @@
 """The TensorRT plugin libraries without TensorRT: compiled against every TensorRT header version at hand, built by
 the CMake tree, inspected with readelf / nm, loaded with ctypes, and driven by the C++ harness (CPU part).
 
-Headers: every ``<version>/include`` under ``$HBI_TRT_HEADERS_ROOT`` (``.ci/run`` points it at
-``../shared/trt-headers`` when that folder exists), else ``$HBI_TRT_INCLUDE``, else a system install
+Headers: every ``<version>/include`` under ``$HBI_TRT_HEADERS_ROOT`` (``.ci/run`` points it at a
+folder of TensorRT headers beside the checkout when there is one), else ``$HBI_TRT_INCLUDE``, else a system install
 (libnvinfer-dev). Without any, every test here is skipped and says so: nothing was compiled.
 
 What this proves (docs/tensorrt.md, "Checking the plugins without TensorRT"): the sources compile warning-free
