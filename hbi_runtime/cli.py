@@ -239,6 +239,12 @@ def _status_text(d: dict) -> str:
               for x in d["damaged_shards"]]
     if d["damaged_shards"]:
         lines.append(f"  repair: hbi-run index {printable(str(d['video_dir']))} --index {printable(d['index'])}")
+    cand = d.get("candidates") or {}
+    if cand.get("state") == "ready":
+        lines.append(f"  candidate index: {cand['rows']} rows, {cand['nlist']} centroids, "
+                     f"{cand['bytes'] / 2**20:.1f} MiB, built {cand['created']}; scorer {cand['scorer']}")
+    elif cand:
+        lines.append(f"  candidate index: {printable(cand['reason'])} (retrieval stays exhaustive)")
     if d["pending"]:
         p = d["pending"]
         lines.append(f"  an unfinished run (started {p['started']}) holds {p['videos']} encoded video(s) that "
@@ -479,9 +485,9 @@ def retrieve(
 
     Each hit says why: the timestamp of its best-matching frame, and for every query word its best frame.
     A damaged index is never searched: the command exits 3 naming the damaged shards and the repair command.
-    --two-stage lets the index's candidate stage pick the videos to score exactly (same scores; its measured
-    recall of the exhaustive top 10: docs/candidates.md); by default every video is scored. The JSON
-    header's "ranking" says which path answered.
+    From 20,000 indexed videos on, the index's candidate stage picks the videos to score exactly (the same
+    scores; its measured recall of the exhaustive top 10: docs/candidates.md); --exact scores every video,
+    --two-stage uses the candidate stage at any size. The JSON header's "ranking" says which path answered.
     """
     json_mode = output_format.is_json
     with run_guarded(ctx, output_format):
@@ -700,6 +706,7 @@ def serve(
     engine_precision_alias: EnginePrecisionAlias = None,
     device: DeviceOption = None,
     triton_url: TritonUrlOption = None,
+    exact: ExactOption = False,
     two_stage: TwoStageOption = False,
     output_format: FormatOption = OutputFormat.text,
 ) -> None:
@@ -737,7 +744,7 @@ def serve(
                                      request_timeout_s=request_timeout_s, max_body_bytes=max_body_kb * 1024,
                                      api_key=key, cors_origins=tuple(cors_origin or ()),
                                      reload_interval_s=reload_interval_s, workers=workers,
-                                     ranking="two-stage" if two_stage else "auto"))
+                                     ranking=_ranking_mode(exact, two_stage)))
         except BaseException:
             sock.close()
             raise

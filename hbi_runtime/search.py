@@ -22,15 +22,17 @@ from hbi_runtime.index import candidates as cand_stage
 from hbi_runtime.index.catalog import DamagedIndexError, repair_hint
 from hbi_runtime.names import exact_text, path_b64
 from hbi_runtime.scoring import explain, score, topk
+from hbi_runtime.scoring import score_level
+from hbi_runtime.scoring.score import check_level_weights
 
 RETRIEVE_SCHEMA = "hbi.retrieve/2"  # 2: ``words`` are the query's words as written (1: one entry per BPE piece)
-# From this many rows on, ``mode="auto"`` would rank in two stages (candidate index, then exact HBI scores of the
-# candidates). None: never, until the candidate stage keeps the recall contract where it would be faster. Measured
-# with the demo model (docs/candidates.md; quiet machine): exhaustive 6.5 ms at 20,000 rows and 221 ms at 1,000,000,
-# two-stage 34.6 ms and 200 ms (they cross near 580,000 rows), but recall@10 against exhaustive scoring at a million
-# (replicated store) is 0.859, under the 0.99 contract: two stages only when asked for (``two-stage``; retrieve and
-# serve --two-stage). (Wider tokens, e.g. ViT-B/32's 12 x 512, make exhaustive scoring ~12x costlier per row.)
-AUTO_MIN_GALLERY: int | None = None
+# From this many rows on, ``mode="auto"`` ranks in two stages (the candidate index, then exact HBI scores of the
+# candidates), where the candidate kernel is built. Measured with the demo model (docs/candidates.md): at 20,000 real
+# encoded videos the two-stage answer keeps recall@10 >= 0.99 against exhaustive scoring (K = 2.5 % of the gallery,
+# chosen on the validation split; test 0.992, R@1 unchanged) and is already faster (2.6 vs 5.3 ms); below that
+# exhaustive scoring costs a few ms and the recall was not measured on real encodings. (Wider tokens, e.g.
+# ViT-B/32's 12 x 512, make exhaustive scoring ~12x costlier per row; the candidate stage costs the same.)
+AUTO_MIN_GALLERY: int | None = 20_000
 RANKING_MODES = ("auto", "exact", "two-stage")
 TOPK_FACTOR = 10  # the candidate stage hands at least this many candidates per result asked for
 
@@ -167,19 +169,18 @@ def search(model, index: Index, queries: Sequence[str], *, top_k: int = 10,
 def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: int = 10,
                  level_weights: Sequence[float] | None = None, memory_limit_mb: float = 256,
                  explain_samples: int | None = None, explain_seed: int = 0, store=None, mode: str = "auto",
-                 candidates=None, candidate_k: int | None = None, nprobe: int | None = None,
-                 pool: int | None = None) -> list[QueryResult]:
+                 candidates=None, candidate_k: int | None = None) -> list[QueryResult]:
     """:func:`search` for queries whose text side ``text`` (row ``q`` = ``queries[q]``, with its ``truncated``
     flags) is already encoded: one scoring pass over the index for all of them (the server encodes the queries of
     concurrent requests in one call, then ranks each group of level weights with this). The arguments are checked
     by :func:`search`. ``store``: ``index.video_store()`` when the caller keeps it (the server, once per index
     reload: several shards are otherwise concatenated on every call).
 
-    Two-stage ranking (``mode`` ``two-stage``, or ``auto`` from :data:`AUTO_MIN_GALLERY` rows on, which is off
-    while that is None): the candidate
+    Two-stage ranking (``mode`` ``two-stage``, or ``auto`` from :data:`AUTO_MIN_GALLERY` rows on where the
+    candidate kernel is built): the candidate
     index (``candidates``: a :class:`~hbi_runtime.index.candidates.CandidateIndex` the caller keeps, else loaded
-    from the index) proposes ``max(candidate_k, TOPK_FACTOR * top_k)`` videos per query (``candidate_k``,
-    ``nprobe``, ``pool``: :mod:`hbi_runtime.index.candidates`' defaults when None), and those (the union
+    from the index) proposes ``K`` videos per query (:func:`hbi_runtime.index.candidates.candidate_count` of the
+    gallery, or ``max(candidate_k, TOPK_FACTOR * top_k)`` when ``candidate_k`` is given), and those (the union
     over the queries) are scored exactly; the scores and the order are those of exhaustive scoring restricted to
     them. Exact scoring answers instead, and ``ranking["reason"]`` says why, when the candidate index is missing,
     stale or damaged, when the level weights use more than the entity level, or when the candidates would be at
@@ -195,7 +196,6 @@ def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: in
     weights = tuple(level_weights) if level_weights is not None else tuple(model.manifest.level_weights)
     words = [model.tokenizer.words(q) for q in queries]
     store = index.video_store() if store is None else store
-    candidate_k = cand_stage.DEFAULT_K if candidate_k is None else candidate_k
     ranking, cand = _choose_path(index, store, weights, top_k, mode, candidates, candidate_k)
     if cand is None:
         scores = score(text, store, level_weights=weights, memory_limit_mb=memory_limit_mb)  # (Q, N)
@@ -203,8 +203,7 @@ def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: in
         best, values = topk(scores, top_k)
     else:
         best, values, rows, scores = two_stage_topk(text, store, cand, top_k, k=ranking["candidates"],
-                                                    level_weights=weights, nprobe=nprobe, pool=pool,
-                                                    memory_limit_mb=memory_limit_mb)
+                                                    level_weights=weights, memory_limit_mb=memory_limit_mb)
         _check_scores(index, scores, weights, rows)
     why = explain(text, store, best, level=0)
     results = []
@@ -225,34 +224,46 @@ def rank_encoded(model, index: Index, queries: Sequence[str], text, *, top_k: in
 
 
 def two_stage_topk(text, store, cand, top_k: int, *, k: int, level_weights: Sequence[float] = (1.0, 0.0, 0.0),
-                   nprobe: int | None = None, pool: int | None = None, memory_limit_mb: float = 256):
+                   memory_limit_mb: float = 256, path: str = "auto"):
     """The two-stage top ``top_k`` of every query: ``(best (Q, top_k) rows, values, candidate rows, their exact
-    scores (Q, len(rows)))``: the union of each query's ``k`` candidates (``cand``, a CandidateIndex of ``store``)
-    scored exactly. Rows ascending, so equal scores keep the lower row first, as exhaustive scoring orders them."""
+    scores (Q, len(rows)))``: the union of each query's ``k`` candidates (``cand``, a CandidateIndex of ``store``;
+    ``path``: its approximate scorer) scored exactly. Rows ascending, so equal scores keep the lower row first, as
+    exhaustive scoring orders them."""
     level = text.levels[0]
     weights = store.levels[0].weights
-    nprobe = cand_stage.DEFAULT_NPROBE if nprobe is None else nprobe
-    pool = cand_stage.DEFAULT_POOL if pool is None else pool
     rows = np.unique(np.concatenate([cand.candidates(level.tokens[q], level.weights[q], level.mask[q], weights, k,
-                                                     nprobe=nprobe, pool=pool) for q in range(text.n)]))
-    scores = score(text, store.take(rows), level_weights=level_weights, memory_limit_mb=memory_limit_mb)
+                                                     path=path) for q in range(text.n)]))
+    scores = _score_rows(text, store, rows, check_level_weights(level_weights), memory_limit_mb)
     local, values = topk(scores, top_k)
     return rows[local], values, rows, scores
 
 
+def _score_rows(text, store, rows: np.ndarray, weights: Sequence[float], memory_limit_mb: float) -> np.ndarray:
+    """``score(text, store.take(rows))``, taking only the levels it reads (the same sums in the same order)."""
+    total = np.zeros((text.n, len(rows)), dtype=np.float32)
+    for i, w in enumerate(weights):
+        if w != 0.0:
+            total += np.float32(w) * score_level(text.levels[i], store.levels[i].take(rows),
+                                                 memory_limit_mb=memory_limit_mb)
+    return total
+
+
 def _choose_path(index: Index, store, weights: tuple, top_k: int, mode: str, candidates,
-                 candidate_k: int) -> tuple[dict, object]:
+                 candidate_k: int | None) -> tuple[dict, object]:
     """``(ranking, candidate index or None)``: which path :func:`rank_encoded` takes, and why."""
     n = store.n
     ranking: dict = {"path": "exact", "gallery": n}
-    if mode == "exact" or (mode == "auto" and (AUTO_MIN_GALLERY is None or n < AUTO_MIN_GALLERY)):
+    if mode == "exact" or (mode == "auto" and (AUTO_MIN_GALLERY is None or n < AUTO_MIN_GALLERY
+                                               or cand_stage.kernel_path() == "numpy")):
         return ranking, None
     if weights[1] != 0 or weights[2] != 0:
         ranking["reason"] = "the candidate stage covers the entity level only (--levels uses action / event)"
         return ranking, None
-    k = max(int(candidate_k), TOPK_FACTOR * top_k)
+    k = (cand_stage.candidate_count(n, top_k) if candidate_k is None
+         else max(int(candidate_k), TOPK_FACTOR * top_k))
     if 2 * k >= n:
-        ranking["reason"] = (f"{k} candidates (the larger of {int(candidate_k)} and {TOPK_FACTOR} x --top-k {top_k}) "
+        ranking["reason"] = (f"{k} candidates (the larger of {cand_stage.DEFAULT_MIN_K}, "
+                             f"{cand_stage.DEFAULT_FRACTION:.0%} of the gallery and {TOPK_FACTOR} x --top-k {top_k}) "
                              f"would be at least half of the {n} videos")
         return ranking, None
     if candidates is None:
@@ -263,6 +274,9 @@ def _choose_path(index: Index, store, weights: tuple, top_k: int, mode: str, can
             return ranking, None
     elif candidates.n != n or not np.array_equal(candidates.origin, cand_stage.index_origin(index)):
         ranking["reason"] = "the candidate index given is stale (the index changed after it was built)"
+        return ranking, None
+    if candidates.codes.shape[1] != store.levels[0].length:
+        ranking["reason"] = "the candidate index does not fit the stored frames (damaged); run hbi-run index again"
         return ranking, None
     return {"path": "two-stage", "gallery": n, "candidates": k}, candidates
 

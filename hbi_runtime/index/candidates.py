@@ -2,46 +2,52 @@
 
 Why this shape (measured in docs/candidates.md): a single pooled vector per video loses HBI's answers (the
 exact score is a weighted max over frame tokens, which a mean does not see). This stage keeps the token level,
-in the style of late-interaction engines (ColBERT / PLAID centroid pruning):
+in the style of late-interaction engines (ColBERT / PLAID centroid interaction):
 
-* every valid **entity-level frame token** of every stored video is assigned to its nearest of ``nlist``
-  spherical k-means centroids (``codes``, ``(N, T)`` uint16); an inverted file lists, per centroid, the rows
-  that have a token there (``offsets`` / ``members``);
-* a query's valid tokens ``t`` (weights ``w_t``) are compared with the centroids; each token probes its
-  ``nprobe`` nearest centroids, and a video's approximate score is ``sum_t w_t max(floor_t, max over its probed
-  tokens of <t, centroid>)`` (``floor_t``: the best centroid the token did not probe), the text-to-video half of
-  HBI's entity score with each frame token replaced by its centroid;
-* the ``K`` best videos by that score are scored exactly (:func:`hbi_runtime.search.rank_encoded`).
+* every valid **entity-level frame token** of every stored video is stored as the id of its nearest of ``nlist``
+  spherical k-means centroids (``codes``, ``(N, T)`` uint16; hierarchical k-means above
+  :data:`FLAT_MAX_NLIST` centroids, so that tens of thousands of centroids train and assign in seconds);
+* a query's valid tokens are compared with every centroid once (a ``(nlist, L)`` table), and **every** stored
+  video gets HBI's entity score (both halves: the text-to-video weighted max over frames and the video-to-text
+  weighted max over words, padded frames and padded query positions as exact scoring has them) computed with
+  each frame token replaced by its centroid: table lookups, no token is read (``_cand.c``, AVX-512 where the
+  CPU has it; numpy otherwise);
+* the ``K`` best videos by that score are scored exactly (:func:`hbi_runtime.search.rank_encoded`), ``K`` a
+  fraction of the gallery (:func:`candidate_count`).
 
 No training and no captions are needed: any package (the official checkpoints included) gets it from the sides
 the index already stores. Building needs faiss (``pip install 'hbi-toolkit[candidates]'``: its k-means and
-nearest-centroid search over millions of tokens); answering a query needs numpy only.
+nearest-centroid search over millions of tokens); answering a query needs numpy (and the optional C kernel).
 
 On disk (inside the index folder)::
 
     candidates/CURRENT.json     format, model, parameters and {file: [size, sha256]}: the switch, replaced atomically
-    candidates/<name>/          centroids.npy (C, D) f32, codes.npy (N, T) u16, offsets.npy (C+1,) i64,
-                                members.npy (M,) i32, origin.npy (N, 2) i32 (shard id, shard row of each row),
-                                keys.npy (N,) i64 (catalog video id of each row)
+    candidates/<name>/          centroids.npy (C, D) f32, codes.npy (N, T) u16, origin.npy (N, 2) i32 (shard id,
+                                shard row of each row), keys.npy (N,) i64 (catalog video id of each row)
 
 A build writes a new folder under ``candidates/tmp-*``, fsyncs it, renames it, then replaces ``CURRENT.json``
 (the checksums are recorded there at that commit); old folders are deleted after the switch, leftovers of a
-killed build by the next build. Readers check sizes (cheap) or every byte (``verify``), the model and that
-``origin`` equals the index's published rows: a missing, damaged or stale candidate index is never used (exact
-scoring answers, with the reason), and the next ``hbi-run index`` rebuilds it.
+killed build by the next build. Readers check sizes (cheap) or every byte (``verify``), the model, that every
+code is in range (the kernel indexes the table with them) and that ``origin`` equals the index's published rows:
+a missing, damaged or stale candidate index is never used (exact scoring answers, with the reason), and the next
+``hbi-run index`` rebuilds it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -50,23 +56,27 @@ from hbi_runtime.fileio import write_atomic
 from hbi_runtime.index import verify
 from hbi_runtime.index.catalog import fsync_tree
 
-FORMAT = "hbi.candidates/1"
+FORMAT = "hbi.candidates/2"  # 2: centroid codes only, scored exhaustively (1: inverted lists + residual codes)
 FOLDER = "candidates"
 POINTER = "CURRENT.json"
-FILES = ("centroids.npy", "codes.npy", "offsets.npy", "members.npy", "origin.npy", "keys.npy", "codebooks.npy",
-         "residuals.npy")
+FILES = ("centroids.npy", "codes.npy", "origin.npy", "keys.npy")
 ARRAYS = tuple(name[:-4] for name in FILES)
 NO_CODE = np.uint16(0xFFFF)  # a padded (invalid) frame token
+MAX_NLIST = 16384  # a query computes a (nlist, L) table: 1 MB at 16 query tokens (L2-resident); codes are uint16
+FLAT_MAX_NLIST = 1024  # above this, hierarchical k-means (coarse cells, then centroids within each cell)
+TOKENS_PER_CENTROID = 16  # nlist: the power of two nearest stored tokens / this (docs/candidates.md)
 BUILD_MIN_ROWS = 1000  # `hbi-run index` builds the candidate index from this many rows on
 RETRAIN_GROWTH = 4.0  # k-means again when the index has grown this many times since the centroids were trained
 TRAIN_POINTS_PER_CENTROID = 32  # k-means sample: at most this many tokens per centroid
 KMEANS_ITERATIONS = 10
+ASSIGN_NPROBE = 8  # coarse cells searched when assigning a token to its centroid (hierarchical centroids)
 # Chosen on the validation split's 120 captions over 20,000 indexed videos (benchmarks/bench_candidates.py: the
 # least work with recall@10 >= 0.995 there; docs/candidates.md)
-DEFAULT_NPROBE = 32  # centroids probed per query token
-DEFAULT_K = 1000  # videos scored exactly (at least 10 x top-k)
-DEFAULT_POOL = 8  # the probe hands this many times K rows to the compressed interaction
+DEFAULT_FRACTION = 0.025  # videos scored exactly: this share of the gallery ...
+DEFAULT_MIN_K = 200  # ... and at least this many (and at least 10 x top-k)
 HINT = "install the candidate stage (pip install 'hbi-toolkit[candidates]', i.e. faiss-cpu) and run hbi-run index again"
+_NEG = np.float32(-1e30)  # table lanes past the query's tokens: never the max
+_LANES = 16
 
 
 class CandidateIndexUnavailable(Exception):
@@ -74,11 +84,17 @@ class CandidateIndexUnavailable(Exception):
 
 
 def nlist_for(tokens: int) -> int:
-    """Centroids for ``tokens`` stored tokens: the power of two nearest ``2 sqrt(tokens)``, in [64, 32768] (the
-    build's cost is the nearest-centroid search of every token, proportional to it; the residual codes carry the
-    precision)."""
-    target = 2.0 * math.sqrt(max(tokens, 1))
-    return int(min(32768, max(64, 2 ** round(math.log2(target)))))
+    """Centroids for ``tokens`` stored tokens: the power of two nearest ``tokens / TOKENS_PER_CENTROID``, in
+    [64, MAX_NLIST] (finer centroids approximate the score better; the table a query computes grows with them)."""
+    target = max(tokens, 1) / TOKENS_PER_CENTROID
+    return int(min(MAX_NLIST, max(64, 2 ** round(math.log2(max(target, 1.0))))))
+
+
+def candidate_count(n: int, top_k: int, *, fraction: float | None = None, min_k: int | None = None) -> int:
+    """``K``, the videos scored exactly for a gallery of ``n``: ``max(fraction * n, min_k, 10 * top_k)``."""
+    fraction = DEFAULT_FRACTION if fraction is None else fraction
+    min_k = DEFAULT_MIN_K if min_k is None else min_k
+    return int(max(math.ceil(fraction * n), min_k, 10 * top_k))
 
 
 def _faiss():
@@ -108,88 +124,201 @@ def _entity_tokens(index, rows: np.ndarray | None = None) -> tuple[np.ndarray, n
     return out, np.asarray(level.mask[ids], bool)
 
 
-def pq_subspaces(dim: int) -> int:
-    """Residual sub-quantizers: one per 4 dimensions (a byte per 4 dimensions of each token)."""
-    m = max(1, dim // 4)
-    while dim % m:
-        m -= 1
-    return m
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def train_residuals(residuals: np.ndarray, *, seed: int = 0, iterations: int = KMEANS_ITERATIONS) -> np.ndarray:
-    """A product quantizer of the token residuals (8 bits per sub-vector): codebooks ``(M, 256, D/M)``, Lloyd's
-    k-means per sub-space on a sample (numpy: sub-spaces of 4 dimensions are too small for BLAS to pay)."""
-    dim = residuals.shape[1]
-    m = pq_subspaces(dim)
-    sub = dim // m
-    rng = np.random.default_rng(seed)
-    sample = np.asarray(residuals[rng.permutation(len(residuals))[: 256 * TRAIN_POINTS_PER_CENTROID]], np.float32)
-    books = np.zeros((m, 256, sub), np.float32)
-    for j in range(m):
-        x = sample[:, j * sub:(j + 1) * sub]
-        book = x[rng.choice(len(x), size=min(256, len(x)), replace=False)].copy()
-        for _ in range(iterations):
-            near = np.argmin((book * book).sum(1)[None] - 2 * x @ book.T, axis=1)
-            counts = np.bincount(near, minlength=len(book))
-            sums = np.zeros_like(book)
-            np.add.at(sums, near, x)
-            filled = counts > 0
-            book[filled] = sums[filled] / counts[filled, None]
-        books[j, :len(book)] = book
-    return books
+def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    km = _faiss().Kmeans(x.shape[1], k, niter=KMEANS_ITERATIONS, spherical=True, seed=seed, verbose=False,
+                         max_points_per_centroid=TRAIN_POINTS_PER_CENTROID, min_points_per_centroid=1)
+    km.train(np.ascontiguousarray(x, np.float32))
+    return _normalise(np.asarray(km.centroids, np.float32))
 
 
-def encode_residuals(residuals: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
-    """The nearest codeword of each sub-vector: ``(n, M)`` uint8."""
-    m, _, sub = codebooks.shape
-    out = np.empty((len(residuals), m), np.uint8)
-    for j in range(m):
-        part = np.ascontiguousarray(residuals[:, j * sub:(j + 1) * sub], np.float32)
-        book = codebooks[j]
-        for a in range(0, len(part), 1 << 18):
-            x = part[a:a + (1 << 18)]
-            d = (book * book).sum(1)[None] - 2 * x @ book.T
-            out[a:a + (1 << 18), j] = np.argmin(d, axis=1)
-    return out
+def coarse_cells(nlist: int) -> int:
+    """Coarse cells of hierarchical centroids (1: flat k-means): the power of two nearest ``sqrt(nlist)``."""
+    return 1 if nlist <= FLAT_MAX_NLIST else 2 ** round(math.log2(math.sqrt(nlist)))
 
 
 def train_centroids(tokens: np.ndarray, nlist: int, *, seed: int = 0) -> np.ndarray:
-    """Spherical k-means (faiss) on a sample of at most ``TRAIN_POINTS_PER_CENTROID * nlist`` tokens."""
+    """Spherical k-means (faiss) on a sample of at most ``TRAIN_POINTS_PER_CENTROID * nlist`` tokens; above
+    :data:`FLAT_MAX_NLIST`, hierarchical: :func:`coarse_cells` coarse centroids, then ``nlist / cells`` centroids
+    within each cell's sample (at most ``nlist`` in all)."""
     faiss = _faiss()
     rng = np.random.default_rng(seed)
-    sample = tokens[rng.permutation(len(tokens))[: TRAIN_POINTS_PER_CENTROID * nlist]]
+    sample = np.ascontiguousarray(tokens[rng.permutation(len(tokens))[: TRAIN_POINTS_PER_CENTROID * nlist]],
+                                  np.float32)
     nlist = min(nlist, len(sample))
-    km = faiss.Kmeans(tokens.shape[1], nlist, niter=KMEANS_ITERATIONS, spherical=True, seed=seed, verbose=False,
-                      max_points_per_centroid=TRAIN_POINTS_PER_CENTROID, min_points_per_centroid=1)
-    km.train(np.ascontiguousarray(sample, np.float32))
-    centroids = np.asarray(km.centroids, np.float32)
-    return centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    cells = coarse_cells(nlist)
+    if cells == 1:
+        return _kmeans(sample, nlist, seed)
+    coarse = _kmeans(sample, cells, seed)
+    flat = faiss.IndexFlatIP(coarse.shape[1])
+    flat.add(coarse)
+    cell = flat.search(sample, 1)[1][:, 0]
+    per = nlist // cells
+    parts = []
+    for j in range(cells):
+        points = sample[cell == j]
+        if len(points):
+            parts.append(_normalise(points) if len(points) <= per else _kmeans(points, per, seed + 1 + j))
+    return np.concatenate(parts).astype(np.float32)
 
 
 def assign(tokens: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """The nearest centroid (largest inner product) of each token, ``(n,)`` int64 (faiss flat search)."""
+    """The nearest centroid (largest inner product) of each token, ``(n,)`` int64: faiss flat search, or, for
+    hierarchical centroids, an inverted file over them searched in :data:`ASSIGN_NPROBE` coarse cells (the
+    nearest in those cells; measured 99.6 % the exact nearest, docs/candidates.md)."""
     faiss = _faiss()
-    flat = faiss.IndexFlatIP(centroids.shape[1])
-    flat.add(np.ascontiguousarray(centroids, np.float32))
+    dim = centroids.shape[1]
+    cent = np.ascontiguousarray(centroids, np.float32)
+    cells = coarse_cells(len(cent))
+    if cells == 1:
+        search = faiss.IndexFlatIP(dim)
+    else:
+        search = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
+        search.train(cent)
+        search.nprobe = ASSIGN_NPROBE
+    search.add(cent)
     out = np.empty(len(tokens), np.int64)
     for a in range(0, len(tokens), 1 << 18):
-        _, ids = flat.search(np.ascontiguousarray(tokens[a:a + (1 << 18)], np.float32), 1)
+        _, ids = search.search(np.ascontiguousarray(tokens[a:a + (1 << 18)], np.float32), 1)
         out[a:a + (1 << 18)] = ids[:, 0]
     return out
 
 
-def inverted_lists(codes: np.ndarray, nlist: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(offsets (nlist+1,), members)``: the rows with a token at centroid ``c`` are
-    ``members[offsets[c]:offsets[c+1]]`` (each row once per centroid, ascending)."""
+# ------------------------------------------------------------------------------------------ scoring
+_MODULE = "hbi_runtime.index._cand"
+_P = ctypes.c_void_p
+
+
+@lru_cache(maxsize=1)
+def _library() -> Any | None:
+    """The approximate-score kernel (``_cand.c``), or None where it was not built."""
+    try:
+        spec = importlib.util.find_spec(_MODULE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    lib.hbi_cand_avx512.restype = ctypes.c_int
+    lib.hbi_cand_table.restype = ctypes.c_int
+    lib.hbi_cand_table.argtypes = [_P, ctypes.c_int64, ctypes.c_int, ctypes.c_int, _P, _P]
+    lib.hbi_cand_approx.restype = ctypes.c_int
+    lib.hbi_cand_approx.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, _P, _P, ctypes.c_int, _P,
+                                    ctypes.c_float, _P, ctypes.c_int]
+    return lib
+
+
+def kernel_path() -> str:
+    """Which approximate scorer runs here: ``avx512``, ``c`` (the portable C loop) or ``numpy``."""
+    lib = _library()
+    if lib is None:
+        return "numpy"
+    return "avx512" if lib.hbi_cand_avx512() == 1 else "c"
+
+
+@lru_cache(maxsize=1)
+def _pool() -> tuple[int, ThreadPoolExecutor | None]:
+    threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return threads, (ThreadPoolExecutor(threads, thread_name_prefix="hbi-cand") if threads > 1 else None)
+
+
+def query_table(tokens: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(table (C, lp), best (C,))`` for the valid query tokens ``(L, D)``: ``table[c, l] = <centroid c, token
+    l>`` with lanes ``l >= L`` at a large negative value (``lp``: ``L`` rounded up to 16), ``best[c]`` its max."""
+    lp = _LANES * max(1, -(-len(tokens) // _LANES))
+    sims = np.ascontiguousarray(centroids @ tokens.T, np.float32)  # (C, L) (OpenBLAS: this operand order is the
+    # fast one here, ~14x faster than tokens @ centroids.T)
+    lib = _library()
+    if lib is None:
+        table = np.full((len(centroids), lp), _NEG, np.float32)
+        table[:, :len(tokens)] = sims
+        return table, sims.max(axis=1)
+    table = np.empty((len(centroids), lp), np.float32)
+    best = np.empty(len(centroids), np.float32)
+    if lib.hbi_cand_table(sims.ctypes.data, len(centroids), len(tokens), lp, table.ctypes.data, best.ctypes.data):
+        raise ValueError(f"the candidate kernel refused the table sizes (L={len(tokens)}, lp={lp})")
+    return table, best
+
+
+def approximate_scores(codes: np.ndarray, video_weights: np.ndarray, table: np.ndarray, best: np.ndarray,
+                       weights: np.ndarray, floor: float, *, path: str = "auto") -> np.ndarray:
+    """The approximate entity score of every row (module docstring): ``(N,)`` float32. ``codes`` ``(N, T)``
+    uint16, ``video_weights`` ``(N, T)`` float32 (0 at padding), ``table`` / ``best`` from :func:`query_table`,
+    ``weights`` the valid query tokens' weights, ``floor`` 0 when the query has padded positions (they score 0
+    in exact scoring), else -inf. ``path``: ``auto`` (the C kernel where built), ``c`` (its portable loop) or
+    ``numpy``."""
     n, t = codes.shape
-    flat = codes.reshape(-1).astype(np.int64)
-    rows = np.repeat(np.arange(n, dtype=np.int64), t)
-    keep = flat != int(NO_CODE)
-    key = np.unique(flat[keep] * n + rows[keep])  # sorted by centroid, then row; a row's duplicates merge
-    counts = np.bincount(key // n, minlength=nlist)
-    offsets = np.zeros(nlist + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    return offsets, (key % n).astype(np.int32)
+    lp = table.shape[1]
+    w = np.zeros(lp, np.float32)
+    w[:len(weights)] = weights
+    floor32 = np.float32(max(floor, -3.0e38))
+    lib = _library() if path != "numpy" else None
+    if lib is None:
+        return _approximate_numpy(codes, video_weights, table, best, w, floor32)
+    codes = np.ascontiguousarray(codes, np.uint16)
+    video_weights = np.ascontiguousarray(video_weights, np.float32)
+    table = np.ascontiguousarray(table, np.float32)
+    best = np.ascontiguousarray(best, np.float32)
+    out = np.empty(n, np.float32)
+    threads, pool = _pool()
+    bounds = np.linspace(0, n, min(threads, max(1, n // 32768)) + 1).astype(np.int64)  # a thread: >= 32k rows
+    use_avx512 = 0 if path == "c" else 1
+
+    def run(i: int) -> int:
+        a, b = int(bounds[i]), int(bounds[i + 1])
+        return lib.hbi_cand_approx(codes.ctypes.data, video_weights.ctypes.data, a, b, t, table.ctypes.data,
+                                   best.ctypes.data, lp, w.ctypes.data, floor32, out[a:].ctypes.data, use_avx512)
+
+    parts = range(len(bounds) - 1)
+    codes_back = list(pool.map(run, parts)) if pool is not None and len(parts) > 1 else [run(i) for i in parts]
+    if any(codes_back):
+        raise ValueError(f"the candidate kernel refused its sizes (lp={lp}, T={t})")
+    return out
+
+
+def _approximate_numpy(codes, video_weights, table, best, w, floor32) -> np.ndarray:
+    n = codes.shape[0]
+    out = np.empty(n, np.float32)
+    for a in range(0, n, 65536):
+        c = np.asarray(codes[a:a + 65536])
+        ok = c != NO_CODE
+        c = np.where(ok, c, 0).astype(np.int64)
+        g = np.where(ok[..., None], table[c], np.float32(0))  # (n, T, lp): padded frames give 0
+        t2v = g.max(axis=1) @ w
+        v2t = np.einsum("nt,nt->n", np.maximum(best[c], floor32), np.asarray(video_weights[a:a + 65536]) * ok)
+        out[a:a + 65536] = t2v + v2t
+    return out
+
+
+def top_rows(values: np.ndarray, k: int) -> np.ndarray:
+    """The rows of the ``k`` largest ``values`` (equal values: lower row first), ascending. A threshold taken
+    from a strided sample keeps the exact selection to about ``1.25 k`` rows (all rows when too few pass it)."""
+    n = len(values)
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    passing = None
+    step = n // 65536
+    if step >= 2:
+        sample = values[::step]
+        rank = int(1.25 * k / step) + 16  # from the top: about 1.25 k rows reach the sample's value there
+        if rank < len(sample) // 2:
+            thr = np.partition(sample, len(sample) - 1 - rank)[len(sample) - 1 - rank]
+            passing = np.flatnonzero(values >= thr)
+            if len(passing) < k:  # the sample misled (rare): select over every row
+                passing = None
+    if passing is None:
+        passing = np.arange(n, dtype=np.int64)
+    v = values[passing]
+    kth = np.partition(v, len(v) - k)[len(v) - k]
+    above = passing[v > kth]
+    ties = passing[v == kth][: k - len(above)]
+    return np.sort(np.concatenate([above, ties])).astype(np.int64)
 
 
 @dataclass
@@ -200,12 +329,8 @@ class CandidateIndex:
     meta: dict
     centroids: np.ndarray
     codes: np.ndarray
-    offsets: np.ndarray
-    members: np.ndarray
     origin: np.ndarray
     keys: np.ndarray
-    codebooks: np.ndarray  # (M, 256, D/M) residual product quantizer
-    residuals: np.ndarray  # (N, T, M) uint8 codes of each token's residual from its centroid
 
     @property
     def n(self) -> int:
@@ -215,69 +340,30 @@ class CandidateIndex:
         """Bytes of each array (what the candidate index adds to memory / disk)."""
         return {name: int(getattr(self, name).nbytes) for name in ARRAYS}
 
-    def candidates(self, tokens: np.ndarray, weights: np.ndarray, mask: np.ndarray, video_weights, k: int, *,
-                   nprobe: int = DEFAULT_NPROBE, pool: int = DEFAULT_POOL) -> np.ndarray:
-        """The ``k`` rows of largest approximate score for one query (entity-level text tokens ``(L, D)``, weights
-        and mask ``(L,)``; ``video_weights``: the store's entity-level weights ``(N, T)``), ascending.
-
-        1. probe: each valid query token probes its ``nprobe`` nearest centroids; a row's probe score is
-           ``sum_t w_t max(floor_t, best probed <t, centroid>)``; the ``pool * k`` best rows go on (rows touched
-           by no probe tie at the bottom and come by lower row, deterministically);
-        2. compressed interaction: HBI's entity score of those rows with every frame token replaced by its
-           centroid plus its product-quantised residual (both halves, the video weights and padded frames as
-           exact scoring has them); the ``k`` best are returned.
-        """
+    def approximate(self, tokens: np.ndarray, weights: np.ndarray, mask: np.ndarray, video_weights,
+                    *, path: str = "auto") -> np.ndarray | None:
+        """The approximate entity score of every row for one query (entity-level text tokens ``(L, D)``, weights
+        and mask ``(L,)``; ``video_weights``: the store's entity-level weights ``(N, T)``); None when the query
+        has no valid token."""
         valid = np.flatnonzero(mask)
+        if len(valid) == 0:
+            return None
+        t = np.asarray(tokens[valid], np.float32)
+        table, best = query_table(t, self.centroids)
+        floor = 0.0 if len(valid) < len(mask) else -np.inf  # padded query positions score 0 in exact scoring
+        return approximate_scores(self.codes, video_weights, table, best, np.asarray(weights[valid], np.float32),
+                                  floor, path=path)
+
+    def candidates(self, tokens: np.ndarray, weights: np.ndarray, mask: np.ndarray, video_weights, k: int, *,
+                   path: str = "auto") -> np.ndarray:
+        """The ``k`` rows of largest approximate score for one query (:meth:`approximate`), ascending (equal
+        scores: lower row first)."""
         n = self.n
         k = min(k, n)
-        if len(valid) == 0 or k >= n:
+        approx = self.approximate(tokens, weights, mask, video_weights, path=path)
+        if approx is None or k >= n:
             return np.arange(k, dtype=np.int64)
-        t = np.asarray(tokens[valid], np.float32)
-        w = np.asarray(weights[valid], np.float32)
-        sims = t @ self.centroids.T  # (Lv, C)
-        rows = self._probe(sims, w, min(n, pool * k), nprobe)
-        codes = np.asarray(self.codes[rows], np.int64)  # (P, T)
-        ok = codes != int(NO_CODE)
-        m = self.codebooks.shape[0]
-        res = np.asarray(self.residuals[rows])  # (P, T, M)
-        # each token as the index has it: its centroid + its product-quantised residual
-        flat = self.codebooks.reshape(m * 256, -1)  # codeword j of sub-space i at row 256 i + j
-        recon = np.take(self.centroids, np.where(ok, codes, 0).reshape(-1), axis=0)  # (P*T, D)
-        recon += np.take(flat, (res + 256 * np.arange(m)).reshape(-1), axis=0).reshape(len(recon), -1)
-        inter = (recon @ t.T).T.reshape(len(t), *codes.shape)  # (Lv, P, T) (this operand order: OpenBLAS's fast
-        # path here; t @ recon.T measured 100x slower on the reference machine)
-        inter = np.where(ok[None], inter, np.float32(0))  # padded frames give S = 0, as in exact scoring
-        t2v = w @ inter.max(axis=2)  # (P,)
-        per_frame = inter.max(axis=0)  # (P, T)
-        if len(valid) < len(mask):  # padded query positions give S = 0: the official floor of the max over tokens
-            per_frame = np.maximum(per_frame, 0)
-        v2t = np.einsum("pt,pt->p", per_frame, np.asarray(video_weights[rows], np.float32) * ok)
-        approx = t2v + v2t
-        best = rows[np.lexsort((rows, -approx))[:k]]
-        return np.sort(best)
-
-    def _probe(self, sims: np.ndarray, w: np.ndarray, k: int, nprobe: int) -> np.ndarray:
-        n, nlist = self.n, sims.shape[1]
-        if k >= n:
-            return np.arange(n, dtype=np.int64)
-        nprobe = max(1, min(nprobe, nlist - 1))
-        order = np.argpartition(-sims, nprobe, axis=1)
-        acc = np.zeros(n, np.float32)
-        best = np.empty(n, np.float32)
-        for i in range(sims.shape[0]):
-            probed = order[i, :nprobe]
-            floor = sims[i, order[i, nprobe:]].max()  # the best centroid this token did not probe
-            probed = probed[np.argsort(sims[i, probed])]  # ascending: the last write of a row is its best
-            starts, stops = self.offsets[probed], self.offsets[probed + 1]
-            rows = np.concatenate([self.members[a:b] for a, b in zip(starts, stops)])
-            if rows.size == 0:
-                continue
-            best[rows] = np.repeat(sims[i, probed], stops - starts)
-            acc[rows] = acc[rows] + np.maximum(best[rows] - floor, 0) * w[i]  # duplicates: the same value, once
-        kth = np.partition(acc, n - k)[n - k]
-        above = np.flatnonzero(acc > kth)
-        ties = np.flatnonzero(acc == kth)[: k - len(above)]
-        return np.sort(np.concatenate([above, ties])).astype(np.int64)
+        return top_rows(approx, k)
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -289,7 +375,10 @@ def _pointer(index_dir: Path) -> dict:
         raise CandidateIndexUnavailable("the index has no candidate index") from None
     except (OSError, ValueError) as exc:
         raise CandidateIndexUnavailable(f"its pointer {path} cannot be read ({exc})") from None
-    if not isinstance(pointer, dict) or pointer.get("format") != FORMAT:
+    fmt = pointer.get("format") if isinstance(pointer, dict) else None
+    if fmt != FORMAT:
+        if isinstance(fmt, str) and fmt.startswith("hbi.candidates/"):
+            raise CandidateIndexUnavailable(f"it is of another format ({fmt}; this version reads {FORMAT})")
         raise CandidateIndexUnavailable(f"{path} is not a {FORMAT} pointer")
     return pointer
 
@@ -326,25 +415,39 @@ def load(index, *, verify_bytes: bool = False) -> CandidateIndex:
             arrays[name[:-4]] = np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
         except (OSError, ValueError) as exc:
             raise CandidateIndexUnavailable(f"{path} cannot be read ({exc}): damaged") from None
-    cand = CandidateIndex(folder, pointer, **{k: (np.asarray(v) if k in ("centroids", "codebooks") else v)
+    cand = CandidateIndex(folder, pointer, **{k: (np.asarray(v) if k == "centroids" else v)
                                               for k, v in arrays.items()})
     n, nlist = cand.codes.shape[0], cand.centroids.shape[0]
     if (cand.centroids.ndim != 2 or cand.centroids.shape[1] != index.meta.get("embed_dim")
-            or cand.offsets.shape != (nlist + 1,) or int(cand.offsets[-1]) != cand.members.shape[0]
-            or cand.origin.shape != (n, 2) or cand.keys.shape != (n,)
-            or cand.residuals.shape[:2] != cand.codes.shape or cand.residuals.shape[2] != cand.codebooks.shape[0]):
+            or not 0 < nlist <= MAX_NLIST or cand.codes.dtype != np.uint16 or cand.codes.ndim != 2
+            or cand.origin.shape != (n, 2) or cand.keys.shape != (n,)):
         raise CandidateIndexUnavailable(f"the arrays in {folder} do not fit together: damaged")
-    # Values that would index out of range (flipped bytes the size check cannot see): a few ms at a million rows.
-    # Bytes that stay in range can only make worse candidates; the scores are always exact.
+    # Codes out of range (flipped bytes the size check cannot see) would make the kernel read outside its table:
+    # checked on every load (a few ms at a million rows). Bytes that stay in range can only make worse
+    # candidates; the scores are always exact.
     codes = cand.codes.reshape(-1)
-    if (len(cand.members) and (int(cand.members.min()) < 0 or int(cand.members.max()) >= n)
-            or np.any(np.diff(cand.offsets) < 0) or int(cand.offsets[0]) != 0
-            or np.any((codes >= nlist) & (codes != NO_CODE))
-            or not (np.isfinite(cand.centroids).all() and np.isfinite(cand.codebooks).all())):
+    if np.any((codes >= nlist) & (codes != NO_CODE)) or not np.isfinite(cand.centroids).all():
         raise CandidateIndexUnavailable(f"the arrays in {folder} hold impossible values: damaged")
     if not np.array_equal(cand.origin, index_origin(index)):
         raise CandidateIndexUnavailable("it is stale (the index changed after it was built)")
     return cand
+
+
+def status(index, *, verify: bool = False) -> dict:
+    """What ``hbi-run index --status`` says of the candidate index of an opened index: ``{"state": "ready",
+    "rows", "nlist", "bytes", "created", "scorer"}``, or ``{"state": "none" | "unusable", "reason"}`` (then
+    retrieval is exhaustive)."""
+    root = Path(index.dir)
+    try:
+        pointer = _pointer(root)
+        cand = load(index, verify_bytes=verify)
+    except CandidateIndexUnavailable as exc:
+        if not (root / FOLDER / POINTER).exists():
+            return {"state": "none",
+                    "reason": f"none yet (built by hbi-run index from {BUILD_MIN_ROWS} videos on, with faiss-cpu)"}
+        return {"state": "unusable", "reason": f"{exc}; the next hbi-run index rebuilds it"}
+    return {"state": "ready", "rows": cand.n, "nlist": int(cand.centroids.shape[0]),
+            "bytes": int(sum(cand.nbytes().values())), "created": pointer.get("created"), "scorer": kernel_path()}
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -404,21 +507,18 @@ def build(index, *, min_rows: int = BUILD_MIN_ROWS, seed: int = 0,
     if retrain:
         if progress:
             progress(f"training {nlist_for(int(mask.sum()))} centroids on the stored frame tokens")
-        centroids, codebooks = train(tokens, mask, seed=seed)
+        centroids = train(tokens, mask, seed=seed)
         trained_rows = n
         codes = np.full(mask.shape, NO_CODE, np.uint16)
-        residuals = np.zeros((*mask.shape, codebooks.shape[0]), np.uint8)
     else:
-        centroids, codebooks = np.asarray(old.centroids), np.asarray(old.codebooks)
-        codes, residuals, ok = _reuse(old, origin, keys, mask.shape)
+        centroids = np.asarray(old.centroids)
+        codes, ok = _reuse(old, origin, keys, mask.shape)
     todo = np.flatnonzero(~ok)
     if progress and len(todo):
         progress(f"coding the frame tokens of {len(todo)} video(s) ({len(centroids)} centroids)")
     if len(todo):
-        codes[todo], residuals[todo] = encode(tokens[todo], mask[todo], centroids, codebooks)
-    offsets, members = inverted_lists(codes, len(centroids))
-    arrays = {"centroids": centroids.astype(np.float32), "codes": codes, "offsets": offsets, "members": members,
-              "origin": origin, "keys": keys, "codebooks": codebooks, "residuals": residuals}
+        codes[todo] = encode(tokens[todo], mask[todo], centroids)
+    arrays = {"centroids": centroids.astype(np.float32), "codes": codes, "origin": origin, "keys": keys}
     root.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix="tmp-"))
     for name in FILES:
@@ -438,39 +538,28 @@ def build(index, *, min_rows: int = BUILD_MIN_ROWS, seed: int = 0,
             "bytes": int(sum(a.nbytes for a in arrays.values()))}
 
 
-def train(tokens: np.ndarray, mask: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(centroids, residual codebooks)`` learnt from the valid tokens ``tokens[mask]`` of ``(n, T, D)``."""
+def train(tokens: np.ndarray, mask: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """The centroids learnt from the valid tokens ``tokens[mask]`` of ``(n, T, D)``."""
     x = tokens[mask]
-    centroids = train_centroids(x, nlist_for(len(x)), seed=seed)
-    sample = np.random.default_rng(seed).permutation(len(x))[: 256 * TRAIN_POINTS_PER_CENTROID]
-    x = x[np.sort(sample)]
-    return centroids, train_residuals(x - centroids[assign(x, centroids)], seed=seed)
+    return train_centroids(x, nlist_for(len(x)), seed=seed)
 
 
-def encode(tokens: np.ndarray, mask: np.ndarray, centroids: np.ndarray,
-           codebooks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes (n, T) uint16, residual codes (n, T, M) uint8)`` of tokens ``(n, T, D)`` (padded: NO_CODE, 0)."""
-    x = tokens[mask]
-    assigned = assign(x, centroids)
+def encode(tokens: np.ndarray, mask: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """The codes ``(n, T)`` uint16 of tokens ``(n, T, D)`` (padded: NO_CODE)."""
     codes = np.full(mask.shape, NO_CODE, np.uint16)
-    codes[mask] = assigned.astype(np.uint16)
-    residuals = np.zeros((*mask.shape, codebooks.shape[0]), np.uint8)
-    residuals[mask] = encode_residuals(x - centroids[assigned], codebooks)
-    return codes, residuals
+    codes[mask] = assign(tokens[mask], centroids).astype(np.uint16)
+    return codes
 
 
-def _reuse(old: CandidateIndex, origin: np.ndarray, keys: np.ndarray, shape: tuple
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The codes of the rows ``old`` already holds (same shard, shard row and video id): codes, residuals, ok."""
+def _reuse(old: CandidateIndex, origin: np.ndarray, keys: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The codes of the rows ``old`` already holds (same shard, shard row and video id): codes, ok."""
     lookup = {(int(a), int(b), int(k)): i for i, (a, b, k) in enumerate(zip(old.origin[:, 0], old.origin[:, 1],
                                                                          old.keys))}
     hit = np.array([lookup.get((int(a), int(b), int(k)), -1) for (a, b), k in zip(origin, keys)], np.int64)
     ok = hit >= 0
     codes = np.full(shape, NO_CODE, np.uint16)
-    residuals = np.zeros((*shape, old.codebooks.shape[0]), np.uint8)
     codes[ok] = old.codes[hit[ok]]
-    residuals[ok] = old.residuals[hit[ok]]
-    return codes, residuals, ok
+    return codes, ok
 
 
 def from_store(store, *, seed: int = 0) -> CandidateIndex:
@@ -481,15 +570,12 @@ def from_store(store, *, seed: int = 0) -> CandidateIndex:
     tokens = np.empty((store.n, level.length, level.dim), np.float32)
     for a in range(0, store.n, 65536):
         tokens[a:a + 65536] = level.dequantize(np.arange(a, min(a + 65536, store.n)))
-    centroids, codebooks = train(tokens, mask, seed=seed)
+    centroids = train(tokens, mask, seed=seed)
     codes = np.empty(mask.shape, np.uint16)
-    residuals = np.empty((*mask.shape, codebooks.shape[0]), np.uint8)
-    for a in range(0, store.n, 65536):
-        codes[a:a + 65536], residuals[a:a + 65536] = encode(tokens[a:a + 65536], mask[a:a + 65536], centroids,
-                                                            codebooks)
-    offsets, members = inverted_lists(codes, len(centroids))
-    return CandidateIndex(Path(), {"nlist": len(centroids)}, centroids, codes, offsets, members,
-                          np.zeros((store.n, 2), np.int32), np.zeros(store.n, np.int64), codebooks, residuals)
+    for a in range(0, store.n, 1 << 18):
+        codes[a:a + (1 << 18)] = encode(tokens[a:a + (1 << 18)], mask[a:a + (1 << 18)], centroids)
+    return CandidateIndex(Path(), {"nlist": len(centroids)}, centroids, codes, np.zeros((store.n, 2), np.int32),
+                          np.zeros(store.n, np.int64))
 
 
 def _collect(root: Path, keep: str | None) -> None:

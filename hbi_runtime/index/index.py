@@ -302,7 +302,8 @@ def index_status(index_dir: str | os.PathLike, *, verify: bool = False) -> dict:
     ``last_commit`` (when the last run published), ``videos`` (indexed and readable), ``not_indexed`` (in damaged
     shards), ``failed_count``, ``rows``, ``shards``, ``shard_bytes``, ``failed`` ([{path, path_b64, reason,
     kind}]), ``damaged_shards`` ([{shard, videos, reason}]), ``pending`` (an unfinished run: {generation, started,
-    videos} or None), ``verified`` ("cheap" or "full").
+    videos} or None), ``verified`` ("cheap" or "full"), ``candidates`` (the candidate index:
+    :func:`hbi_runtime.index.candidates.status`).
 
     Raises:
         BadInputError: no index there; DamagedIndexError: the catalog cannot be read.
@@ -328,7 +329,20 @@ def index_status(index_dir: str | os.PathLike, *, verify: bool = False) -> dict:
             "failed": [{"path": display_path(rel), "path_b64": path_b64(rel), "reason": error, "kind": kind}
                        for rel, error, kind in snap.failed],
             "damaged_shards": [d.to_dict() for d in damaged], "pending": pending,
-            "verified": "full" if verify else "cheap"}
+            "verified": "full" if verify else "cheap",
+            "candidates": _candidate_status(index_dir, verify, damaged)}
+
+
+def _candidate_status(index_dir: Path, verify: bool, damaged: list) -> dict:
+    from hbi_runtime.errors import HbiError
+    from hbi_runtime.index import candidates as cand_stage
+
+    if damaged:
+        return {"state": "unusable", "reason": "damaged shards: repair them with hbi-run index first"}
+    try:
+        return cand_stage.status(Index.open(index_dir), verify=verify)
+    except HbiError as exc:
+        return {"state": "unusable", "reason": str(exc)}
 
 
 def published_state(index_dir: str | os.PathLike) -> tuple:

@@ -120,9 +120,17 @@ class StoreLevel:
         return out
 
     def take(self, ids: np.ndarray | slice) -> StoreLevel:
-        """The videos ``ids`` (a slice stays a view of a memory map)."""
-        scales = None if self.scales is None else self.scales[ids]
-        return StoreLevel(self.dtype, self.tokens[ids], self.weights[ids], self.mask[ids], scales)
+        """The videos ``ids`` (a slice stays a view of a memory map; an index array copies whole rows: ``np.take``
+        copies each video's ``(T, D)`` block at once, where indexing copies it element by element, ~2x slower)."""
+        if isinstance(ids, slice):
+            pick = lambda a: a[ids]  # noqa: E731
+        else:
+            ids = np.asarray(ids)
+            if ids.dtype == np.bool_:
+                ids = np.flatnonzero(ids)
+            pick = lambda a: np.take(a, ids, axis=0)  # noqa: E731
+        scales = None if self.scales is None else pick(self.scales)
+        return StoreLevel(self.dtype, pick(self.tokens), pick(self.weights), pick(self.mask), scales)
 
     def dequantize(self, ids: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Tokens of the videos ``ids`` as float32 ``(k, T, D)`` (zero at padding)."""

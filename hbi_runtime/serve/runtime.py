@@ -58,7 +58,7 @@ class ServeConfig:
     reload_interval_s: float = 2.0
     workers: int = 2  # decoding processes of index jobs
     batch_size: int = 16  # videos per encoder call of index jobs
-    ranking: str = "auto"  # hbi_runtime.search.RANKING_MODES: "two-stage" with --two-stage
+    ranking: str = "auto"  # hbi_runtime.search.RANKING_MODES: "two-stage" with --two-stage, "exact" with --exact
 
 
 # ------------------------------------------------------------------------------------------- lane payloads
@@ -180,9 +180,9 @@ class Runtime:
         return results
 
     def _candidates(self, served: Served):
-        """The served state's candidate index, loaded once per state (two-stage ranking only); None: let
-        rank_encoded say why there is none."""
-        if self.config.ranking != "two-stage" or served.store is None:
+        """The served state's candidate index, loaded once per state (not with exact ranking); None: let
+        rank_encoded say why there is none (or, below its gallery threshold, rank exhaustively)."""
+        if self.config.ranking == "exact" or served.store is None:
             return None
         if self._cand_token != served.token:
             from hbi_runtime.index import candidates as cand_stage

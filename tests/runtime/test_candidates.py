@@ -15,7 +15,7 @@ import pytest
 
 import hbi_runtime
 from hbi_runtime.fileio import write_atomic
-from hbi_runtime.index import Index, update_index
+from hbi_runtime.index import Index, index_status, update_index
 from hbi_runtime.index import candidates as cand_stage
 from hbi_runtime.scoring import score, topk
 from hbi_runtime.search import rank_encoded, search
@@ -68,6 +68,8 @@ def test_index_builds_the_candidate_index_within_half_the_store(gallery):
     assert sum(cand.nbytes().values()) <= 0.5 * store_bytes
     pointer = json.loads((root / "index" / "candidates" / "CURRENT.json").read_text())
     assert set(pointer["files"]) == set(cand_stage.FILES)
+    state = index_status(root / "index")["candidates"]  # what `hbi-run index --status` reports
+    assert state["state"] == "ready" and state["rows"] == VIDEOS and state["nlist"] == report["nlist"]
 
 
 def test_two_stage_keeps_the_exact_top_10(gallery, model):
@@ -115,6 +117,18 @@ def test_auto_uses_exact_below_the_threshold_and_exact_flag(gallery, model):
     assert [h.path for h in auto[0].hits] == [h.path for h in forced[0].hits]
 
 
+def test_auto_switches_above_the_threshold_where_the_kernel_is_built(gallery, model, monkeypatch):
+    from hbi_runtime import search as search_module
+
+    root, _, captions = gallery
+    index = Index.open(root / "index")
+    monkeypatch.setattr(search_module, "AUTO_MIN_GALLERY", VIDEOS // 2)
+    monkeypatch.setattr(cand_stage, "DEFAULT_MIN_K", K)
+    assert search(model, index, captions[:1])[0].ranking == {"path": "two-stage", "gallery": VIDEOS, "candidates": K}
+    monkeypatch.setattr(cand_stage, "kernel_path", lambda: "numpy")  # no C kernel: exhaustive is the faster path
+    assert search(model, index, captions[:1])[0].ranking == {"path": "exact", "gallery": VIDEOS}
+
+
 def test_top_k_larger_than_k(gallery, model):
     root, _, captions = gallery
     index = Index.open(root / "index")
@@ -144,6 +158,7 @@ def test_missing_candidate_index_falls_back_with_a_reason(index_copy, gallery, m
     r = _two_stage(model, index_copy, gallery[2])
     assert r.ranking["path"] == "exact" and "no candidate index" in r.ranking["reason"]
     assert "hbi-run index" in r.ranking["reason"]
+    assert index_status(index_copy)["candidates"]["state"] == "none"
 
 
 def test_damaged_candidate_index_falls_back(index_copy, gallery, model):
@@ -157,15 +172,32 @@ def test_damaged_candidate_index_falls_back(index_copy, gallery, model):
 
 def test_flipped_bytes_are_seen_by_the_full_check_and_rebuilt(index_copy, gallery, model):
     pointer = json.loads((index_copy / "candidates" / "CURRENT.json").read_text())
-    members = index_copy / "candidates" / pointer["folder"] / "members.npy"
-    raw = bytearray(members.read_bytes())
-    raw[-4:] = b"\xff\xff\xff\x7f"  # a row id far out of range, same size
-    members.write_bytes(bytes(raw))
+    codes = index_copy / "candidates" / pointer["folder"] / "codes.npy"
+    raw = bytearray(codes.read_bytes())
+    raw[-2:] = b"\xfe\x7f"  # a centroid id far out of range (the kernel would read outside its table), same size
+    codes.write_bytes(bytes(raw))
     with pytest.raises(cand_stage.CandidateIndexUnavailable, match="checksum"):
         cand_stage.load(Index.open(index_copy), verify_bytes=True)
+    with pytest.raises(cand_stage.CandidateIndexUnavailable, match="impossible values"):  # the cheap check too
+        cand_stage.load(Index.open(index_copy))
+    state = index_status(index_copy)["candidates"]
+    assert state["state"] == "unusable" and "impossible values" in state["reason"]
+    r = _two_stage(model, index_copy, gallery[2])
+    assert r.ranking["path"] == "exact" and "damaged" in r.ranking["reason"]
     report = cand_stage.build(Index.open(index_copy))  # the next `index` run: the damaged files are not reused
     assert report["built"] and report["reused"] == 0
     cand_stage.load(Index.open(index_copy), verify_bytes=True)
+
+
+def test_an_older_format_falls_back_and_is_rebuilt(index_copy, gallery, model):
+    path = index_copy / "candidates" / "CURRENT.json"
+    pointer = json.loads(path.read_text())
+    path.write_text(json.dumps({**pointer, "format": "hbi.candidates/1"}))
+    r = _two_stage(model, index_copy, gallery[2])
+    assert r.ranking["path"] == "exact" and "another format (hbi.candidates/1" in r.ranking["reason"]
+    report = cand_stage.build(Index.open(index_copy))
+    assert report["built"] and report["reused"] == 0 and report["retrained"]
+    assert _two_stage(model, index_copy, gallery[2]).ranking["path"] == "two-stage"
 
 
 def test_stale_candidate_index_falls_back_and_the_next_run_rebuilds(tmp_path, gallery, model):
@@ -233,8 +265,8 @@ def test_retrieve_cli_says_which_path_answered(gallery, monkeypatch):
     assert small.exit_code == 0, small.output
     assert json.loads(small.stdout)["ranking"] == {"path": "exact", "gallery": VIDEOS}
     assert "warning" not in small.stderr
-    monkeypatch.setattr(cand_stage, "DEFAULT_K", K)
-    asked = runner.invoke(app, [*args, "--two-stage"])  # the opt-in while the automatic switch is off
+    monkeypatch.setattr(cand_stage, "DEFAULT_MIN_K", K)  # 20 % of this small gallery (5 % would be 50)
+    asked = runner.invoke(app, [*args, "--two-stage"])  # below the automatic switch: asked for
     assert asked.exit_code == 0, asked.output
     assert json.loads(asked.stdout)["ranking"] == {"path": "two-stage", "gallery": VIDEOS, "candidates": K}
     both = runner.invoke(app, [*args, "--two-stage", "--exact"])
