@@ -13,7 +13,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime import doctor as doctor_lib
 from hbi_runtime.bench.cli import register as _register_bench
 from hbi_runtime.cli_options import (ActorsOption, AllowUnverifiedOption, BackendName, BackendOption, Device,
                                      DeviceOption, EnginePrecisionAlias, ExactOption, Executor, ExecutorOption,
@@ -48,6 +47,8 @@ def doctor(
     """
     json_mode = output_format is OutputFormat.json
     with run_guarded(ctx, json_mode):
+        from hbi_runtime import doctor as doctor_lib  # here: importlib.metadata and platform probes cost every start
+
         packages = models if models else ([DEMO_PACKAGE] if (DEMO_PACKAGE / "manifest.json").exists() else [])
         report = doctor_lib.collect()
         report["packages"] = doctor_lib.judge_packages(report, packages)
