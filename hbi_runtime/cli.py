@@ -73,14 +73,18 @@ def _choice(backend: BackendName, precision: Optional[str], alias: Optional[str]
     return BackendChoice(backend, engine_precision(precision, alias), device, triton_url)
 
 
-def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendChoice = BackendChoice()):
+def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendChoice = BackendChoice(), *,
+                few_calls: bool = False):
     """The model on the chosen backend and device: ``--backend trt`` runs the engines of ``hbi-export build-engine``
     (on ``cuda``); ``--backend onnxruntime`` runs on ``--device cpu`` (default), ``cuda``, or ``tensorrt`` (ONNX
     Runtime's TensorRT execution provider, where ``--precision`` is its precision); ``--backend triton`` sends the
-    encoders to the Triton server at ``--triton-url``."""
+    encoders to the Triton server at ``--triton-url``. ``few_calls``: the process runs a graph a few times and
+    exits (ONNX Runtime's threads do not spin: less CPU at start, same outputs)."""
     from hbi_runtime.model import load
 
     package, options = _load_args(model, backend)
+    if few_calls and backend.name is BackendName.onnxruntime:
+        options = {**options, "spinning": False}
     return load(package, allow_unverified=allow_unverified, **options)
 
 
@@ -514,7 +518,7 @@ def retrieve(
         texts = check_queries(list(queries or []) + (_read_lines(queries_file, "queries") if queries_file else []))
         _one_source(videos, index_dir)
         choice = _choice(backend, precision, engine_precision_alias, device, triton_url)
-        with _load_model(model, allow_unverified, choice) as m:
+        with _load_model(model, allow_unverified, choice, few_calls=videos is None) as m:
             if videos is not None:
                 summary = _index_folder(m, videos, None, workers=workers, batch_size=16, window=window,
                                         stride=None, quiet=json_mode)
