@@ -134,3 +134,22 @@ def test_jsonl_errors_are_one_line():
     assert result.exit_code == 2
     (line,) = result.stdout.splitlines()
     assert json.loads(line)["error"]["message"].startswith("give exactly one of --videos DIR and --index DIR")
+
+
+def test_a_cli_start_imports_only_what_a_query_needs(repo_root):
+    """What makes `hbi-run retrieve --index` start fast (docs/bench.md, "Cold start") stays true: importing the CLI
+    loads no backend and no doctor, the version is no metadata lookup, and a query's modules leave the index
+    writer (video decoding, multiprocessing) unimported."""
+    import subprocess
+
+    code = ("import sys, hbi_runtime.version; assert 'importlib.metadata' not in sys.modules, 'version'\n"
+            "import hbi_runtime.cli\n"
+            "heavy = {'onnxruntime', 'torch', 'hbi_runtime.doctor', 'regex', 'ftfy'} & set(sys.modules)\n"
+            "assert not heavy, sorted(heavy)\n"
+            "import hbi_runtime.index, hbi_runtime.search, hbi_runtime.explain.banzhaf\n"
+            "writer = {'hbi_runtime.index.update', 'hbi_runtime.video', 'multiprocessing'} & set(sys.modules)\n"
+            "assert not writer, sorted(writer)\n"
+            "from hbi_runtime.index import update_index, Window\n"
+            "assert update_index.__module__ == 'hbi_runtime.index.update' and Window.__module__.endswith('windows')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
