@@ -34,6 +34,7 @@ import hashlib
 import logging
 import os
 import platform
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -343,7 +344,7 @@ class OrtBackend(Backend):
     def _prepare_cache_write(cached: Path) -> Path | None:
         """A writable temporary path next to ``cached`` for ONNX Runtime to save the optimized graph to, or None
         (a cache that cannot be written only costs the optimization at every start)."""
-        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # one per writer
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp.touch()
