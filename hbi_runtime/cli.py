@@ -13,7 +13,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from hbi_runtime import doctor as doctor_lib
 from hbi_runtime.bench.cli import register as _register_bench
 from hbi_runtime.cli_options import (ActorsOption, AllowUnverifiedOption, BackendName, BackendOption, Device,
                                      DeviceOption, EnginePrecisionAlias, ExactOption, Executor, ExecutorOption,
@@ -48,6 +47,8 @@ def doctor(
     """
     json_mode = output_format is OutputFormat.json
     with run_guarded(ctx, json_mode):
+        from hbi_runtime import doctor as doctor_lib  # here: importlib.metadata and platform probes cost every start
+
         packages = models if models else ([DEMO_PACKAGE] if (DEMO_PACKAGE / "manifest.json").exists() else [])
         report = doctor_lib.collect()
         report["packages"] = doctor_lib.judge_packages(report, packages)
@@ -72,14 +73,18 @@ def _choice(backend: BackendName, precision: Optional[str], alias: Optional[str]
     return BackendChoice(backend, engine_precision(precision, alias), device, triton_url)
 
 
-def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendChoice = BackendChoice()):
+def _load_model(model: Optional[Path], allow_unverified: bool, backend: BackendChoice = BackendChoice(), *,
+                few_calls: bool = False):
     """The model on the chosen backend and device: ``--backend trt`` runs the engines of ``hbi-export build-engine``
     (on ``cuda``); ``--backend onnxruntime`` runs on ``--device cpu`` (default), ``cuda``, or ``tensorrt`` (ONNX
     Runtime's TensorRT execution provider, where ``--precision`` is its precision); ``--backend triton`` sends the
-    encoders to the Triton server at ``--triton-url``."""
+    encoders to the Triton server at ``--triton-url``. ``few_calls``: the process runs a graph a few times and
+    exits (ONNX Runtime's threads do not spin: less CPU at start, same outputs)."""
     from hbi_runtime.model import load
 
     package, options = _load_args(model, backend)
+    if few_calls and backend.name is BackendName.onnxruntime:
+        options = {**options, "spinning": False}
     return load(package, allow_unverified=allow_unverified, **options)
 
 
@@ -519,7 +524,7 @@ def retrieve(
         texts = check_queries(list(queries or []) + (_read_lines(queries_file, "queries") if queries_file else []))
         _one_source(videos, index_dir)
         choice = _choice(backend, precision, engine_precision_alias, device, triton_url)
-        with _load_model(model, allow_unverified, choice) as m:
+        with _load_model(model, allow_unverified, choice, few_calls=videos is None) as m:
             if videos is not None:
                 summary = _index_folder(m, videos, None, workers=workers, batch_size=16, window=window,
                                         stride=None, quiet=json_mode)

@@ -26,13 +26,17 @@ every example of every ``--help`` text.
 
 from __future__ import annotations
 
+import copy
 import enum
+import functools
 import sys
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from hbi_runtime.cli_support import OutputFormat, TableFormat, guarded
 
@@ -59,12 +63,83 @@ def _root(ctx: typer.Context, debug: _GlobalDebug = False, _version: _Version = 
     ctx.obj = GlobalOptions(debug=debug)
 
 
+class _LazyCommands(MutableMapping):
+    """A group's commands by name, in registration order, each built (Typer's conversion of a registered
+    function into a click command: its parameters, their type hints, defaults) on first access only."""
+
+    def __init__(self, builders: dict) -> None:
+        self._builders = dict(builders)  # name -> a function that builds the command (order kept)
+        self._built: dict = {}
+
+    def __getitem__(self, name: str):
+        if name not in self._built:
+            self._built[name] = self._builders[name]()
+        return self._built[name]
+
+    def __setitem__(self, name: str, command) -> None:
+        self._builders.setdefault(name, lambda: command)
+        self._built[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._builders[name]
+        self._built.pop(name, None)
+
+    def __iter__(self):
+        return iter(self._builders)
+
+    def __len__(self) -> int:
+        return len(self._builders)
+
+
+class LazyGroup(TyperGroup):
+    """The root group of a :func:`make_app` app: lists its commands by name without building them, so that
+    ``hbi-run retrieve ...`` builds one command, not all of them; ``--help`` and completion build those they show."""
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(self.commands)
+
+
+class _App(typer.Typer):
+    """A Typer app whose click group (:func:`click_group`) builds a command only when it is looked up."""
+
+    def __call__(self, *args, **kwargs):
+        return click_group(self)(*args, **kwargs)
+
+
+def click_group(app: typer.Typer):
+    """The click group of ``app`` as ``typer.main.get_command`` makes it, but with each command and sub-group
+    built on first use (see :class:`LazyGroup`); the same group, with everything built, is what
+    ``typer.main.get_command(app)`` returns (tests use that)."""
+    if app._add_completion or not (app.registered_callback or app.info.callback):
+        return typer.main.get_command(app)  # not the shape make_app gives: Typer's own build
+    style = {"pretty_exceptions_short": app.pretty_exceptions_short, "rich_markup_mode": app.rich_markup_mode}
+    shell = copy.copy(app)  # the root callback and its options alone
+    shell.registered_commands, shell.registered_groups = [], []
+    group = typer.main.get_command(shell)
+    builders: dict = {}
+    for info in app.registered_commands:
+        name = info.name or typer.main.get_command_name(info.callback.__name__)
+        builders[name] = functools.partial(typer.main.get_command_from_info, info, **style)
+    for info in app.registered_groups:
+        sub_style = {**style, **({"suggest_commands": app.suggest_commands} if hasattr(app, "suggest_commands")
+                                 else {})}
+        build = functools.partial(typer.main.get_group_from_info, info, **sub_style)
+        name = typer.main.solve_typer_info_defaults(info).name
+        if name:
+            builders[name] = build
+        else:  # a group added without a name lends its commands to this one: Typer merges them
+            builders.update(build().commands)
+    group.commands = _LazyCommands(builders)
+    return group
+
+
 def make_app(name: str, help: str, examples: str = "") -> typer.Typer:
     """A Typer app in the house style: plain help with ``-h``, the examples as epilog, a root callback taking
-    the global ``--debug`` and ``--version``; errors go through :func:`guarded`, never Typer's pretty printer."""
-    app = typer.Typer(name=name, help=help, epilog=examples or None, no_args_is_help=True, add_completion=False,
-                      pretty_exceptions_enable=False, rich_markup_mode=None,
-                      context_settings={"help_option_names": ["-h", "--help"]})
+    the global ``--debug`` and ``--version``; errors go through :func:`guarded`, never Typer's pretty printer.
+    Running it builds only the command that runs (:func:`click_group`)."""
+    app = _App(name=name, help=help, epilog=examples or None, no_args_is_help=True, add_completion=False,
+               pretty_exceptions_enable=False, rich_markup_mode=None, cls=LazyGroup,
+               context_settings={"help_option_names": ["-h", "--help"]})
     app.callback(help=help)(_root)
     return app
 

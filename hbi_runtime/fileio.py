@@ -6,6 +6,8 @@
   umask), not ``mkstemp``'s private ``0o600``: manifests and engines are shared artifacts.
 - :func:`replace_dir`: a complete folder swapped into place, the previous one deleted only once the new one is
   there (what :mod:`hbi_runtime.outputs` builds every exporter's ``--out`` on).
+- :func:`user_cache_dir`: where derived files that are cheap to rebuild are kept (BPE tables, optimized ONNX
+  Runtime graphs).
 
 Names in messages are shown with :func:`hbi_runtime.names.display_path`.
 """
@@ -19,6 +21,12 @@ import tempfile
 from pathlib import Path
 
 from hbi_runtime.names import display_path
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/hbi-toolkit/<parts>`` (``~/.cache`` by default); not created here."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache, "hbi-toolkit", *parts)
 
 
 def _umask() -> int:

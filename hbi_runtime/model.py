@@ -164,7 +164,7 @@ def load(pkg_dir: str | os.PathLike, *, backend: str = "onnxruntime", allow_unve
         backend: a key of :data:`hbi_runtime.backends.BACKENDS`.
         allow_unverified: accept a package whose parity check failed or never ran.
         backend_options: options of that backend, for every graph (``onnxruntime``: ``providers``,
-            ``intra_op_threads``, ``inter_op_threads``, ``optimization``, ``custom_ops``; ``triton``: ``url``,
+            ``intra_op_threads``, ``inter_op_threads``, ``optimization``, ``custom_ops``, ``spinning``; ``triton``: ``url``,
             ``model``, ``timeout_s``, ``retries``, ``retry_wait_s``, ``tolerance``).
     Returns:
         The :class:`Model`; its graphs load on first use.

@@ -103,17 +103,27 @@ def _external_locations(buf: mmap.mmap | bytes) -> list[str]:
         children = _CHILDREN.get(kind, {})
         entry: dict[int, bytes] = {}
         while pos < end:
-            tag, pos = _varint(buf, pos, end)
+            tag = buf[pos]  # one-byte varints (most tags and short lengths) are read inline: the walk's hot path
+            if tag < 0x80:
+                pos += 1
+            else:
+                tag, pos = _varint(buf, pos, end)
             number, wire = tag >> 3, tag & 7
             if number == 0:
                 raise _Truncated("field number 0")
             if wire == 0:
-                _, pos = _varint(buf, pos, end)
+                if pos < end and buf[pos] < 0x80:
+                    pos += 1
+                else:
+                    _, pos = _varint(buf, pos, end)
                 continue
             if wire == 1 or wire == 5:
                 pos += 8 if wire == 1 else 4
             elif wire == 2:
-                length, pos = _varint(buf, pos, end)
+                if pos < end and buf[pos] < 0x80:
+                    length, pos = buf[pos], pos + 1
+                else:
+                    length, pos = _varint(buf, pos, end)
                 start, pos = pos, pos + length
                 if pos <= end and number in children:
                     stack.append((start, pos, children[number]))

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from hbi_runtime.errors import BadInputError, MissingDependencyError, UsageError
+from hbi_runtime.fileio import user_cache_dir
 
 __all__ = [
     "CONTEXT_LENGTH",
@@ -420,8 +421,7 @@ def _build_tables(path: Path) -> tuple[dict[str, int], dict[tuple[str, str], int
 
 def tables_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/hbi-toolkit/bpe`` (``~/.cache`` by default), where the built tables are kept."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "hbi-toolkit" / "bpe"
+    return user_cache_dir("bpe")
 
 
 def _load_tables(path: Path) -> tuple[dict[str, int], dict[tuple[str, str], int]]:

@@ -95,7 +95,10 @@ def test_shared_options_are_spelled_alike_everywhere(apps):
                 if "--json" in flags and not param.hidden:
                     problems.append(f"{where}: --json is only a hidden, deprecated alias of --format json")
                 if "--format" in flags:
-                    choices = {m.value for m in param.type_descriptor.annotation}
+                    if getattr(param.type, "choices", None):  # Typer < 0.29: a click Choice of the values
+                        choices = {getattr(c, "value", c) for c in param.type.choices}
+                    else:  # Typer 0.29 keeps the Enum annotation
+                        choices = {m.value for m in param.type_descriptor.annotation}
                     if choices not in FORMATS:
                         problems.append(f"{where}: --format choices {sorted(choices)}")
                 if ("--levels" in flags and not param.hidden

@@ -18,11 +18,23 @@ builds engines inside ONNX Runtime from the package's graphs, configured by the 
 (explicit quantization: no calibration table), the hbi plugin library (``trt_extra_plugin_lib_paths``, default
 ``$HBI_TRT_PLUGINS``), one optimization profile over the batch axes, the workspace. It is the documented
 alternative to the ``trt`` backend's own engines (docs/tensorrt.md, "ONNX Runtime's TensorRT execution provider").
+
+Optimized graphs are cached (CPU sessions at the default optimization level, function path, graphs without
+external data up to :data:`OPTIMIZED_CACHE_MAX_BYTES`): the first session saves the graph ONNX Runtime optimized
+to ``$XDG_CACHE_HOME/hbi-toolkit/ort/``, named by the graph's sha256, its size and mtime, the onnxruntime version
+and this CPU (the optimized graph may hold CPU-specific layouts); later sessions load that graph with the
+optimizations off. Same nodes, same kernels, same outputs bit for bit (tests/runtime/test_backends.py), and a
+session of the demo's text encoder starts in about a quarter of the CPU time (docs/bench.md, "Cold start").
+``HBI_ORT_CACHE=0`` turns it off; a cached graph that does not load is rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import platform
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +46,10 @@ from hbi_runtime.ops import ort as ops_ort
 from hbi_runtime.backends.base import Backend
 from hbi_runtime.engines import AxisRange, profile_from_ranges, shape_spec
 from hbi_runtime.errors import BadInputError, MismatchError, MissingDependencyError, UsageError
+from hbi_runtime.fileio import user_cache_dir
 from hbi_runtime.package import GraphSpec
+
+logger = logging.getLogger(__name__)
 
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 PROVIDER_PRESETS: dict[str, tuple[str, ...]] = {
@@ -49,6 +64,10 @@ GPU_HINT = ("pip install 'hbi-toolkit[gpu-cu12]' --extra-index-url https://pypi.
             "its CUDA libraries; [gpu-cu13] for driver >= 580; on Jetson NVIDIA's Jetson wheel); uninstall the CPU "
             "package `onnxruntime` first, both provide the same module")
 
+
+ORT_CACHE_ENV = "HBI_ORT_CACHE"  # "0": no cache of optimized graphs
+OPTIMIZED_CACHE_MAX_BYTES = 256 << 20  # larger graphs are not copied into the cache
+OPTIMIZED_CACHE_FORMAT = 1
 
 TENSORRT_OPTIONS = ("precision", "engine_cache", "timing_cache", "plugins", "batch", "workspace_mb", "device_id")
 TENSORRT_BATCH = AxisRange(1, 8, 32)  # the profile of every batch axis unless `batch` says otherwise
@@ -116,6 +135,33 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
+def optimized_cache_dir() -> Path:
+    """Where optimized graphs are kept: ``$XDG_CACHE_HOME/hbi-toolkit/ort`` (module docstring)."""
+    return user_cache_dir("ort")
+
+
+_CPU_ID: list[str] = []
+
+
+def _cpu_identity() -> str:
+    """This CPU as an optimized graph depends on it: model and feature flags (Linux: the first processor of
+    ``/proc/cpuinfo``), else what :mod:`platform` says. Once per process."""
+    if not _CPU_ID:
+        wanted = ("vendor_id", "model name", "flags", "Features", "CPU implementer", "CPU part")
+        lines = []
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    if not line.strip():
+                        break  # the first processor is enough
+                    if line.split(":", 1)[0].strip() in wanted:
+                        lines.append(line.strip())
+        except OSError:
+            pass
+        _CPU_ID.append("\n".join([platform.machine(), *lines] if lines else [platform.machine(), platform.processor()]))
+    return _CPU_ID[0]
+
+
 def import_onnxruntime():
     """``import onnxruntime``, or MissingDependencyError with the install hint."""
     try:
@@ -175,6 +221,9 @@ class OrtBackend(Backend):
         intra_op_threads: threads inside one operator; default: every core this process may use.
         inter_op_threads: threads across independent operators; default: ONNX Runtime's.
         optimization: graph optimization level, one of ``disable``, ``basic``, ``extended``, ``all`` (default).
+        spinning: whether idle intra-op threads spin waiting for work (ONNX Runtime's default, True: lower
+            latency between the operators of a long run); False for a process that runs a graph a few times and
+            exits (``hbi-run retrieve --index``: about 25 ms less CPU to create the session), same outputs.
         custom_ops: ``"function"``, ``"kernel"`` or ``"auto"`` (default), see the module docstring.
         tensorrt: options of the TensorRT execution provider (:func:`tensorrt_provider_options`); only with a
             ``providers`` that has it (``"tensorrt"``).
@@ -188,7 +237,7 @@ class OrtBackend(Backend):
     def __init__(self, spec: GraphSpec, path: str | os.PathLike, *, providers: str | list[str] = "cpu",
                  intra_op_threads: int | None = None, inter_op_threads: int | None = None,
                  optimization: str = "all", custom_ops: str = "auto",
-                 tensorrt: Mapping[str, Any] | None = None) -> None:
+                 tensorrt: Mapping[str, Any] | None = None, spinning: bool = True) -> None:
         super().__init__(spec, path)
         self.providers = _check_providers(providers)
         self.intra_op_threads = _check_threads("intra_op_threads", intra_op_threads)
@@ -199,6 +248,9 @@ class OrtBackend(Backend):
         if custom_ops not in CUSTOM_OP_PATHS:
             raise UsageError(f"custom_ops must be one of {list(CUSTOM_OP_PATHS)}, got {custom_ops!r}")
         self.custom_ops = custom_ops
+        if not isinstance(spinning, bool):
+            raise UsageError(f"spinning must be True or False, got {spinning!r}")
+        self.spinning = spinning
         wanted = PROVIDER_PRESETS[self.providers] if isinstance(self.providers, str) else self.providers
         if tensorrt is not None and TENSORRT not in wanted:
             raise UsageError("tensorrt options go with ONNX Runtime's TensorRT execution provider (providers="
@@ -239,16 +291,77 @@ class OrtBackend(Backend):
         if self.custom_op_path == "kernel" and self.spec.custom_ops:
             options = ops_ort.session_options_with_kernels(options)
             model = ops_ort.prepare_model_for_kernels(self.path)
-        from onnxruntime.capi import onnxruntime_pybind11_state as state
+        cached = self._optimized_cache_path(ort, providers)
+        session = self._load_cached(ort, cached, providers) if cached is not None else None
+        if session is None:
+            tmp = self._prepare_cache_write(cached) if cached is not None else None
+            if tmp is not None:
+                options.optimized_model_filepath = str(tmp)
+            from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-        try:
-            session = ort.InferenceSession(model, options, providers=self._provider_list(providers))
-        except (state.Fail, state.InvalidGraph, state.InvalidProtobuf, state.InvalidArgument,
-                state.NotImplemented) as exc:
-            raise MismatchError(f"onnxruntime {ort.__version__} cannot load {self.path}: {exc}",
-                                hint="upgrade onnxruntime, or re-export the package with this toolkit") from exc
+            try:
+                session = ort.InferenceSession(model, options, providers=self._provider_list(providers))
+            except (state.Fail, state.InvalidGraph, state.InvalidProtobuf, state.InvalidArgument,
+                    state.NotImplemented) as exc:
+                _remove_quietly(tmp)
+                raise MismatchError(f"onnxruntime {ort.__version__} cannot load {self.path}: {exc}",
+                                    hint="upgrade onnxruntime, or re-export the package with this toolkit") from exc
+            if tmp is not None:
+                self._commit_cache(tmp, cached)
         self._check_session(session, providers)
         self._session = session
+
+    def _optimized_cache_path(self, ort, providers: tuple[str, ...]) -> Path | None:
+        """The cache file of this graph's optimized form, or None where the cache does not apply (module
+        docstring)."""
+        if (os.environ.get(ORT_CACHE_ENV, "1") == "0" or tuple(providers) != (CPU,) or self.optimization != "all"
+                or self.custom_op_path != "function" or getattr(self.spec, "external_data", None)):
+            return None
+        try:
+            info = self.path.stat()
+        except OSError:
+            return None
+        if info.st_size > OPTIMIZED_CACHE_MAX_BYTES:
+            return None
+        key = "\n".join([str(OPTIMIZED_CACHE_FORMAT), ort.__version__, str(self.spec.sha256), str(info.st_size),
+                         str(info.st_mtime_ns), _cpu_identity()])
+        return optimized_cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.onnx"
+
+    def _load_cached(self, ort, cached: Path, providers: tuple[str, ...]):
+        """A session of the cached optimized graph with the optimizations off, or None (absent or not loadable:
+        then it is rebuilt)."""
+        if not cached.is_file():
+            return None
+        options = self._session_options(ort)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(cached), options, providers=self._provider_list(providers))
+        except Exception as exc:  # noqa: BLE001 - our own derived file: whatever is wrong with it, rebuild it
+            logger.debug("cached optimized graph %s not loaded (%s); rebuilding it", cached, exc)
+            return None
+
+    @staticmethod
+    def _prepare_cache_write(cached: Path) -> Path | None:
+        """A writable temporary path next to ``cached`` for ONNX Runtime to save the optimized graph to, or None
+        (a cache that cannot be written only costs the optimization at every start)."""
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # one per writer
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp.touch()
+        except OSError as exc:
+            logger.debug("optimized graph not cached at %s: %s", cached, exc)
+            return None
+        return tmp
+
+    @staticmethod
+    def _commit_cache(tmp: Path, cached: Path) -> None:
+        try:
+            if tmp.stat().st_size > 0:
+                os.replace(tmp, cached)
+                return
+        except OSError as exc:
+            logger.debug("optimized graph not cached at %s: %s", cached, exc)
+        _remove_quietly(tmp)
 
     def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self._session.run(self._output_names, dict(feed))
@@ -293,6 +406,8 @@ class OrtBackend(Backend):
                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
         options.graph_optimization_level = levels[self.optimization]
+        if not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
     def _check_session(self, session, providers: tuple[str, ...]) -> None:
@@ -311,3 +426,11 @@ class OrtBackend(Backend):
             raise MismatchError(f"{self.path} has inputs {got_in} and outputs {got_out}; its spec says inputs "
                                 f"{want_in} and outputs {want_out}",
                                 hint="re-export the package; a graph file must match its manifest entry")
+
+
+def _remove_quietly(path: Path | None) -> None:
+    if path is not None:
+        try:
+            path.unlink()
+        except OSError:
+            pass

@@ -21,11 +21,25 @@
 * :mod:`.index`: :class:`Index` (read-only: rows, stores, stats), :func:`index_status` and :func:`compact`.
 """
 
+import importlib
+
 from hbi_runtime.index.catalog import SCHEMA_VERSION, DamagedIndexError
 from hbi_runtime.index.index import Index, IndexRow, ShardView, compact, index_status, published_state
 from hbi_runtime.index.scan import DEFAULT_EXTENSIONS, ScanEntry, ScanResult, fast_hash, scan
-from hbi_runtime.index.update import FailedFile, IndexSummary, default_index_dir, update_index
-from hbi_runtime.index.windows import Window, plan_windows
+
+# Imported on first use: the writer's side (video decoding, the worker pool, multiprocessing) is about 15 ms that a
+# query (`hbi-run retrieve --index`) never needs (docs/bench.md, "Cold start").
+_LAZY = {"FailedFile": "update", "IndexSummary": "update", "default_index_dir": "update", "update_index": "update",
+         "Window": "windows", "plan_windows": "windows"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"hbi_runtime.index.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hbi_runtime.index' has no attribute {name!r}")
+
 
 __all__ = ["DEFAULT_EXTENSIONS", "SCHEMA_VERSION", "DamagedIndexError", "FailedFile", "Index", "IndexRow",
            "IndexSummary", "ScanEntry", "ScanResult", "ShardView", "Window", "compact", "default_index_dir",

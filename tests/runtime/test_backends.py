@@ -54,6 +54,14 @@ def graph_path(tmp_path_factory) -> Path:
     return write_video_graph(tmp_path_factory.mktemp("graphs") / "video.onnx")
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch) -> Path:
+    """Each test its own cache of optimized graphs (a session's options differ when it comes from the cache)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(ort_backend.ORT_CACHE_ENV, raising=False)
+    return tmp_path / "cache" / "hbi-toolkit" / "ort"
+
+
 def good_feed(batch: int = 2) -> dict[str, np.ndarray]:
     frames = np.arange(batch * 2 * 3 * 4 * 4, dtype=np.float32).reshape(batch, 2, 3, 4, 4)
     mask = np.ones((batch, 2), dtype=np.int64)
@@ -181,7 +189,7 @@ def test_constructor_needs_a_graph_spec():
 def test_registry_is_an_explicit_dict():
     assert BACKENDS == {"onnxruntime": OrtBackend, "trt": TrtBackend, "triton": TritonBackend}
     assert backend_options("onnxruntime") == ("providers", "intra_op_threads", "inter_op_threads", "optimization",
-                                              "custom_ops", "tensorrt")
+                                              "custom_ops", "tensorrt", "spinning")
 
 
 @pytest.mark.parametrize("name", ["tensorrt", "ORT", None])
@@ -195,7 +203,8 @@ def test_unknown_option_lists_the_backend_options(graph_path):
     with pytest.raises(UsageError) as exc:
         create_backend("onnxruntime", SPEC, graph_path, provider="cuda")
     assert str(exc.value) == ("backend 'onnxruntime' has no option(s) ['provider']; its options are ['providers', "
-                              "'intra_op_threads', 'inter_op_threads', 'optimization', 'custom_ops', 'tensorrt']")
+                              "'intra_op_threads', 'inter_op_threads', 'optimization', 'custom_ops', 'tensorrt', "
+                              "'spinning']")
 
 
 @pytest.mark.parametrize("options, message", [
@@ -325,3 +334,83 @@ def test_importing_backends_and_model_does_not_import_onnxruntime(repo_root):
     code = ("import sys, hbi_runtime.backends, hbi_runtime.model; "
             "assert 'onnxruntime' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], cwd=repo_root, check=True)
+
+
+# ---------------------------------------------------------------------------------------- optimized-graph cache
+
+DEMO = Path(__file__).resolve().parents[2] / "hbi_runtime" / "data" / "demo" / "package"
+
+
+def _demo_outputs(**options) -> dict[str, np.ndarray]:
+    """Every output of the demo's text and video encoders (fresh sessions) on a fixed text and random frames."""
+    from hbi_runtime.model import load
+
+    rng = np.random.default_rng(0)
+    with load(DEMO, **options) as model:
+        ids, mask = model.tokenizer(["a red circle moves left, then a blue square appears"])[:2]
+        text = model.backends["text_encoder"].load().infer({"input_ids": ids, "attention_mask": mask})
+        spec = {t.name: t for t in model.package.graph("video_encoder").inputs}
+        frames_shape = [2 if isinstance(d, str) else d for d in spec["frames"].shape]
+        video = model.backends["video_encoder"].load().infer({
+            "frames": rng.standard_normal(frames_shape).astype(np.float32),
+            "frame_mask": np.ones(frames_shape[:2], np.int64)})
+    return {**text, **video}
+
+
+def test_cached_optimized_graphs_give_the_same_outputs_bit_for_bit(private_cache, monkeypatch):
+    monkeypatch.setenv(ort_backend.ORT_CACHE_ENV, "0")
+    reference = _demo_outputs()
+    assert not private_cache.exists()
+    monkeypatch.delenv(ort_backend.ORT_CACHE_ENV)
+    first = _demo_outputs()  # optimizes and writes the cache
+    cached = sorted(private_cache.glob("*.onnx"))
+    assert len(cached) == 2 and not list(private_cache.glob("*.tmp"))
+    second = _demo_outputs()  # loads the cached graphs, optimizations off
+    for out in (first, second):
+        assert sorted(out) == sorted(reference)
+        for name, value in reference.items():
+            assert out[name].dtype == value.dtype and out[name].tobytes() == value.tobytes(), name
+
+
+def test_a_session_from_the_cache_runs_the_saved_graph_unoptimized(graph_path, private_cache):
+    with OrtBackend(SPEC, graph_path) as backend:
+        assert backend._session.get_session_options().graph_optimization_level == \
+            onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with OrtBackend(SPEC, graph_path) as backend:
+        assert backend._session.get_session_options().graph_optimization_level == \
+            onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        np.testing.assert_array_equal(backend.infer(good_feed())["doubled"], 2 * good_feed()["frames"])
+    assert len(list(private_cache.glob("*.onnx"))) == 1
+
+
+def test_a_damaged_cached_graph_is_rebuilt(graph_path, private_cache):
+    OrtBackend(SPEC, graph_path).load().close()
+    (cached,) = private_cache.glob("*.onnx")
+    good = cached.read_bytes()
+    cached.write_bytes(b"not a graph")
+    with OrtBackend(SPEC, graph_path) as backend:
+        np.testing.assert_array_equal(backend.infer(good_feed())["valid"], [2, 1])
+    assert cached.read_bytes() == good
+
+
+@pytest.mark.parametrize("optimization", ["disable", "basic", "extended"])
+def test_the_cache_applies_at_the_default_optimization_only(graph_path, private_cache, optimization):
+    OrtBackend(SPEC, graph_path, optimization=optimization).load().close()
+    assert not private_cache.exists()
+
+
+def test_an_unwritable_cache_only_costs_the_optimization(graph_path, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    with OrtBackend(SPEC, graph_path) as backend:
+        np.testing.assert_array_equal(backend.infer(good_feed())["valid"], [2, 1])
+
+
+def test_spinning_is_an_option_with_the_same_outputs(graph_path):
+    with pytest.raises(UsageError, match="spinning must be True or False"):
+        OrtBackend(SPEC, graph_path, spinning="no")
+    with OrtBackend(SPEC, graph_path, spinning=False) as backend:
+        config = backend._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+        assert config == "0"
+        np.testing.assert_array_equal(backend.infer(good_feed())["doubled"], 2 * good_feed()["frames"])

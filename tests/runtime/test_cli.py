@@ -134,3 +134,82 @@ def test_jsonl_errors_are_one_line():
     assert result.exit_code == 2
     (line,) = result.stdout.splitlines()
     assert json.loads(line)["error"]["message"].startswith("give exactly one of --videos DIR and --index DIR")
+
+
+def test_a_cli_start_imports_only_what_a_query_needs(repo_root):
+    """What makes `hbi-run retrieve --index` start fast (docs/bench.md, "Cold start") stays true: importing the CLI
+    loads no backend and no doctor, the version is no metadata lookup, and a query's modules leave the index
+    writer (video decoding, multiprocessing) unimported."""
+    import subprocess
+
+    code = ("import sys, hbi_runtime.version; assert 'importlib.metadata' not in sys.modules, 'version'\n"
+            "import hbi_runtime.cli\n"
+            "heavy = {'onnxruntime', 'torch', 'hbi_runtime.doctor', 'regex', 'ftfy'} & set(sys.modules)\n"
+            "assert not heavy, sorted(heavy)\n"
+            "import hbi_runtime.index, hbi_runtime.search, hbi_runtime.explain.banzhaf\n"
+            "writer = {'hbi_runtime.index.update', 'hbi_runtime.video', 'multiprocessing'} & set(sys.modules)\n"
+            "assert not writer, sorted(writer)\n"
+            "from hbi_runtime.index import update_index, Window\n"
+            "assert update_index.__module__ == 'hbi_runtime.index.update' and Window.__module__.endswith('windows')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _run_main(capsys, group_call, args):
+    with pytest.raises(SystemExit) as exc:
+        group_call(args)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_the_lazy_group_helps_and_fails_as_typer_builds_it(capsys):
+    """`hbi-run` builds its click group with each command built on first use (cli_options.click_group): the
+    top-level help, a command's help and a wrong command name read exactly as with Typer's own, fully built group."""
+    import typer
+
+    from hbi_runtime.cli_options import click_group
+
+    full = typer.main.get_command(cli.app)
+    for args in (["--help"], ["retrieve", "--help"], ["retreive", "x"], []):
+        lazy = _run_main(capsys, lambda a: click_group(cli.app)(args=a, prog_name="hbi-run"), args)
+        assert lazy == _run_main(capsys, lambda a: full(args=a, prog_name="hbi-run"), args), args
+    code, out, err = _run_main(capsys, cli.main, ["retreive", "x"])
+    assert code == 2 and "No such command 'retreive'. Did you mean 'retrieve'" in err and not out
+    code, out, _ = _run_main(capsys, cli.main, ["--help"])
+    assert code == 0 and all(f"  {name} " in out for name in ("retrieve", "index", "doctor", "serve"))
+
+
+def test_the_lazy_groups_hold_what_typer_builds():
+    """The three apps' lazy groups list the same commands, in the same order, with the same parameters."""
+    import typer
+
+    from hbi_export.cli import app as export_app
+    from hbi_runtime.cli_options import click_group
+    from hbi_training.cli import app as train_app
+
+    for app in (cli.app, export_app, train_app):
+        lazy, full = click_group(app), typer.main.get_command(app)
+        assert list(lazy.commands) == list(full.commands) and len(lazy.commands) > 3
+        assert [p.name for p in lazy.params] == [p.name for p in full.params]
+        for name, cmd in full.commands.items():
+            built = lazy.commands[name]
+            assert type(built) is type(cmd) and built.help == cmd.help and built.hidden == cmd.hidden, name
+            assert [(p.name, p.opts, p.default) for p in built.params] == \
+                [(p.name, p.opts, p.default) for p in cmd.params], name
+
+
+def test_a_query_builds_only_its_own_command(monkeypatch, capsys):
+    import typer
+
+    built = []
+    make = typer.main.get_command_from_info
+
+    def recording(info, **kw):
+        command = make(info, **kw)
+        built.append(command.name)
+        return command
+
+    monkeypatch.setattr(typer.main, "get_command_from_info", recording)
+    code, out, _ = _run_main(capsys, cli.main, ["retrieve", "--help"])
+    assert code == 0 and "Usage: hbi-run retrieve" in out
+    assert built == ["retrieve"]
