@@ -102,20 +102,87 @@ static HBI_AVX512 void approx_rows_avx512(const uint16_t *codes, const float *vw
 }
 #endif
 
-/* the query's table from sims (c, l) row-major: table (c, lp) with the lanes past l at NEG, best[c] its max */
-HBI_EXPORT int hbi_cand_table(const float *sims, int64_t c, int l, int lp, float *table, float *best) {
-    if (l <= 0 || lp < l || lp > MAX_LP || lp % LANES || c < 0) return 2;
+/* The query's table: table[i][j] = <centroid i, token j> for j < l (lanes past l: NEG), best[i] its max over j.
+ * tokens_t is (d, lp) row-major: the query tokens transposed, zero past l. The inner loop runs over the lanes, so
+ * the compiler vectorises it without reordering any sum (a BLAS call costs more here: its threads' start-up on a
+ * (c x d) x (d x 16) product). */
+static inline __attribute__((always_inline)) void table_rows(const float *centroids, int64_t c, int d,
+                                                             const float *tokens_t, int l, int lp, float *table,
+                                                             float *best) {
+    float acc[MAX_LP];
     for (int64_t i = 0; i < c; ++i) {
-        const float *src = sims + i * l;
-        float *dst = table + i * lp;
+        const float *x = centroids + i * d;
+        for (int j = 0; j < lp; ++j) acc[j] = 0.0f;
+        for (int k = 0; k < d; ++k) {
+            const float xk = x[k];
+            const float *t = tokens_t + (int64_t)k * lp;
+            for (int j = 0; j < lp; ++j) acc[j] += xk * t[j];
+        }
         float m = NEG;
+        float *dst = table + i * lp;
         for (int j = 0; j < l; ++j) {
-            dst[j] = src[j];
-            m = fmaxf_(m, src[j]);
+            dst[j] = acc[j];
+            m = fmaxf_(m, acc[j]);
         }
         for (int j = l; j < lp; ++j) dst[j] = NEG;
         best[i] = m;
     }
+}
+
+static void table_portable(const float *centroids, int64_t c, int d, const float *tokens_t, int l, int lp,
+                           float *table, float *best) {
+    table_rows(centroids, c, d, tokens_t, l, lp, table, best);
+}
+
+#ifdef HBI_X86
+/* nb accumulators of 16 lanes in registers: d broadcast-FMAs each per centroid */
+static inline HBI_AVX512 __attribute__((always_inline)) void table_nb(const float *centroids, int64_t c, int d,
+                                                                      const float *tokens_t, int l, float *table,
+                                                                      float *best, const int nb) {
+    const int lp = nb * LANES;
+    const __m512 neg = _mm512_set1_ps(NEG);
+    const __mmask16 tail = (__mmask16)((l - (nb - 1) * LANES) >= LANES ? 0xFFFF
+                                                                         : ((1u << (l - (nb - 1) * LANES)) - 1));
+    for (int64_t i = 0; i < c; ++i) {
+        const float *x = centroids + i * d;
+        __m512 acc[4];
+        for (int b = 0; b < nb; ++b) acc[b] = _mm512_setzero_ps();
+        for (int k = 0; k < d; ++k) {
+            const __m512 xk = _mm512_set1_ps(x[k]);
+            const float *t = tokens_t + (int64_t)k * lp;
+            for (int b = 0; b < nb; ++b) acc[b] = _mm512_fmadd_ps(xk, _mm512_loadu_ps(t + b * LANES), acc[b]);
+        }
+        acc[nb - 1] = _mm512_mask_blend_ps(tail, neg, acc[nb - 1]); /* lanes past l: NEG */
+        __m512 m = acc[0];
+        for (int b = 0; b < nb; ++b) {
+            _mm512_storeu_ps(table + i * lp + b * LANES, acc[b]);
+            m = _mm512_max_ps(m, acc[b]);
+        }
+        best[i] = _mm512_reduce_max_ps(m);
+    }
+}
+
+static HBI_AVX512 void table_avx512(const float *centroids, int64_t c, int d, const float *tokens_t, int l, int lp,
+                                    float *table, float *best) {
+    switch (lp / LANES) {
+    case 1: table_nb(centroids, c, d, tokens_t, l, table, best, 1); break;
+    case 2: table_nb(centroids, c, d, tokens_t, l, table, best, 2); break;
+    case 3: table_nb(centroids, c, d, tokens_t, l, table, best, 3); break;
+    default: table_nb(centroids, c, d, tokens_t, l, table, best, 4); break;
+    }
+}
+#endif
+
+HBI_EXPORT int hbi_cand_table(const float *centroids, int64_t c, int d, const float *tokens_t, int l, int lp,
+                              float *table, float *best) {
+    if (l <= 0 || lp < l || lp > MAX_LP || lp % LANES || c < 0 || d <= 0) return 2;
+#ifdef HBI_X86
+    if (lp <= 4 * LANES && l > lp - LANES && __builtin_cpu_supports("avx512f")) {
+        table_avx512(centroids, c, d, tokens_t, l, lp, table, best);
+        return 0;
+    }
+#endif
+    table_portable(centroids, c, d, tokens_t, l, lp, table, best);
     return 0;
 }
 
