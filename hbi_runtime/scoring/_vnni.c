@@ -450,6 +450,167 @@ HBI_TARGET static void score_videos_one(const uint8_t *codes, const float *vscal
     }
 }
 
+/*
+ * One query of up to 16 rows against short, narrow videos (T <= 8 frames, D <= 64: the demo model's entity level,
+ * 8 x 64), where the tiles above spend more on their transpose-and-add tree than on products (one 64-byte step
+ * per tile). Here a video's frames are transposed instead of the products: the 8 frames (one 64-byte vector each)
+ * become 16 vectors X_g, lane 2t + r = the 4 bytes of frame t at group g (an 8 x 8 transpose of 8-byte pairs, 24
+ * shuffles, then an in-lane duplication per g); the query is packed once per call to match (qpair[p][g], lane
+ * 2t + r = row 2p + r at group g), so vpdpbusd(X_g, qpair[p][g]) over g leaves finished dot products of 8 frames x
+ * 2 rows in one vector, with no reduction across lanes. Scores as score_videos_one (same float operations in the
+ * same order: identical results).
+ */
+#define HBI_T2(a, b, lo, hi)                                                                                  \
+    do {                                                                                                      \
+        lo = _mm512_unpacklo_epi64(a, b);                                                                     \
+        hi = _mm512_unpackhi_epi64(a, b);                                                                     \
+    } while (0)
+
+HBI_TARGET static inline __attribute__((always_inline)) void score_videos_small_np(
+    const uint8_t *codes, const float *vscales, const float *vweights, int64_t n_videos, int T, int D,
+    const int8_t *qpair, const int NP, const int32_t *q_offset, const float *qscales, const float *qweights,
+    float floor_q, int L, float *scores) {
+    /* NP is a constant in each caller (score_videos_small), so that the loops over row pairs unroll and the
+     * accumulators stay in registers (with a variable count GCC kept them on the stack) */
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
+    const __mmask16 mask_l = (__mmask16)((1u << L) - 1);
+    const __mmask64 mask_d = D >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << D) - 1);
+    const __mmask16 mask_t = (__mmask16)((1u << T) - 1);
+    __m512i offv[8];
+    __m512 qsv[8];
+    int32_t idx_t[16], idx_c[16];
+    for (int l = 0; l < 16; l++) {
+        idx_t[l] = l / 2 < T ? l / 2 : T - 1; /* lane 2t + r <- frame min(t, T - 1) */
+        idx_c[l] = 2 * (l % 8);                 /* lane t <- lane 2t */
+    }
+    for (int pp = 0; pp < NP; pp++) {
+        int32_t off16[16];
+        float qs16[16];
+        for (int l = 0; l < 16; l++) {
+            const int r = 2 * pp + l % 2 < L ? 2 * pp + l % 2 : L - 1;
+            off16[l] = q_offset[r];
+            qs16[l] = qscales[r];
+        }
+        offv[pp] = _mm512_loadu_si512((const void *)off16);
+        qsv[pp] = _mm512_loadu_ps(qs16);
+    }
+    const __m512i frame_dup = _mm512_loadu_si512((const void *)idx_t), compact = _mm512_loadu_si512((const void *)idx_c);
+    const __m512 qw = _mm512_maskz_loadu_ps(mask_l, qweights);
+    const __m512 floorv = _mm512_set1_ps(floor_q);
+    const int64_t vbytes = (int64_t)T * D;
+    /* two videos per step, sharing each load of the query (and giving the out-of-order core two independent
+     * chains); an odd last video is scored alone as the pair (v, v) */
+    for (int64_t v = 0; v < n_videos; v += 2) {
+        const int64_t vid[2] = {v, v + 1 < n_videos ? v + 1 : v};
+        __m512i w[2][8];
+#pragma GCC unroll 2
+        for (int u = 0; u < 2; u++) {
+            const uint8_t *vcodes = codes + vid[u] * vbytes;
+            for (int64_t o = 0; o < vbytes; o += 64)
+                _mm_prefetch((const char *)(vcodes + o + HBI_PF_AHEAD), _MM_HINT_T1);
+            __m512i f[8];
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++)
+                f[t] = _mm512_maskz_loadu_epi8(mask_d, vcodes + (int64_t)(t < T ? t : T - 1) * D);
+            /* 8 x 8 transpose of 8-byte pairs: w[h] lane pair t = frame t's bytes 8h .. 8h + 7 */
+            __m512i t0, t1, t2, t3, t4, t5, t6, t7, s0, s1, s2, s3;
+            HBI_T2(f[0], f[1], t0, t1);
+            HBI_T2(f[2], f[3], t2, t3);
+            HBI_T2(f[4], f[5], t4, t5);
+            HBI_T2(f[6], f[7], t6, t7);
+            s0 = _mm512_shuffle_i64x2(t0, t2, 0x88);
+            s1 = _mm512_shuffle_i64x2(t0, t2, 0xDD);
+            s2 = _mm512_shuffle_i64x2(t4, t6, 0x88);
+            s3 = _mm512_shuffle_i64x2(t4, t6, 0xDD);
+            w[u][0] = _mm512_shuffle_i64x2(s0, s2, 0x88);
+            w[u][4] = _mm512_shuffle_i64x2(s0, s2, 0xDD);
+            w[u][2] = _mm512_shuffle_i64x2(s1, s3, 0x88);
+            w[u][6] = _mm512_shuffle_i64x2(s1, s3, 0xDD);
+            s0 = _mm512_shuffle_i64x2(t1, t3, 0x88);
+            s1 = _mm512_shuffle_i64x2(t1, t3, 0xDD);
+            s2 = _mm512_shuffle_i64x2(t5, t7, 0x88);
+            s3 = _mm512_shuffle_i64x2(t5, t7, 0xDD);
+            w[u][1] = _mm512_shuffle_i64x2(s0, s2, 0x88);
+            w[u][5] = _mm512_shuffle_i64x2(s0, s2, 0xDD);
+            w[u][3] = _mm512_shuffle_i64x2(s1, s3, 0x88);
+            w[u][7] = _mm512_shuffle_i64x2(s1, s3, 0xDD);
+        }
+        __m512i acc[2][8];
+#pragma GCC unroll 8
+        for (int pp = 0; pp < 8; pp++) acc[0][pp] = acc[1][pp] = _mm512_setzero_si512();
+        /* all 16 groups (past D: zero bytes on both sides) */
+#pragma GCC unroll 16
+        for (int g = 0; g < 16; g++) {
+            const __m512 w0 = _mm512_castsi512_ps(w[0][g / 2]), w1 = _mm512_castsi512_ps(w[1][g / 2]);
+            const __m512i x0 = _mm512_castps_si512(g % 2 ? _mm512_movehdup_ps(w0) : _mm512_moveldup_ps(w0));
+            const __m512i x1 = _mm512_castps_si512(g % 2 ? _mm512_movehdup_ps(w1) : _mm512_moveldup_ps(w1));
+            const int8_t *qg = qpair + 64 * g;
+#pragma GCC unroll 8
+            for (int pp = 0; pp < NP; pp++) {
+                const __m512i qv = _mm512_load_si512(qg + pp * 16 * 64);
+                HBI_DP(acc[0][pp], x0, qv);
+                HBI_DP(acc[1][pp], x1, qv);
+            }
+        }
+#pragma GCC unroll 2
+        for (int u = 0; u < 2; u++) {
+            const __m512 vsd = _mm512_permutexvar_ps(frame_dup, _mm512_maskz_loadu_ps(mask_t, vscales + vid[u] * T));
+            const __m512 vwd = _mm512_permutexvar_ps(frame_dup, _mm512_maskz_loadu_ps(mask_t, vweights + vid[u] * T));
+            __m512 fmax = lowest, tm = lowest;
+#pragma GCC unroll 8
+            for (int pp = 0; pp < NP; pp++) {
+                const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[u][pp], offv[pp])), qsv[pp]);
+                fmax = _mm512_max_ps(fmax, x);
+                /* max over frames of x * vs: across the 8 lane pairs, then rows 2pp, 2pp + 1 to lanes 2pp, 2pp + 1 */
+                __m512 m = _mm512_mul_ps(x, vsd);
+                m = _mm512_max_ps(m, _mm512_permute_ps(m, 0x4E));
+                m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0xB1));
+                m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0x4E));
+                tm = _mm512_mask_blend_ps((__mmask16)(3u << (2 * pp)), tm, m);
+            }
+            /* v2t: the max over rows of each frame (lanes 2t, 2t + 1), raised to the floor, times vw * vs, added one
+             * frame after another */
+            fmax = _mm512_max_ps(fmax, _mm512_permute_ps(fmax, 0xB1));
+            float mxa[16] __attribute__((aligned(64))), pwa[16] __attribute__((aligned(64)));
+            _mm512_store_ps(mxa, _mm512_permutexvar_ps(compact, _mm512_max_ps(fmax, floorv)));
+            _mm512_store_ps(pwa, _mm512_permutexvar_ps(compact, _mm512_mul_ps(vwd, vsd)));
+            __m128 v2t = _mm_setzero_ps();
+            for (int t = 0; t < T; t++) v2t = _mm_mask_fmadd_ss(_mm_load_ss(mxa + t), 1, _mm_load_ss(pwa + t), v2t);
+            const __m512 t2v = _mm512_fmadd_ps(qw, _mm512_maskz_mov_ps(mask_l, tm), _mm512_setzero_ps());
+            scores[vid[u]] = 0.5f * (_mm512_reduce_add_ps(t2v) + _mm_cvtss_f32(v2t));
+        }
+    }
+}
+
+HBI_TARGET static void score_videos_small(const uint8_t *codes, const float *vscales, const float *vweights,
+                                          int64_t n_videos, int T, int D, const int8_t *qpair, int NP,
+                                          const int32_t *q_offset, const float *qscales, const float *qweights,
+                                          float floor_q, int L, float *scores) {
+#define HBI_SMALL(n)                                                                                          \
+    case n:                                                                                                   \
+        score_videos_small_np(codes, vscales, vweights, n_videos, T, D, qpair, n, q_offset, qscales, qweights,  \
+                              floor_q, L, scores);                                                            \
+        break
+    switch (NP) {
+        HBI_SMALL(1); HBI_SMALL(2); HBI_SMALL(3); HBI_SMALL(4); HBI_SMALL(5); HBI_SMALL(6); HBI_SMALL(7);
+        default: HBI_SMALL(8);
+    }
+#undef HBI_SMALL
+}
+
+/* query rows (L <= 16, D <= 64) -> qpair[p][g][16 lanes][4 bytes]: lane 2t + r = row min(2p + r, L - 1), bytes
+ * 4g .. 4g + 3 (zero past D), for every t */
+static void pack_query_pairs(const int8_t *q, int L, int D, int8_t *qpair, int NP, int G) {
+    memset(qpair, 0, (size_t)NP * (size_t)G * 64);
+    for (int pp = 0; pp < NP; pp++)
+        for (int g = 0; g < G; g++)
+            for (int l = 0; l < 16; l++) {
+                const int r = 2 * pp + l % 2 < L ? 2 * pp + l % 2 : L - 1;
+                for (int c = 0; c < 4 && 4 * g + c < D; c++)
+                    qpair[((int64_t)pp * G + g) * 64 + 4 * l + c] = q[(int64_t)r * D + 4 * g + c];
+            }
+}
+
 /* 6 frames x 4 query blocks (24 accumulators): each broadcast feeds 4 vpdpbusd (a broadcast from memory costs
  * about as much as a vpdpbusd on AMD Zen 4, so the more blocks per broadcast the better) */
 #define FB4 6
@@ -759,6 +920,17 @@ HBI_EXPORT int hbi_score_u8s8(const uint8_t *codes, const float *vscales, const 
         memcpy(qoff, q_offset, sizeof(int32_t) * (size_t)BtL);
         memcpy(qs, qscales, sizeof(float) * (size_t)BtL);
         memcpy(qw, qweights, sizeof(float) * (size_t)BtL);
+        if (path == HBI_PATH_AVX512 && BtL == L && L <= 16 && T <= 8 && D <= 64) {
+            const int NP = (L + 1) / 2;
+            int8_t *qpair = (int8_t *)aligned_alloc(64, (size_t)NP * 16 * 64);
+            if (!qpair) goto done;
+            pack_query_pairs(q, L, D, qpair, NP, 16);
+            score_videos_small(codes, vscales, vweights, n_videos, T, D, qpair, NP, q_offset, qscales, qweights,
+                               qfloor[0], L, scores);
+            free(qpair);
+            rc = HBI_OK;
+            goto done;
+        }
         if (path == HBI_PATH_AVX512 && BtL == L && L <= 16) {
             score_videos_one(codes, vscales, vweights, n_videos, T, D, q, q_offset, qscales, qweights, qfloor[0], L,
                              scores);
