@@ -1,6 +1,7 @@
 """Every path of the native int8 scoring kernel against the numpy scorer, and the run-time dispatch between them.
 
-The kernel has two AVX-512 paths (row-major tiles for up to 48 query rows, the packed VNNI-interleaved query
+The kernel has four AVX-512 paths (one query of up to 16 rows: transposed frames for T <= 8 and D <= 64, else
+row-major tiles scored in registers; row-major tiles for up to 48 query rows; the packed VNNI-interleaved query
 above, in 6-, 4-, 2- and 1-block groups) and an AMX path; the shapes below reach each of them, with T and D off
 their block sizes. AMX tests skip with a reason where the CPU lacks AMX (then only the dispatch's refusal is
 tested).
@@ -73,12 +74,13 @@ def test_avx512_path_equals_the_numpy_scorer(shape):
 
 
 @needs_native
-@pytest.mark.parametrize("dim", [67, 512])
-def test_one_query_of_every_length_up_to_16_rows(dim):
-    # one query (the retrieve case, the row-major tiles): every row count up to 16, the empty query (one zero row,
-    # floor 0), a D % 64 tail, T off the 4-frame tile
+@pytest.mark.parametrize("frames,dim", [(7, 67), (7, 512), (8, 64), (5, 30), (1, 4), (8, 1)])
+def test_one_query_of_every_length_up_to_16_rows(frames, dim):
+    # one query (the retrieve case): every row count up to 16, the empty query (one zero row, floor 0); the
+    # row-major tiles with a D % 64 tail and T off the 4-frame tile, and the transposed-frames path (T <= 8,
+    # D <= 64: the demo's 8 x 64, fewer frames, D % 4 != 0); 21 videos in chunks of 4: an odd last video
     rng = np.random.default_rng(dim)
-    video = StoreLevel.from_side_level(_level(rng, 21, 7, dim, 1), "int8")
+    video = StoreLevel.from_side_level(_level(rng, 21, frames, dim, 1), "int8")
     for length in range(0, 17):
         text = _level(rng, 1, max(length, 1), dim, length)  # exactly `length` valid tokens
         queries = Queries.from_level(text)
