@@ -556,18 +556,29 @@ HBI_TARGET static inline __attribute__((always_inline)) void score_videos_small_
         for (int u = 0; u < 2; u++) {
             const __m512 vsd = _mm512_permutexvar_ps(frame_dup, _mm512_maskz_loadu_ps(mask_t, vscales + vid[u] * T));
             const __m512 vwd = _mm512_permutexvar_ps(frame_dup, _mm512_maskz_loadu_ps(mask_t, vweights + vid[u] * T));
-            __m512 fmax = lowest, tm = lowest;
+            __m512 fmax = lowest, m[8];
 #pragma GCC unroll 8
             for (int pp = 0; pp < NP; pp++) {
                 const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[u][pp], offv[pp])), qsv[pp]);
                 fmax = _mm512_max_ps(fmax, x);
-                /* max over frames of x * vs: across the 8 lane pairs, then rows 2pp, 2pp + 1 to lanes 2pp, 2pp + 1 */
-                __m512 m = _mm512_mul_ps(x, vsd);
-                m = _mm512_max_ps(m, _mm512_permute_ps(m, 0x4E));
-                m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0xB1));
-                m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0x4E));
-                tm = _mm512_mask_blend_ps((__mmask16)(3u << (2 * pp)), tm, m);
+                m[pp] = _mm512_mul_ps(x, vsd);
             }
+            /* t2v: the max over the 8 frames (lane pairs) of x * vs, row j to lane j, as a merging tree: pairs of
+             * row pairs share one 128-bit lane after the first step (qwords = frames 2k, 2k + 1 of 128-bit lane k),
+             * then the 128-bit lanes are folded; rows past 2 NP repeat the last pair (masked by mask_l below) */
+            __m512 c[4], e[2];
+#pragma GCC unroll 4
+            for (int a = 0; a < (NP + 1) / 2; a++) {
+                const __m512d pa = _mm512_castps_pd(m[2 * a]), pb = _mm512_castps_pd(m[2 * a + 1 < NP ? 2 * a + 1 : NP - 1]);
+                c[a] = _mm512_max_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(pa, pb)), _mm512_castpd_ps(_mm512_unpackhi_pd(pa, pb)));
+            }
+#pragma GCC unroll 2
+            for (int b = 0; b < (NP + 3) / 4; b++) {
+                const __m512 ca = c[2 * b], cb = c[2 * b + 1 < (NP + 1) / 2 ? 2 * b + 1 : 2 * b];
+                const __m512 h = _mm512_max_ps(_mm512_shuffle_f32x4(ca, cb, 0x88), _mm512_shuffle_f32x4(ca, cb, 0xDD));
+                e[b] = _mm512_max_ps(h, _mm512_shuffle_f32x4(h, h, 0xB1));
+            }
+            const __m512 tm = _mm512_shuffle_f32x4(e[0], e[NP > 4 ? 1 : 0], 0x88);
             /* v2t: the max over rows of each frame (lanes 2t, 2t + 1), raised to the floor, times vw * vs, added one
              * frame after another */
             fmax = _mm512_max_ps(fmax, _mm512_permute_ps(fmax, 0xB1));
