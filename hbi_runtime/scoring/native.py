@@ -47,6 +47,10 @@ _ERRORS = {1: "this CPU lacks the instructions of that path", 2: "bad sizes", 3:
 PATHS = ("auto", "avx512", "amx")
 _PATH_CODE = {"avx512": 1, "amx": 2}
 ISA_ENV = "HBI_SCORING_ISA"
+# Least bytes of stored codes per call: the kernel keeps no per-video intermediates, so the memory limit's chunk
+# does not bind it, while each call from Python costs about 15 us (4096 videos of the demo's 8 x 64 are 2 MB, and
+# that overhead was 7 % of the one-query scan).
+CALL_BYTES = 8 << 20
 
 
 @lru_cache(maxsize=1)
@@ -146,7 +150,9 @@ class NativeLevelKernel:
         """Write the ``(Bt, N)`` level scores into ``out`` (float32), ``chunk`` videos per step."""
         prepared = self.prepare(queries)
         # Chunks go to the threads as each becomes free (no barrier per chunk: on a shared machine one late thread
-        # would stall the other at every chunk); small enough that the last ones balance the threads.
+        # would stall the other at every chunk); at least CALL_BYTES of codes each, small enough that the last ones
+        # balance the threads.
+        chunk = max(chunk, CALL_BYTES // max(1, level.length * level.dim))
         chunk = max(1, min(chunk, -(-level.n // (4 * self.threads))))
         parts = [(start, min(start + chunk, level.n)) for start in range(0, level.n, chunk)]
         codes_rc = self._map(lambda p: self.score_range(prepared, level, p[0], p[1], out), parts)
