@@ -149,17 +149,28 @@ class NativeLevelKernel:
     def run(self, queries: Any, level: StoreLevel, chunk: int, out: np.ndarray) -> None:
         """Write the ``(Bt, N)`` level scores into ``out`` (float32), ``chunk`` videos per step."""
         prepared = self.prepare(queries)
-        # Chunks go to the threads as each becomes free (no barrier per chunk: on a shared machine one late thread
-        # would stall the other at every chunk); at least CALL_BYTES of codes each, small enough that the last ones
-        # balance the threads.
-        chunk = max(chunk, CALL_BYTES // max(1, level.length * level.dim))
-        chunk = max(1, min(chunk, -(-level.n // (4 * self.threads))))
-        parts = [(start, min(start + chunk, level.n)) for start in range(0, level.n, chunk)]
+        parts = self.parts(level, chunk)
         codes_rc = self._map(lambda p: self.score_range(prepared, level, p[0], p[1], out), parts)
         bad = [rc for rc in codes_rc if rc != 0]
         if bad:
             raise MissingDependencyError(f"the native scoring kernel failed: {_ERRORS.get(bad[0], bad[0])}",
                                          hint="use backend='ort'")
+
+    def parts(self, level: StoreLevel, chunk: int) -> list[tuple[int, int]]:
+        """The ``(start, stop)`` video ranges of one :meth:`run`, in order. They go to the threads as each becomes
+        free (no barrier per chunk: on a shared machine one late thread would stall the other at every chunk): at
+        least ``CALL_BYTES`` of codes each (``chunk`` if larger), at most a quarter of each thread's share, and
+        shrinking to a quarter of ``CALL_BYTES`` over the last ``2 * threads`` of them (guided), so that the threads
+        finish together."""
+        video_bytes = max(1, level.length * level.dim)
+        big = max(1, min(max(chunk, CALL_BYTES // video_bytes), -(-level.n // (4 * self.threads))))
+        least = max(1, min(big, CALL_BYTES // 4 // video_bytes))
+        out, start = [], 0
+        while start < level.n:
+            size = max(least, min(big, (level.n - start) // (2 * self.threads)))
+            out.append((start, min(start + size, level.n)))
+            start += size
+        return out
 
     @staticmethod
     def prepare(queries: Any) -> dict[str, Any]:

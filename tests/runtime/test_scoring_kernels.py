@@ -142,3 +142,22 @@ def test_doctor_reports_the_kernel_paths_and_why_amx_does_not_run():
     assert report["native_int8"] == native_available()
     assert report["paths"] == list(available_paths())
     assert report["amx"] == ("ok" if "amx" in available_paths() else amx_status() if native_available() else "no-cpu")
+
+
+@needs_native
+@pytest.mark.parametrize("n,frames,dim", [(100_000, 12, 512), (1_000_000, 8, 64), (21, 7, 67), (1, 1, 4)])
+def test_video_ranges_cover_the_store_in_order_and_shrink_at_the_end(n, frames, dim):
+    # the ranges handed to the threads: contiguous, in order, every video once; never more than a quarter of a
+    # thread's share (so both threads get work), and the last ones no larger than the first (guided)
+    codes = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), (n, frames, dim), (0, 0, 0))  # no memory
+    per_frame = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (n, frames), (0, 0))
+    level = StoreLevel("int8", codes, per_frame, np.ones((n, frames), bool), per_frame)
+    kernel = NativeLevelKernel(2, "avx512")
+    parts = kernel.parts(level, 4096)
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    sizes = [stop - start for start, stop in parts]
+    assert min(sizes) >= 1 and max(sizes) <= max(1, -(-n // 8))
+    assert sizes[-1] <= sizes[0]
+    if n >= 100_000:  # large stores: several MB per call, and a finer tail than head
+        assert sizes[0] * frames * dim >= 2 << 20 and sizes[-2] < sizes[0]
