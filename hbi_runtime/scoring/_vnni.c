@@ -15,21 +15,28 @@
  * (u8 x s8), minus 128 * sum_k q.
  *
  * Layout: the stored codes are read as they lie ((videos * T, D) row-major, the on-disk layout); only the *query*
- * is packed, once per call. Two AVX-512 paths, by the number of query rows (measured on AMD Zen 4, where a
- * broadcast from memory costs about as much as a vpdpbusd and the transpose-and-add tree of row-major tiles a
- * quarter of their time):
- *   - up to 48 rows (one query: retrieve; a few queries): row-major tiles of 4 frames x 4 query rows, every
- *     64-byte load feeding four vpdpbusd, summed across lanes by a transpose-and-add tree (score_videos_rows,
- *     the kernel of the previous version, kept as it was: variants of its stores and reductions measured 8-14 %
- *     more CPU time streaming 100,000 videos, for reasons not found). Tried
- *     for one query and dropped: groups of 4 rows with 16-byte broadcasts of the frame and two unpack-and-add
- *     stages instead of the tree: 13 % less CPU with the videos in cache, but 1.3-1.6x slower streaming 100,000
- *     videos from memory;
+ * is packed, once per call. AVX-512 paths, by the shape (measured on AMD Zen 4, where a broadcast from memory costs
+ * about as much as a vpdpbusd and the transpose-and-add tree of row-major tiles a quarter of their time):
+ *   - one query of up to 16 rows (retrieve), T <= 8 and D <= 64 (the demo model's entity level, 8 x 64): the
+ *     video's frames are transposed (8 x 8 pairs of 4-byte groups, 24 shuffles) so that one vpdpbusd against a
+ *     query packed in row pairs gives finished dots of 8 frames x 2 rows, no reduction across lanes; two videos
+ *     per step sharing the query loads (score_videos_small). The row-major tiles below spend more on their
+ *     tree than on products there (one 64-byte step per tile): 391 -> 174 cycles per video in cache;
+ *   - one query of up to 16 rows, other shapes: the row-major tiles below, but scored in registers
+ *     (score_videos_one: no round trip of the dots and sims through memory, whose 16-byte masked stores were
+ *     read back by wider loads);
+ *   - up to 48 rows (a few queries): row-major tiles of 4 frames x 4 query rows, every 64-byte load feeding four
+ *     vpdpbusd, summed across lanes by a transpose-and-add tree (score_videos_rows). Tried for one query and
+ *     dropped: groups of 4 rows with 16-byte broadcasts of the frame and two unpack-and-add stages instead of the
+ *     tree: 13 % less CPU with the videos in cache, but 1.3-1.6x slower streaming 100,000 videos from memory
+ *     (before the software prefetch below); blends instead of half the tree's shuffles: no gain;
  *   - more (query batches): the VNNI-interleaved query, qpack[block][k / 4][16 rows][4 bytes]; one 4-byte group
  *     of a frame broadcast to all lanes times one qpack vector gives finished dots with 16 query rows, no
  *     reduction across lanes; 4 frames x 6 query blocks (24 accumulators) per pass over k, so that each broadcast
  *     feeds 6 vpdpbusd (GEMM-style blocking; the remaining blocks 6 frames x 4, 12 x 2, 12 x 1;
  *     video_dots_avx512).
+ * The one-query and row-major paths prefetch the stored codes 12 KB ahead into L2 (HBI_PF_AHEAD); the two
+ * one-query paths give scores identical to score_videos_rows' (same float operations in the same order).
  * The AMX path multiplies tiles of a video's frames (the stored rows, as they lie) by the same qpack, which is
  * exactly the B-tile layout of tdpbusd (T <= 16, D % 64 == 0; the caller falls back to AVX-512 otherwise).
  *
@@ -266,10 +273,12 @@ HBI_TARGET static inline __m512i hbi_ld(const void *p, __mmask64 m, int full) {
     } while (0)
 
 /* Software prefetch of the stored codes this many bytes ahead of the frames being read, into L2 (prefetcht1):
- * issued once per 64-byte line, in the first query tile of each frame tile. Measured on Zen 4 streaming 100,000
- * videos (T = 12, D = 512, one query): 22 % less CPU time than leaving the stream to the hardware prefetcher,
- * about the same from 6 KB to 24 KB ahead; prefetching into L1 (prefetcht0) at the same distances was slower than
- * none (and so was the earlier form, every line of the next videos at the start of each video). */
+ * issued once per 64-byte line (in the row-major paths: in the first query tile of each frame tile). Measured on
+ * Zen 4 streaming 100,000 videos (T = 12, D = 512, one query): 22 % less CPU time than leaving the stream to the
+ * hardware prefetcher, about the same from 6 KB to 24 KB ahead; prefetching into L1 (prefetcht0) was slower than
+ * none (and so was the earlier form, every line of the next videos at the start of each video). 1,000,000 videos
+ * of 8 x 64 (score_videos_small): 37 % less CPU than none, 4-48 KB ahead alike; prefetching the scales and weights
+ * too gained nothing measurable. */
 #define HBI_PF_AHEAD 12288
 
 /* the 4 x 4 dots of a tile as one vector: 128-bit lane i = frame a[i], element j = query row b[j] */
