@@ -487,10 +487,9 @@ HBI_TARGET static inline __attribute__((always_inline)) void score_videos_small_
     const __mmask16 mask_t = (__mmask16)((1u << T) - 1);
     __m512i offv[8];
     __m512 qsv[8];
-    int32_t idx_t[16], idx_c[16];
+    int32_t idx_t[16];
     for (int l = 0; l < 16; l++) {
         idx_t[l] = l / 2 < T ? l / 2 : T - 1; /* lane 2t + r <- frame min(t, T - 1) */
-        idx_c[l] = 2 * (l % 8);                 /* lane t <- lane 2t */
     }
     for (int pp = 0; pp < NP; pp++) {
         int32_t off16[16];
@@ -503,7 +502,7 @@ HBI_TARGET static inline __attribute__((always_inline)) void score_videos_small_
         offv[pp] = _mm512_loadu_si512((const void *)off16);
         qsv[pp] = _mm512_loadu_ps(qs16);
     }
-    const __m512i frame_dup = _mm512_loadu_si512((const void *)idx_t), compact = _mm512_loadu_si512((const void *)idx_c);
+    const __m512i frame_dup = _mm512_loadu_si512((const void *)idx_t);
     const __m512 qw = _mm512_maskz_loadu_ps(mask_l, qweights);
     const __m512 floorv = _mm512_set1_ps(floor_q);
     const int64_t vbytes = (int64_t)T * D;
@@ -589,13 +588,17 @@ HBI_TARGET static inline __attribute__((always_inline)) void score_videos_small_
             }
             const __m512 tm = _mm512_shuffle_f32x4(e[0], e[NP > 4 ? 1 : 0], 0x88);
             /* v2t: the max over rows of each frame (lanes 2t, 2t + 1), raised to the floor, times vw * vs, added one
-             * frame after another */
+             * frame after another (frames 2k, 2k + 1 are elements 0 and 2 of 128-bit lane k) */
             fmax = _mm512_max_ps(fmax, _mm512_permute_ps(fmax, 0xB1));
-            float mxa[16] __attribute__((aligned(64))), pwa[16] __attribute__((aligned(64)));
-            _mm512_store_ps(mxa, _mm512_permutexvar_ps(compact, _mm512_max_ps(fmax, floorv)));
-            _mm512_store_ps(pwa, _mm512_permutexvar_ps(compact, _mm512_mul_ps(vwd, vsd)));
+            const __m512 mxv = _mm512_max_ps(fmax, floorv), pwv = _mm512_mul_ps(vwd, vsd);
             __m128 v2t = _mm_setzero_ps();
-            for (int t = 0; t < T; t++) v2t = _mm_mask_fmadd_ss(_mm_load_ss(mxa + t), 1, _mm_load_ss(pwa + t), v2t);
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                if (2 * k >= T) break;
+                const __m128 mk = _mm512_extractf32x4_ps(mxv, k), pk = _mm512_extractf32x4_ps(pwv, k);
+                v2t = _mm_mask_fmadd_ss(mk, 1, pk, v2t);
+                if (2 * k + 1 < T) v2t = _mm_mask_fmadd_ss(_mm_movehl_ps(mk, mk), 1, _mm_movehl_ps(pk, pk), v2t);
+            }
             const __m512 t2v = _mm512_fmadd_ps(qw, _mm512_maskz_mov_ps(mask_l, tm), _mm512_setzero_ps());
             scores[vid[u]] = 0.5f * (_mm512_reduce_add_ps(t2v) + _mm_cvtss_f32(v2t));
         }
