@@ -275,11 +275,13 @@ HBI_TARGET static inline __m512i hbi_ld(const void *p, __mmask64 m, int full) {
 /* Software prefetch of the stored codes this many bytes ahead of the frames being read, into L2 (prefetcht1):
  * issued once per 64-byte line (in the row-major paths: in the first query tile of each frame tile). Measured on
  * Zen 4 streaming 100,000 videos (T = 12, D = 512, one query): 22 % less CPU time than leaving the stream to the
- * hardware prefetcher, about the same from 6 KB to 24 KB ahead; prefetching into L1 (prefetcht0) was slower than
- * none (and so was the earlier form, every line of the next videos at the start of each video). 1,000,000 videos
+ * hardware prefetcher, about the same from 6 KB to 24 KB ahead; prefetching into L1 (prefetcht0) that far was slower
+ * than none (and so was the earlier form, every line of the next videos at the start of each video). 1,000,000 videos
  * of 8 x 64 (score_videos_small): 37 % less CPU than none, 4-48 KB ahead alike; prefetching the scales and weights
  * too gained nothing measurable. */
 #define HBI_PF_AHEAD 12288
+/* and, from L2 into L1, this many bytes ahead (prefetcht0): 3-7 % less CPU streaming either shape, 1-6 KB alike */
+#define HBI_PF_NEAR 2048
 
 /* the 4 x 4 dots of a tile as one vector: 128-bit lane i = frame a[i], element j = query row b[j] */
 HBI_TARGET static inline __attribute__((always_inline)) __m512i dot_tile(const uint8_t *const a[4],
@@ -296,6 +298,10 @@ HBI_TARGET static inline __attribute__((always_inline)) __m512i dot_tile(const u
             _mm_prefetch((const char *)(a1 + k + HBI_PF_AHEAD), _MM_HINT_T1);
             _mm_prefetch((const char *)(a2 + k + HBI_PF_AHEAD), _MM_HINT_T1);
             _mm_prefetch((const char *)(a3 + k + HBI_PF_AHEAD), _MM_HINT_T1);
+            _mm_prefetch((const char *)(a0 + k + HBI_PF_NEAR), _MM_HINT_T0);
+            _mm_prefetch((const char *)(a1 + k + HBI_PF_NEAR), _MM_HINT_T0);
+            _mm_prefetch((const char *)(a2 + k + HBI_PF_NEAR), _MM_HINT_T0);
+            _mm_prefetch((const char *)(a3 + k + HBI_PF_NEAR), _MM_HINT_T0);
             HBI_TILE_STEP(k, ~(__mmask64)0, 1);
         }
     } else {
@@ -514,8 +520,10 @@ HBI_TARGET static inline __attribute__((always_inline)) void score_videos_small_
 #pragma GCC unroll 2
         for (int u = 0; u < 2; u++) {
             const uint8_t *vcodes = codes + vid[u] * vbytes;
-            for (int64_t o = 0; o < vbytes; o += 64)
+            for (int64_t o = 0; o < vbytes; o += 64) {
                 _mm_prefetch((const char *)(vcodes + o + HBI_PF_AHEAD), _MM_HINT_T1);
+                _mm_prefetch((const char *)(vcodes + o + HBI_PF_NEAR), _MM_HINT_T0);
+            }
             __m512i f[8];
 #pragma GCC unroll 8
             for (int t = 0; t < 8; t++)
