@@ -2,11 +2,13 @@
 
 On int8 storage, ONNX Runtime's ``MatMulIntegerToFloat`` with one query (``Bt * L`` of about 12 columns) reaches
 a fifth of the u8 x s8 peak: its kernels are blocked for wide right-hand sides, and every chunk's codes are
-re-packed. ``_vnni.c`` reads the stored ``(videos * T, D)`` codes as they lie. Up to 48 query rows (one query:
-retrieve) it multiplies tiles of 4 frames x 4 query rows as stored; above, it packs the *query* into the
-VNNI-interleaved layout (16 query rows per 64-byte vector), so each product instruction finishes dot products of
-one frame with 16 query rows without any reduction across lanes, 4 frames x 96 query rows per pass (GEMM-style
-blocking); see the C file's header for why and the measurements. It fuses every reduction of the level score (max over frames, max over each query's rows, both
+re-packed. ``_vnni.c`` reads the stored ``(videos * T, D)`` codes as they lie. One query of up to 16 rows (retrieve)
+has two paths of its own (videos of T <= 8 frames and D <= 64 transposed in registers, other shapes by tiles with
+the score kept in registers; both prefetch the stream); up to 48 query rows it multiplies tiles of 4 frames x 4
+query rows as stored; above, it packs the *query* into the VNNI-interleaved layout (16 query rows per 64-byte
+vector), so each product instruction finishes dot products of one frame with 16 query rows without any reduction
+across lanes, 4 frames x 96 query rows per pass (GEMM-style blocking); see the C file's header for why and the
+measurements. It fuses every reduction of the level score (max over frames, max over each query's rows, both
 weighted sums), so only the scores leave the kernel. Same arithmetic as the ORT graph (exact int32 products, then
 the query and video scales), so the two agree to float rounding.
 
