@@ -1,7 +1,7 @@
 """Benchmark of exact HBI scoring (``hbi_runtime.scoring``): one query against a large stored collection.
 
-One 10-word query (12 valid tokens incl. SOT/EOT, padded to L=24) against ``--videos`` videos (ViT-B/32 size:
-D=512, T=12 frames, entity level; random L2-normalised tokens, 10% of the videos padded), for each storage dtype
+One 10-word query (12 valid tokens incl. SOT/EOT, padded to L=24) against ``--videos`` videos (by default ViT-B/32
+size: D=512, T=12 frames, entity level; ``--frames 8 --dim 64`` is the demo model's entity level; random L2-normalised tokens, 10% of the videos padded), for each storage dtype
 (float32, float16, int8). For each: median latency over ``--repeats`` runs (the dtypes take turns so that load
 from other processes hits them alike), GFLOP/s (``2 * valid tokens * N * T * D``), and the roofline bound
 ``min(matmul peak, memory bandwidth x arithmetic intensity)`` where the intensity is FLOPs per byte the
@@ -21,8 +21,8 @@ way the scorer runs (``--threads`` threads, the native kernel's own thread pool)
 A second table: ``--batch-queries`` queries at once against ``--batch-videos`` videos (int8, the native kernel):
 compute-bound, as a fraction of the measured VNNI int8 peak (and of the AMX peak where present).
 
-A third table, robust to sharing the machine: the kernel's rate per CPU-second of one thread on 160 videos (1 MB,
-in this core's L2 cache) for 1, 4, 8 and 32 queries, against the ``vpdpbusd`` loop per CPU-second: the efficiency
+A third table, robust to sharing the machine: the kernel's rate per CPU-second of one thread on about 1 MB of
+videos (160 at 12 x 512, in this core's L2 cache) for 1, 4, 8 and 32 queries, against the ``vpdpbusd`` loop per CPU-second: the efficiency
 of the kernel itself (one call per chunk, as ``run`` makes them; the query's preparation, once per ``run``, is
 left out), with memory out of the picture.
 
@@ -66,6 +66,7 @@ from hbi_runtime.sides import SideLevel
 
 DEFAULT_OUT = Path("benchmarks/results/scoring.json")
 T, D, L_TEXT, VALID = 12, 512, 24, 12
+DEFAULT_FRAMES, DEFAULT_DIM = T, D
 def ort_session(nodes: list, inputs: list, inits: list, threads: int) -> ort.InferenceSession:
     graph = helper.make_graph(nodes, "peak", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
                               initializer=inits)
@@ -91,8 +92,10 @@ def ort_u8s8_peak(threads: int, n: int = 2048) -> float:
     return 2 * n ** 3 / best_seconds(lambda: i8.run(None, {"A": au, "B": bs}), 10) / 1e9
 
 
-def make_levels(n: int, seed: int = 0, block: int = 10_000) -> dict[str, StoreLevel]:
-    """Random L2-normalised video tokens in every storage dtype, generated block by block."""
+def make_levels(n: int, seed: int = 0, block: int = 10_000, frames: int = T, dim: int = D) -> dict[str, StoreLevel]:
+    """Random L2-normalised video tokens (``frames`` x ``dim`` per video) in every storage dtype, generated block by
+    block."""
+    T, D = frames, dim  # noqa: N806 (the module's names for the shape)
     rng = np.random.default_rng(seed)
     tokens = np.empty((n, T, D), dtype=np.float32)
     mask = np.ones((n, T), dtype=bool)
@@ -117,8 +120,9 @@ def make_levels(n: int, seed: int = 0, block: int = 10_000) -> dict[str, StoreLe
     return levels
 
 
-def make_query(seed: int = 1, n: int = 1) -> SideLevel:
+def make_query(seed: int = 1, n: int = 1, dim: int = D) -> SideLevel:
     """``n`` queries of ``VALID`` valid tokens each (padded to ``L_TEXT``)."""
+    D = dim  # noqa: N806
     rng = np.random.default_rng(seed)
     tokens = rng.standard_normal((n, L_TEXT, D)).astype(np.float32)
     tokens /= np.linalg.norm(tokens, axis=-1, keepdims=True)
@@ -155,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit-mb", type=float, default=256)
     parser.add_argument("--batch-queries", type=int, default=32)
     parser.add_argument("--batch-videos", type=int, default=10_000)
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                        help="frames per video (T; the demo model: 8)")
+    parser.add_argument("--dim", type=int, default=DEFAULT_DIM, help="token dimension (D; the demo model: 64)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    T, D = args.frames, args.dim  # noqa: N806
     load_start = os.getloadavg()
 
     print("measuring matmul peaks and memory bandwidth ...", flush=True)
@@ -169,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
 
     print(f"generating {args.videos} videos x {T} frames x {D} ...", flush=True)
-    levels = make_levels(args.videos)
-    query = make_query()
+    levels = make_levels(args.videos, frames=T, dim=D)
+    query = make_query(dim=D)
     flops = 2.0 * VALID * args.videos * T * D
     # (name, storage dtype, scoring backend): "auto" is what retrieve uses (int8: the native VNNI kernel where it
     # runs); int8 through ONNX Runtime is measured alongside for comparison.
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: run[name]() for name in run}  # warm-up, and the scores for the accuracy columns
     batch_level = StoreLevel("int8", *(a[:args.batch_videos] for a in (levels["int8"].tokens, levels["int8"].weights,
                                                                         levels["int8"].mask, levels["int8"].scales)))
-    batch_query = make_query(2, args.batch_queries)
+    batch_query = make_query(2, args.batch_queries, dim=D)
     batch_paths = [p for p in ("avx512", "amx") if p in available_paths()]
     batch_queries = Queries.from_level(batch_query)
     batch_out = np.zeros((args.batch_queries, batch_level.n), dtype=np.float32)
@@ -259,12 +267,13 @@ def main(argv: list[str] | None = None) -> int:
 
     in_cache = []
     if native_available():
-        small = StoreLevel("int8", *(a[:160] for a in (levels["int8"].tokens, levels["int8"].weights,
-                                                        levels["int8"].mask, levels["int8"].scales)))
+        n_small = max(160, (1 << 20) // (T * D))  # about 1 MB: in L2, and enough videos to hide the call's overhead
+        small = StoreLevel("int8", *(a[:n_small] for a in (levels["int8"].tokens, levels["int8"].weights,
+                                                            levels["int8"].mask, levels["int8"].scales)))
         one = NativeLevelKernel(1, "avx512")
         loop = statistics.median(one.vnni_peak(0.2, 3)["per_cpu_second_gops"] for _ in range(3))
         for n_queries in (1, 4, 8, 32):
-            prepared = one.prepare(Queries.from_level(make_query(3, n_queries)))
+            prepared = one.prepare(Queries.from_level(make_query(3, n_queries, dim=D)))
             target = np.zeros((n_queries, small.n), dtype=np.float32)
             one.score_range(prepared, small, 0, small.n, target)  # warm-up
             cpu = []

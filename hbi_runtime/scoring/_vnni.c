@@ -15,21 +15,28 @@
  * (u8 x s8), minus 128 * sum_k q.
  *
  * Layout: the stored codes are read as they lie ((videos * T, D) row-major, the on-disk layout); only the *query*
- * is packed, once per call. Two AVX-512 paths, by the number of query rows (measured on AMD Zen 4, where a
- * broadcast from memory costs about as much as a vpdpbusd and the transpose-and-add tree of row-major tiles a
- * quarter of their time):
- *   - up to 48 rows (one query: retrieve; a few queries): row-major tiles of 4 frames x 4 query rows, every
- *     64-byte load feeding four vpdpbusd, summed across lanes by a transpose-and-add tree (score_videos_rows,
- *     the kernel of the previous version, kept as it was: variants of its stores and reductions measured 8-14 %
- *     more CPU time streaming 100,000 videos, for reasons not found). Tried
- *     for one query and dropped: groups of 4 rows with 16-byte broadcasts of the frame and two unpack-and-add
- *     stages instead of the tree: 13 % less CPU with the videos in cache, but 1.3-1.6x slower streaming 100,000
- *     videos from memory;
+ * is packed, once per call. AVX-512 paths, by the shape (measured on AMD Zen 4, where a broadcast from memory costs
+ * about as much as a vpdpbusd and the transpose-and-add tree of row-major tiles a quarter of their time):
+ *   - one query of up to 16 rows (retrieve), T <= 8 and D <= 64 (the demo model's entity level, 8 x 64): the
+ *     video's frames are transposed (8 x 8 pairs of 4-byte groups, 24 shuffles) so that one vpdpbusd against a
+ *     query packed in row pairs gives finished dots of 8 frames x 2 rows, no reduction across lanes; two videos
+ *     per step sharing the query loads (score_videos_small). The row-major tiles below spend more on their
+ *     tree than on products there (one 64-byte step per tile): 391 -> 174 cycles per video in cache;
+ *   - one query of up to 16 rows, other shapes: the row-major tiles below, but scored in registers
+ *     (score_videos_one: no round trip of the dots and sims through memory, whose 16-byte masked stores were
+ *     read back by wider loads);
+ *   - up to 48 rows (a few queries): row-major tiles of 4 frames x 4 query rows, every 64-byte load feeding four
+ *     vpdpbusd, summed across lanes by a transpose-and-add tree (score_videos_rows). Tried for one query and
+ *     dropped: groups of 4 rows with 16-byte broadcasts of the frame and two unpack-and-add stages instead of the
+ *     tree: 13 % less CPU with the videos in cache, but 1.3-1.6x slower streaming 100,000 videos from memory
+ *     (before the software prefetch below); blends instead of half the tree's shuffles: no gain;
  *   - more (query batches): the VNNI-interleaved query, qpack[block][k / 4][16 rows][4 bytes]; one 4-byte group
  *     of a frame broadcast to all lanes times one qpack vector gives finished dots with 16 query rows, no
  *     reduction across lanes; 4 frames x 6 query blocks (24 accumulators) per pass over k, so that each broadcast
  *     feeds 6 vpdpbusd (GEMM-style blocking; the remaining blocks 6 frames x 4, 12 x 2, 12 x 1;
  *     video_dots_avx512).
+ * The one-query and row-major paths prefetch the stored codes 12 KB ahead into L2 (HBI_PF_AHEAD); the two
+ * one-query paths give scores identical to score_videos_rows' (same float operations in the same order).
  * The AMX path multiplies tiles of a video's frames (the stored rows, as they lie) by the same qpack, which is
  * exactly the B-tile layout of tdpbusd (T <= 16, D % 64 == 0; the caller falls back to AVX-512 otherwise).
  *
@@ -265,14 +272,41 @@ HBI_TARGET static inline __m512i hbi_ld(const void *p, __mmask64 m, int full) {
         HBI_DP(c30, x, q0); HBI_DP(c31, x, q1); HBI_DP(c32, x, q2); HBI_DP(c33, x, q3);                 \
     } while (0)
 
-HBI_TARGET static void dot_tile(const uint8_t *const a[4], const int8_t *const b[4], int D, int32_t out[16]) {
+/* Software prefetch of the stored codes this many bytes ahead of the frames being read, into L2 (prefetcht1):
+ * issued once per 64-byte line (in the row-major paths: in the first query tile of each frame tile). Measured on
+ * Zen 4 streaming 100,000 videos (T = 12, D = 512, one query): 22 % less CPU time than leaving the stream to the
+ * hardware prefetcher, about the same from 6 KB to 24 KB ahead; prefetching into L1 (prefetcht0) that far was slower
+ * than none (and so was the earlier form, every line of the next videos at the start of each video). 1,000,000 videos
+ * of 8 x 64 (score_videos_small): 37 % less CPU than none, 4-48 KB ahead alike; prefetching the scales and weights
+ * too gained nothing measurable. */
+#define HBI_PF_AHEAD 12288
+/* and, from L2 into L1, this many bytes ahead (prefetcht0): 3-7 % less CPU streaming either shape, 1-6 KB alike */
+#define HBI_PF_NEAR 2048
+
+/* the 4 x 4 dots of a tile as one vector: 128-bit lane i = frame a[i], element j = query row b[j] */
+HBI_TARGET static inline __attribute__((always_inline)) __m512i dot_tile(const uint8_t *const a[4],
+                                                                         const int8_t *const b[4], int D, int pf) {
     __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c03 = c00, c10 = c00, c11 = c00, c12 = c00,
             c13 = c00, c20 = c00, c21 = c00, c22 = c00, c23 = c00, c30 = c00, c31 = c00, c32 = c00, c33 = c00;
     const uint8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
     const int8_t *b0 = b[0], *b1 = b[1], *b2 = b[2], *b3 = b[3];
     const int full = D & ~63;
     int k = 0;
-    for (; k < full; k += 64) HBI_TILE_STEP(k, ~(__mmask64)0, 1);
+    if (pf) {
+        for (; k < full; k += 64) {
+            _mm_prefetch((const char *)(a0 + k + HBI_PF_AHEAD), _MM_HINT_T1);
+            _mm_prefetch((const char *)(a1 + k + HBI_PF_AHEAD), _MM_HINT_T1);
+            _mm_prefetch((const char *)(a2 + k + HBI_PF_AHEAD), _MM_HINT_T1);
+            _mm_prefetch((const char *)(a3 + k + HBI_PF_AHEAD), _MM_HINT_T1);
+            _mm_prefetch((const char *)(a0 + k + HBI_PF_NEAR), _MM_HINT_T0);
+            _mm_prefetch((const char *)(a1 + k + HBI_PF_NEAR), _MM_HINT_T0);
+            _mm_prefetch((const char *)(a2 + k + HBI_PF_NEAR), _MM_HINT_T0);
+            _mm_prefetch((const char *)(a3 + k + HBI_PF_NEAR), _MM_HINT_T0);
+            HBI_TILE_STEP(k, ~(__mmask64)0, 1);
+        }
+    } else {
+        for (; k < full; k += 64) HBI_TILE_STEP(k, ~(__mmask64)0, 1);
+    }
     if (k < D) {
         const __mmask64 m = ((__mmask64)1 << (D - k)) - 1;
         HBI_TILE_STEP(k, m, 0);
@@ -281,7 +315,7 @@ HBI_TARGET static void dot_tile(const uint8_t *const a[4], const int8_t *const b
                   u1 = HBI_ADD64(HBI_ADD32(c10, c11), HBI_ADD32(c12, c13)),
                   u2 = HBI_ADD64(HBI_ADD32(c20, c21), HBI_ADD32(c22, c23)),
                   u3 = HBI_ADD64(HBI_ADD32(c30, c31), HBI_ADD32(c32, c33));
-    _mm512_storeu_si512((void *)out, HBI_ADD128(HBI_ADD128(u0, u1), HBI_ADD128(u2, u3)));
+    return HBI_ADD128(HBI_ADD128(u0, u1), HBI_ADD128(u2, u3));
 }
 
 /* the whole computation of the row-major path: dots of each video by tiles, then its scores */
@@ -293,8 +327,6 @@ HBI_TARGET static void score_videos_rows(const uint8_t *codes, const float *vsca
     const __m512 lowest = _mm512_set1_ps(-INFINITY);
     for (int64_t v = 0; v < n_videos; v++) {
         const uint8_t *vcodes = codes + v * (int64_t)T * D;
-        /* no software prefetch: the hardware prefetcher follows this sequential stream; explicit prefetches of
-         * the next videos made the 100k-video scan 1.5x slower */
         /* dots[t * BtL + j] = codes of frame t . query row j; tiles past the edge repeat the last row */
         for (int t0 = 0; t0 < T; t0 += 4) {
             const int nr = T - t0 < 4 ? T - t0 : 4;
@@ -305,7 +337,7 @@ HBI_TARGET static void score_videos_rows(const uint8_t *codes, const float *vsca
                 const int8_t *b[4];
                 int32_t tile[16];
                 for (int j = 0; j < 4; j++) b[j] = q + (int64_t)(j0 + (j < nq ? j : nq - 1)) * D;
-                dot_tile(a, b, D, tile);
+                _mm512_storeu_si512((void *)tile, dot_tile(a, b, D, j0 == 0));
                 /* masked stores, not memcpy: a library call per row of a tile cost 15 % of the kernel */
                 const __mmask8 mq = (__mmask8)((1u << nq) - 1);
                 for (int i = 0; i < nr; i++)
@@ -349,6 +381,265 @@ HBI_TARGET static void score_videos_rows(const uint8_t *codes, const float *vsca
             scores[bq * stride + v] = 0.5f * (_mm512_reduce_add_ps(t2v) + v2t);
         }
     }
+}
+
+/*
+ * One query of up to 16 rows (retrieve): the same tiles, but nothing goes through memory between them. Each tile's
+ * vector (lane 4i + j = frame t0 + i . row 4jt + j) is scaled in place; the max over frames (t2v) is kept per
+ * query tile in a vector across the video, the max over rows (v2t) in one vector per frame tile, reduced within
+ * 128-bit lanes. Same float operations in the same order as score_videos_rows (identical scores): the t2v products
+ * are summed by the same reduction, the v2t terms one frame after another. Rows past L repeat the last row and
+ * frames past T the last frame: neither changes a max, and a repeated frame adds no v2t term.
+ */
+HBI_TARGET static void score_videos_one(const uint8_t *codes, const float *vscales, const float *vweights,
+                                        int64_t n_videos, int T, int D, const int8_t *q, const int32_t *q_offset,
+                                        const float *qscales, const float *qweights, float floor_q, int L,
+                                        float *scores) {
+    const int NJ = (L + 3) / 4; /* query tiles, 1..4 */
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
+    const __mmask16 mask_l = (__mmask16)((1u << L) - 1);
+    const int8_t *b[4][4];
+    __m512i offv[4];
+    __m512 qsv[4];
+    for (int jt = 0; jt < NJ; jt++) {
+        int32_t off4[4];
+        float qs4[4];
+        for (int j = 0; j < 4; j++) {
+            const int r = 4 * jt + j < L ? 4 * jt + j : L - 1;
+            b[jt][j] = q + (int64_t)r * D;
+            off4[j] = q_offset[r];
+            qs4[j] = qscales[r];
+        }
+        offv[jt] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)off4));
+        qsv[jt] = _mm512_broadcast_f32x4(_mm_loadu_ps(qs4));
+    }
+    const __m512 qw = _mm512_maskz_loadu_ps(mask_l, qweights);
+    const __m512 floorv = _mm512_set1_ps(floor_q);
+    /* lane 4i + j <- frame min(i, nr - 1) of a frame tile, for nr = 1..4 */
+    __m512i frame_idx[5];
+    for (int nr = 1; nr <= 4; nr++) {
+        int32_t idx[16];
+        for (int l = 0; l < 16; l++) idx[l] = l / 4 < nr ? l / 4 : nr - 1;
+        frame_idx[nr] = _mm512_loadu_si512((const void *)idx);
+    }
+    frame_idx[0] = frame_idx[1];
+    for (int64_t v = 0; v < n_videos; v++) {
+        const uint8_t *vcodes = codes + v * (int64_t)T * D;
+        const float *vs = vscales + v * T, *vw = vweights + v * T;
+        __m512 tmax[4] = {lowest, lowest, lowest, lowest};
+        __m128 v2t = _mm_setzero_ps();
+        for (int t0 = 0; t0 < T; t0 += 4) {
+            const int nr = T - t0 < 4 ? T - t0 : 4;
+            const __mmask16 mf = (__mmask16)((1u << nr) - 1);
+            const uint8_t *a[4];
+            for (int i = 0; i < 4; i++) a[i] = vcodes + (int64_t)(t0 + (i < nr ? i : nr - 1)) * D;
+            const __m512 vsv = _mm512_permutexvar_ps(frame_idx[nr], _mm512_maskz_loadu_ps(mf, vs + t0));
+            __m512 fmax = lowest;
+            for (int jt = 0; jt < NJ; jt++) {
+                const __m512i d = dot_tile(a, b[jt], D, jt == 0);
+                const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(d, offv[jt])), qsv[jt]);
+                tmax[jt] = _mm512_max_ps(tmax[jt], _mm512_mul_ps(x, vsv));
+                fmax = _mm512_max_ps(fmax, x);
+            }
+            /* the max over the rows of each frame, to every element of its 128-bit lane */
+            fmax = _mm512_max_ps(fmax, _mm512_permute_ps(fmax, 0x4E));
+            fmax = _mm512_max_ps(fmax, _mm512_permute_ps(fmax, 0xB1));
+            const __m512 vwv = _mm512_permutexvar_ps(frame_idx[nr], _mm512_maskz_loadu_ps(mf, vw + t0));
+            /* v2t += max(row max, floor) * (vw * vs), one frame after another, fused as the compiler fuses the
+             * scalar loop of score_videos_rows */
+            const __m512 mx = _mm512_max_ps(fmax, floorv), pw = _mm512_mul_ps(vwv, vsv);
+            v2t = _mm_mask_fmadd_ss(_mm512_castps512_ps128(mx), 1, _mm512_castps512_ps128(pw), v2t);
+            if (nr > 1) v2t = _mm_mask_fmadd_ss(_mm512_extractf32x4_ps(mx, 1), 1, _mm512_extractf32x4_ps(pw, 1), v2t);
+            if (nr > 2) v2t = _mm_mask_fmadd_ss(_mm512_extractf32x4_ps(mx, 2), 1, _mm512_extractf32x4_ps(pw, 2), v2t);
+            if (nr > 3) v2t = _mm_mask_fmadd_ss(_mm512_extractf32x4_ps(mx, 3), 1, _mm512_extractf32x4_ps(pw, 3), v2t);
+        }
+        /* the max over frames: across the four 128-bit lanes, then query tile jt to lanes 4jt .. 4jt + 3 */
+        __m512 tm = lowest;
+        for (int jt = 0; jt < NJ; jt++) {
+            __m512 m = _mm512_max_ps(tmax[jt], _mm512_shuffle_f32x4(tmax[jt], tmax[jt], 0x4E));
+            m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0xB1));
+            tm = _mm512_mask_blend_ps((__mmask16)(0xFu << (4 * jt)), tm, m);
+        }
+        const __m512 t2v = _mm512_fmadd_ps(qw, _mm512_maskz_mov_ps(mask_l, tm), _mm512_setzero_ps());
+        scores[v] = 0.5f * (_mm512_reduce_add_ps(t2v) + _mm_cvtss_f32(v2t));
+    }
+}
+
+/*
+ * One query of up to 16 rows against short, narrow videos (T <= 8 frames, D <= 64: the demo model's entity level,
+ * 8 x 64), where the tiles above spend more on their transpose-and-add tree than on products (one 64-byte step
+ * per tile). Here a video's frames are transposed instead of the products: the 8 frames (one 64-byte vector each)
+ * become 16 vectors X_g, lane 2t + r = the 4 bytes of frame t at group g (an 8 x 8 transpose of 8-byte pairs, 24
+ * shuffles, then an in-lane duplication per g); the query is packed once per call to match (qpair[p][g], lane
+ * 2t + r = row 2p + r at group g), so vpdpbusd(X_g, qpair[p][g]) over g leaves finished dot products of 8 frames x
+ * 2 rows in one vector, with no reduction across lanes. Scores as score_videos_one (same float operations in the
+ * same order: identical results).
+ */
+#define HBI_T2(a, b, lo, hi)                                                                                  \
+    do {                                                                                                      \
+        lo = _mm512_unpacklo_epi64(a, b);                                                                     \
+        hi = _mm512_unpackhi_epi64(a, b);                                                                     \
+    } while (0)
+
+HBI_TARGET static inline __attribute__((always_inline)) void score_videos_small_np(
+    const uint8_t *codes, const float *vscales, const float *vweights, int64_t n_videos, int T, int D,
+    const int8_t *qpair, const int NP, const int32_t *q_offset, const float *qscales, const float *qweights,
+    float floor_q, int L, float *scores) {
+    /* NP is a constant in each caller (score_videos_small), so that the loops over row pairs unroll and the
+     * accumulators stay in registers (with a variable count GCC kept them on the stack) */
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
+    const __mmask16 mask_l = (__mmask16)((1u << L) - 1);
+    const __mmask64 mask_d = D >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << D) - 1);
+    const __mmask16 mask_t = (__mmask16)((1u << T) - 1);
+    __m512i offv[8];
+    __m512 qsv[8];
+    int32_t idx_t[16];
+    for (int l = 0; l < 16; l++) {
+        idx_t[l] = l / 2 < T ? l / 2 : T - 1; /* lane 2t + r <- frame min(t, T - 1) */
+    }
+    for (int pp = 0; pp < NP; pp++) {
+        int32_t off16[16];
+        float qs16[16];
+        for (int l = 0; l < 16; l++) {
+            const int r = 2 * pp + l % 2 < L ? 2 * pp + l % 2 : L - 1;
+            off16[l] = q_offset[r];
+            qs16[l] = qscales[r];
+        }
+        offv[pp] = _mm512_loadu_si512((const void *)off16);
+        qsv[pp] = _mm512_loadu_ps(qs16);
+    }
+    const __m512i frame_dup = _mm512_loadu_si512((const void *)idx_t);
+    const __m512 qw = _mm512_maskz_loadu_ps(mask_l, qweights);
+    const __m512 floorv = _mm512_set1_ps(floor_q);
+    const int64_t vbytes = (int64_t)T * D;
+    /* two videos per step, sharing each load of the query (and giving the out-of-order core two independent
+     * chains); an odd last video is scored alone as the pair (v, v) */
+    for (int64_t v = 0; v < n_videos; v += 2) {
+        const int64_t vid[2] = {v, v + 1 < n_videos ? v + 1 : v};
+        __m512i w[2][8];
+#pragma GCC unroll 2
+        for (int u = 0; u < 2; u++) {
+            const uint8_t *vcodes = codes + vid[u] * vbytes;
+            for (int64_t o = 0; o < vbytes; o += 64) {
+                _mm_prefetch((const char *)(vcodes + o + HBI_PF_AHEAD), _MM_HINT_T1);
+                _mm_prefetch((const char *)(vcodes + o + HBI_PF_NEAR), _MM_HINT_T0);
+            }
+            __m512i f[8];
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++)
+                f[t] = _mm512_maskz_loadu_epi8(mask_d, vcodes + (int64_t)(t < T ? t : T - 1) * D);
+            /* 8 x 8 transpose of 8-byte pairs: w[h] lane pair t = frame t's bytes 8h .. 8h + 7 */
+            __m512i t0, t1, t2, t3, t4, t5, t6, t7, s0, s1, s2, s3;
+            HBI_T2(f[0], f[1], t0, t1);
+            HBI_T2(f[2], f[3], t2, t3);
+            HBI_T2(f[4], f[5], t4, t5);
+            HBI_T2(f[6], f[7], t6, t7);
+            s0 = _mm512_shuffle_i64x2(t0, t2, 0x88);
+            s1 = _mm512_shuffle_i64x2(t0, t2, 0xDD);
+            s2 = _mm512_shuffle_i64x2(t4, t6, 0x88);
+            s3 = _mm512_shuffle_i64x2(t4, t6, 0xDD);
+            w[u][0] = _mm512_shuffle_i64x2(s0, s2, 0x88);
+            w[u][4] = _mm512_shuffle_i64x2(s0, s2, 0xDD);
+            w[u][2] = _mm512_shuffle_i64x2(s1, s3, 0x88);
+            w[u][6] = _mm512_shuffle_i64x2(s1, s3, 0xDD);
+            s0 = _mm512_shuffle_i64x2(t1, t3, 0x88);
+            s1 = _mm512_shuffle_i64x2(t1, t3, 0xDD);
+            s2 = _mm512_shuffle_i64x2(t5, t7, 0x88);
+            s3 = _mm512_shuffle_i64x2(t5, t7, 0xDD);
+            w[u][1] = _mm512_shuffle_i64x2(s0, s2, 0x88);
+            w[u][5] = _mm512_shuffle_i64x2(s0, s2, 0xDD);
+            w[u][3] = _mm512_shuffle_i64x2(s1, s3, 0x88);
+            w[u][7] = _mm512_shuffle_i64x2(s1, s3, 0xDD);
+        }
+        __m512i acc[2][8];
+#pragma GCC unroll 8
+        for (int pp = 0; pp < 8; pp++) acc[0][pp] = acc[1][pp] = _mm512_setzero_si512();
+        /* all 16 groups (past D: zero bytes on both sides) */
+#pragma GCC unroll 16
+        for (int g = 0; g < 16; g++) {
+            const __m512 w0 = _mm512_castsi512_ps(w[0][g / 2]), w1 = _mm512_castsi512_ps(w[1][g / 2]);
+            const __m512i x0 = _mm512_castps_si512(g % 2 ? _mm512_movehdup_ps(w0) : _mm512_moveldup_ps(w0));
+            const __m512i x1 = _mm512_castps_si512(g % 2 ? _mm512_movehdup_ps(w1) : _mm512_moveldup_ps(w1));
+            const int8_t *qg = qpair + 64 * g;
+#pragma GCC unroll 8
+            for (int pp = 0; pp < NP; pp++) {
+                const __m512i qv = _mm512_load_si512(qg + pp * 16 * 64);
+                HBI_DP(acc[0][pp], x0, qv);
+                HBI_DP(acc[1][pp], x1, qv);
+            }
+        }
+#pragma GCC unroll 2
+        for (int u = 0; u < 2; u++) {
+            const __m512 vsd = _mm512_permutexvar_ps(frame_dup, _mm512_maskz_loadu_ps(mask_t, vscales + vid[u] * T));
+            const __m512 vwd = _mm512_permutexvar_ps(frame_dup, _mm512_maskz_loadu_ps(mask_t, vweights + vid[u] * T));
+            __m512 fmax = lowest, m[8];
+#pragma GCC unroll 8
+            for (int pp = 0; pp < NP; pp++) {
+                const __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[u][pp], offv[pp])), qsv[pp]);
+                fmax = _mm512_max_ps(fmax, x);
+                m[pp] = _mm512_mul_ps(x, vsd);
+            }
+            /* t2v: the max over the 8 frames (lane pairs) of x * vs, row j to lane j, as a merging tree: pairs of
+             * row pairs share one 128-bit lane after the first step (qwords = frames 2k, 2k + 1 of 128-bit lane k),
+             * then the 128-bit lanes are folded; rows past 2 NP repeat the last pair (masked by mask_l below) */
+            __m512 c[4], e[2];
+#pragma GCC unroll 4
+            for (int a = 0; a < (NP + 1) / 2; a++) {
+                const __m512d pa = _mm512_castps_pd(m[2 * a]), pb = _mm512_castps_pd(m[2 * a + 1 < NP ? 2 * a + 1 : NP - 1]);
+                c[a] = _mm512_max_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(pa, pb)), _mm512_castpd_ps(_mm512_unpackhi_pd(pa, pb)));
+            }
+#pragma GCC unroll 2
+            for (int b = 0; b < (NP + 3) / 4; b++) {
+                const __m512 ca = c[2 * b], cb = c[2 * b + 1 < (NP + 1) / 2 ? 2 * b + 1 : 2 * b];
+                const __m512 h = _mm512_max_ps(_mm512_shuffle_f32x4(ca, cb, 0x88), _mm512_shuffle_f32x4(ca, cb, 0xDD));
+                e[b] = _mm512_max_ps(h, _mm512_shuffle_f32x4(h, h, 0xB1));
+            }
+            const __m512 tm = _mm512_shuffle_f32x4(e[0], e[NP > 4 ? 1 : 0], 0x88);
+            /* v2t: the max over rows of each frame (lanes 2t, 2t + 1), raised to the floor, times vw * vs, added one
+             * frame after another (frames 2k, 2k + 1 are elements 0 and 2 of 128-bit lane k) */
+            fmax = _mm512_max_ps(fmax, _mm512_permute_ps(fmax, 0xB1));
+            const __m512 mxv = _mm512_max_ps(fmax, floorv), pwv = _mm512_mul_ps(vwd, vsd);
+            __m128 v2t = _mm_setzero_ps();
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                if (2 * k >= T) break;
+                const __m128 mk = _mm512_extractf32x4_ps(mxv, k), pk = _mm512_extractf32x4_ps(pwv, k);
+                v2t = _mm_mask_fmadd_ss(mk, 1, pk, v2t);
+                if (2 * k + 1 < T) v2t = _mm_mask_fmadd_ss(_mm_movehl_ps(mk, mk), 1, _mm_movehl_ps(pk, pk), v2t);
+            }
+            const __m512 t2v = _mm512_fmadd_ps(qw, _mm512_maskz_mov_ps(mask_l, tm), _mm512_setzero_ps());
+            scores[vid[u]] = 0.5f * (_mm512_reduce_add_ps(t2v) + _mm_cvtss_f32(v2t));
+        }
+    }
+}
+
+HBI_TARGET static void score_videos_small(const uint8_t *codes, const float *vscales, const float *vweights,
+                                          int64_t n_videos, int T, int D, const int8_t *qpair, int NP,
+                                          const int32_t *q_offset, const float *qscales, const float *qweights,
+                                          float floor_q, int L, float *scores) {
+#define HBI_SMALL(n)                                                                                          \
+    case n:                                                                                                   \
+        score_videos_small_np(codes, vscales, vweights, n_videos, T, D, qpair, n, q_offset, qscales, qweights,  \
+                              floor_q, L, scores);                                                            \
+        break
+    switch (NP) {
+        HBI_SMALL(1); HBI_SMALL(2); HBI_SMALL(3); HBI_SMALL(4); HBI_SMALL(5); HBI_SMALL(6); HBI_SMALL(7);
+        default: HBI_SMALL(8);
+    }
+#undef HBI_SMALL
+}
+
+/* query rows (L <= 16, D <= 64) -> qpair[p][g][16 lanes][4 bytes]: lane 2t + r = row min(2p + r, L - 1), bytes
+ * 4g .. 4g + 3 (zero past D), for every t */
+static void pack_query_pairs(const int8_t *q, int L, int D, int8_t *qpair, int NP, int G) {
+    memset(qpair, 0, (size_t)NP * (size_t)G * 64);
+    for (int pp = 0; pp < NP; pp++)
+        for (int g = 0; g < G; g++)
+            for (int l = 0; l < 16; l++) {
+                const int r = 2 * pp + l % 2 < L ? 2 * pp + l % 2 : L - 1;
+                for (int c = 0; c < 4 && 4 * g + c < D; c++)
+                    qpair[((int64_t)pp * G + g) * 64 + 4 * l + c] = q[(int64_t)r * D + 4 * g + c];
+            }
 }
 
 /* 6 frames x 4 query blocks (24 accumulators): each broadcast feeds 4 vpdpbusd (a broadcast from memory costs
@@ -660,6 +951,23 @@ HBI_EXPORT int hbi_score_u8s8(const uint8_t *codes, const float *vscales, const 
         memcpy(qoff, q_offset, sizeof(int32_t) * (size_t)BtL);
         memcpy(qs, qscales, sizeof(float) * (size_t)BtL);
         memcpy(qw, qweights, sizeof(float) * (size_t)BtL);
+        if (path == HBI_PATH_AVX512 && BtL == L && L <= 16 && T <= 8 && D <= 64) {
+            const int NP = (L + 1) / 2;
+            int8_t *qpair = (int8_t *)aligned_alloc(64, (size_t)NP * 16 * 64);
+            if (!qpair) goto done;
+            pack_query_pairs(q, L, D, qpair, NP, 16);
+            score_videos_small(codes, vscales, vweights, n_videos, T, D, qpair, NP, q_offset, qscales, qweights,
+                               qfloor[0], L, scores);
+            free(qpair);
+            rc = HBI_OK;
+            goto done;
+        }
+        if (path == HBI_PATH_AVX512 && BtL == L && L <= 16) {
+            score_videos_one(codes, vscales, vweights, n_videos, T, D, q, q_offset, qscales, qweights, qfloor[0], L,
+                             scores);
+            rc = HBI_OK;
+            goto done;
+        }
         if (path == HBI_PATH_AVX512 && BtL <= HBI_ROWS_MAX) {
             score_videos_rows(codes, vscales, vweights, n_videos, T, D, q, q_offset, qscales, qweights, qfloor, BtL,
                               L, scores, stride, dots, sim, tmax);

@@ -2,11 +2,13 @@
 
 On int8 storage, ONNX Runtime's ``MatMulIntegerToFloat`` with one query (``Bt * L`` of about 12 columns) reaches
 a fifth of the u8 x s8 peak: its kernels are blocked for wide right-hand sides, and every chunk's codes are
-re-packed. ``_vnni.c`` reads the stored ``(videos * T, D)`` codes as they lie. Up to 48 query rows (one query:
-retrieve) it multiplies tiles of 4 frames x 4 query rows as stored; above, it packs the *query* into the
-VNNI-interleaved layout (16 query rows per 64-byte vector), so each product instruction finishes dot products of
-one frame with 16 query rows without any reduction across lanes, 4 frames x 96 query rows per pass (GEMM-style
-blocking); see the C file's header for why and the measurements. It fuses every reduction of the level score (max over frames, max over each query's rows, both
+re-packed. ``_vnni.c`` reads the stored ``(videos * T, D)`` codes as they lie. One query of up to 16 rows (retrieve)
+has two paths of its own (videos of T <= 8 frames and D <= 64 transposed in registers, other shapes by tiles with
+the score kept in registers; both prefetch the stream); up to 48 query rows it multiplies tiles of 4 frames x 4
+query rows as stored; above, it packs the *query* into the VNNI-interleaved layout (16 query rows per 64-byte
+vector), so each product instruction finishes dot products of one frame with 16 query rows without any reduction
+across lanes, 4 frames x 96 query rows per pass (GEMM-style blocking); see the C file's header for why and the
+measurements. It fuses every reduction of the level score (max over frames, max over each query's rows, both
 weighted sums), so only the scores leave the kernel. Same arithmetic as the ORT graph (exact int32 products, then
 the query and video scales), so the two agree to float rounding.
 
@@ -47,6 +49,10 @@ _ERRORS = {1: "this CPU lacks the instructions of that path", 2: "bad sizes", 3:
 PATHS = ("auto", "avx512", "amx")
 _PATH_CODE = {"avx512": 1, "amx": 2}
 ISA_ENV = "HBI_SCORING_ISA"
+# Least bytes of stored codes per call: the kernel keeps no per-video intermediates, so the memory limit's chunk
+# does not bind it, while each call from Python costs about 15 us (4096 videos of the demo's 8 x 64 are 2 MB, and
+# that overhead was 7 % of the one-query scan).
+CALL_BYTES = 8 << 20
 
 
 @lru_cache(maxsize=1)
@@ -145,15 +151,28 @@ class NativeLevelKernel:
     def run(self, queries: Any, level: StoreLevel, chunk: int, out: np.ndarray) -> None:
         """Write the ``(Bt, N)`` level scores into ``out`` (float32), ``chunk`` videos per step."""
         prepared = self.prepare(queries)
-        # Chunks go to the threads as each becomes free (no barrier per chunk: on a shared machine one late thread
-        # would stall the other at every chunk); small enough that the last ones balance the threads.
-        chunk = max(1, min(chunk, -(-level.n // (4 * self.threads))))
-        parts = [(start, min(start + chunk, level.n)) for start in range(0, level.n, chunk)]
+        parts = self.parts(level, chunk)
         codes_rc = self._map(lambda p: self.score_range(prepared, level, p[0], p[1], out), parts)
         bad = [rc for rc in codes_rc if rc != 0]
         if bad:
             raise MissingDependencyError(f"the native scoring kernel failed: {_ERRORS.get(bad[0], bad[0])}",
                                          hint="use backend='ort'")
+
+    def parts(self, level: StoreLevel, chunk: int) -> list[tuple[int, int]]:
+        """The ``(start, stop)`` video ranges of one :meth:`run`, in order. They go to the threads as each becomes
+        free (no barrier per chunk: on a shared machine one late thread would stall the other at every chunk): at
+        least ``CALL_BYTES`` of codes each (``chunk`` if larger), at most a quarter of each thread's share, and
+        shrinking to a quarter of ``CALL_BYTES`` over the last ``2 * threads`` of them (guided), so that the threads
+        finish together."""
+        video_bytes = max(1, level.length * level.dim)
+        big = max(1, min(max(chunk, CALL_BYTES // video_bytes), -(-level.n // (4 * self.threads))))
+        least = max(1, min(big, CALL_BYTES // 4 // video_bytes))
+        out, start = [], 0
+        while start < level.n:
+            size = max(least, min(big, (level.n - start) // (2 * self.threads)))
+            out.append((start, min(start + size, level.n)))
+            start += size
+        return out
 
     @staticmethod
     def prepare(queries: Any) -> dict[str, Any]:

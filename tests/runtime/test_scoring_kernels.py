@@ -1,6 +1,7 @@
 """Every path of the native int8 scoring kernel against the numpy scorer, and the run-time dispatch between them.
 
-The kernel has two AVX-512 paths (row-major tiles for up to 48 query rows, the packed VNNI-interleaved query
+The kernel has four AVX-512 paths (one query of up to 16 rows: transposed frames for T <= 8 and D <= 64, else
+row-major tiles scored in registers; row-major tiles for up to 48 query rows; the packed VNNI-interleaved query
 above, in 6-, 4-, 2- and 1-block groups) and an AMX path; the shapes below reach each of them, with T and D off
 their block sizes. AMX tests skip with a reason where the CPU lacks AMX (then only the dispatch's refusal is
 tested).
@@ -73,12 +74,13 @@ def test_avx512_path_equals_the_numpy_scorer(shape):
 
 
 @needs_native
-@pytest.mark.parametrize("dim", [67, 512])
-def test_one_query_of_every_length_up_to_16_rows(dim):
-    # one query (the retrieve case, the row-major tiles): every row count up to 16, the empty query (one zero row,
-    # floor 0), a D % 64 tail, T off the 4-frame tile
+@pytest.mark.parametrize("frames,dim", [(7, 67), (7, 512), (8, 64), (5, 30), (1, 4), (8, 1)])
+def test_one_query_of_every_length_up_to_16_rows(frames, dim):
+    # one query (the retrieve case): every row count up to 16, the empty query (one zero row, floor 0); the
+    # row-major tiles with a D % 64 tail and T off the 4-frame tile, and the transposed-frames path (T <= 8,
+    # D <= 64: the demo's 8 x 64, fewer frames, D % 4 != 0); 21 videos in chunks of 4: an odd last video
     rng = np.random.default_rng(dim)
-    video = StoreLevel.from_side_level(_level(rng, 21, 7, dim, 1), "int8")
+    video = StoreLevel.from_side_level(_level(rng, 21, frames, dim, 1), "int8")
     for length in range(0, 17):
         text = _level(rng, 1, max(length, 1), dim, length)  # exactly `length` valid tokens
         queries = Queries.from_level(text)
@@ -140,3 +142,22 @@ def test_doctor_reports_the_kernel_paths_and_why_amx_does_not_run():
     assert report["native_int8"] == native_available()
     assert report["paths"] == list(available_paths())
     assert report["amx"] == ("ok" if "amx" in available_paths() else amx_status() if native_available() else "no-cpu")
+
+
+@needs_native
+@pytest.mark.parametrize("n,frames,dim", [(100_000, 12, 512), (1_000_000, 8, 64), (21, 7, 67), (1, 1, 4)])
+def test_video_ranges_cover_the_store_in_order_and_shrink_at_the_end(n, frames, dim):
+    # the ranges handed to the threads: contiguous, in order, every video once; never more than a quarter of a
+    # thread's share (so both threads get work), and the last ones no larger than the first (guided)
+    codes = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), (n, frames, dim), (0, 0, 0))  # no memory
+    per_frame = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (n, frames), (0, 0))
+    level = StoreLevel("int8", codes, per_frame, np.ones((n, frames), bool), per_frame)
+    kernel = NativeLevelKernel(2, "avx512")
+    parts = kernel.parts(level, 4096)
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    sizes = [stop - start for start, stop in parts]
+    assert min(sizes) >= 1 and max(sizes) <= max(1, -(-n // 8))
+    assert sizes[-1] <= sizes[0]
+    if n >= 100_000:  # large stores: several MB per call, and a finer tail than head
+        assert sizes[0] * frames * dim >= 2 << 20 and sizes[-2] < sizes[0]
