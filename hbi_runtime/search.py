@@ -29,7 +29,7 @@ RETRIEVE_SCHEMA = "hbi.retrieve/2"  # 2: ``words`` are the query's words as writ
 # From this many rows on, ``mode="auto"`` ranks in two stages (the candidate index, then exact HBI scores of the
 # candidates), where the candidate kernel is built. Measured with the demo model (docs/candidates.md): at 20,000 real
 # encoded videos the two-stage answer keeps recall@10 >= 0.99 against exhaustive scoring (K = 2.5 % of the gallery,
-# chosen on the validation split; test 0.992, R@1 unchanged) and is already faster (2.6 vs 5.3 ms); below that
+# chosen on the validation split; test 0.992, R@1 unchanged) and is already faster (3.0 vs 4.8 ms); below that
 # exhaustive scoring costs a few ms and the recall was not measured on real encodings. (Wider tokens, e.g.
 # ViT-B/32's 12 x 512, make exhaustive scoring ~12x costlier per row; the candidate stage costs the same.)
 AUTO_MIN_GALLERY: int | None = 20_000

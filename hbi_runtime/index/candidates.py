@@ -36,7 +36,6 @@ a missing, damaged or stale candidate index is never used (exact scoring answers
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import math
 import os
@@ -195,15 +194,10 @@ _P = ctypes.c_void_p
 @lru_cache(maxsize=1)
 def _library() -> Any | None:
     """The approximate-score kernel (``_cand.c``), or None where it was not built."""
-    try:
-        spec = importlib.util.find_spec(_MODULE)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
+    from hbi_runtime.scoring.native import extension_library  # noqa: PLC0415
+
+    lib = extension_library(_MODULE)
+    if lib is None:
         return None
     lib.hbi_cand_avx512.restype = ctypes.c_int
     lib.hbi_cand_table.restype = ctypes.c_int

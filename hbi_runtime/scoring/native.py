@@ -55,18 +55,26 @@ ISA_ENV = "HBI_SCORING_ISA"
 CALL_BYTES = 8 << 20
 
 
-@lru_cache(maxsize=1)
-def _library() -> Any | None:
-    """The loaded kernel library, or None (not built here, or the CPU lacks AVX-512 VNNI)."""
+def extension_library(module: str) -> Any | None:
+    """The shared library of an optional C extension ``module`` (built by the install, used through ctypes), or
+    None where it was not built or cannot be loaded."""
     try:
-        spec = importlib.util.find_spec(_MODULE)
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.origin:
         return None
     try:
-        lib = ctypes.CDLL(spec.origin)
+        return ctypes.CDLL(spec.origin)
     except OSError:
+        return None
+
+
+@lru_cache(maxsize=1)
+def _library() -> Any | None:
+    """The loaded kernel library, or None (not built here, or the CPU lacks AVX-512 VNNI)."""
+    lib = extension_library(_MODULE)
+    if lib is None:
         return None
     lib.hbi_vnni_supported.restype = ctypes.c_int
     lib.hbi_score_u8s8.restype = ctypes.c_int
