@@ -501,6 +501,7 @@ def retrieve(
         from hbi_runtime.explain.banzhaf import DEFAULT_SAMPLES
         from hbi_runtime.search import RETRIEVE_SCHEMA, check_queries, rank_captions, search
 
+        mode = _ranking_mode(exact, two_stage)
         weights = parse_levels(levels)
         if top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {top_k}")
@@ -540,7 +541,7 @@ def retrieve(
                                  f"showing all\n")
             results = search(m, idx, texts, top_k=top_k, level_weights=weights, memory_limit_mb=memory_limit_mb,
                              explain_samples=DEFAULT_SAMPLES if explain else None,
-                             mode=_ranking_mode(exact, two_stage))
+                             mode=mode)
             ranking = results[0].ranking
             header = {"schema": RETRIEVE_SCHEMA, "model_sha256": m.package.manifest_sha256, "index": str(target),
                       "ranking": ranking}
@@ -732,6 +733,7 @@ def serve(
             raise UsageError("give at most one of --videos DIR and --index DIR")
         if (tls_cert is None) != (tls_key is None):
             raise UsageError("--tls-cert and --tls-key go together")
+        ranking = _ranking_mode(exact, two_stage)
 
         def warn(message: str) -> None:
             sys.stderr.write(f"warning: {message}\n")
@@ -749,7 +751,7 @@ def serve(
                                      request_timeout_s=request_timeout_s, max_body_bytes=max_body_kb * 1024,
                                      api_key=key, cors_origins=tuple(cors_origin or ()),
                                      reload_interval_s=reload_interval_s, workers=workers,
-                                     ranking=_ranking_mode(exact, two_stage)))
+                                     ranking=ranking))
         except BaseException:
             sock.close()
             raise
