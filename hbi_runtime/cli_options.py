@@ -271,7 +271,9 @@ def _backend(value) -> BackendName:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(b.value for b in BackendName)}") from None
 
 
-BackendOption = Annotated[BackendName, typer.Option(
+# Annotated as str: the parser hands back a BackendName (a str), which Typer < 0.29 replaces by None when the
+# annotation is the Enum itself (its Enum conversion runs after a parser=).
+BackendOption = Annotated[str, typer.Option(
     "--backend", parser=_backend, metavar="[onnxruntime|trt|triton]",
     help="onnxruntime (the default), trt (TensorRT engines from `hbi-export build-engine`) or triton (the encoders "
          "on a Triton server: --triton-url).")]

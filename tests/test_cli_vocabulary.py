@@ -95,7 +95,7 @@ def test_shared_options_are_spelled_alike_everywhere(apps):
                 if "--json" in flags and not param.hidden:
                     problems.append(f"{where}: --json is only a hidden, deprecated alias of --format json")
                 if "--format" in flags:
-                    if getattr(param.type, "choices", None):  # Typer < 0.29: a click Choice of the values
+                    if getattr(getattr(param, "type", None), "choices", None):  # Typer < 0.29: a click Choice
                         choices = {getattr(c, "value", c) for c in param.type.choices}
                     else:  # Typer 0.29 keeps the Enum annotation
                         choices = {m.value for m in param.type_descriptor.annotation}
