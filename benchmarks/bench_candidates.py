@@ -42,7 +42,6 @@ import hbi_runtime
 from hbi_runtime.index import Index, update_index
 from hbi_runtime.index import candidates as cand_stage
 from hbi_runtime.scoring import VideoStore, score, topk
-from hbi_runtime.search import _score_rows as score_rows
 from hbi_runtime.search import two_stage_topk
 
 DEMO = Path(hbi_runtime.__file__).resolve().parent / "data" / "demo" / "package"
@@ -61,7 +60,7 @@ def two_stage(text, store, cand, *, k, top_k=10):
     for q in range(text.n):
         rows = cand.candidates(text.levels[0].tokens[q], text.levels[0].weights[q], text.levels[0].mask[q],
                                store.levels[0].weights, k)
-        sub = score(text.select([q]), store.take(rows))
+        sub = score(text.select([q]), store, rows=rows)
         local, _ = topk(sub, top_k)
         best.append(rows[local[0]])
     return np.array(best)
@@ -96,7 +95,7 @@ def latency(text, store, cand, k: int, repeats: int) -> dict:
         t1 = time.perf_counter()
         rows = cand_stage.top_rows(approx, k)
         t2 = time.perf_counter()
-        topk(score_rows(one, store, rows, (1.0, 0.0, 0.0), 256), 10)  # what two_stage_topk runs
+        topk(score(one, store, rows=rows), 10)  # what two_stage_topk runs
         t3 = time.perf_counter()
         times["approximate"].append(t1 - t0)
         times["select"].append(t2 - t1)

@@ -22,8 +22,6 @@ from hbi_runtime.index import candidates as cand_stage
 from hbi_runtime.index.catalog import DamagedIndexError, repair_hint
 from hbi_runtime.names import exact_text, path_b64
 from hbi_runtime.scoring import explain, score, topk
-from hbi_runtime.scoring import score_level
-from hbi_runtime.scoring.score import check_level_weights
 
 RETRIEVE_SCHEMA = "hbi.retrieve/2"  # 2: ``words`` are the query's words as written (1: one entry per BPE piece)
 # From this many rows on, ``mode="auto"`` ranks in two stages (the candidate index, then exact HBI scores of the
@@ -233,19 +231,9 @@ def two_stage_topk(text, store, cand, top_k: int, *, k: int, level_weights: Sequ
     weights = store.levels[0].weights
     rows = np.unique(np.concatenate([cand.candidates(level.tokens[q], level.weights[q], level.mask[q], weights, k,
                                                      path=path) for q in range(text.n)]))
-    scores = _score_rows(text, store, rows, check_level_weights(level_weights), memory_limit_mb)
+    scores = score(text, store, level_weights=level_weights, memory_limit_mb=memory_limit_mb, rows=rows)
     local, values = topk(scores, top_k)
     return rows[local], values, rows, scores
-
-
-def _score_rows(text, store, rows: np.ndarray, weights: Sequence[float], memory_limit_mb: float) -> np.ndarray:
-    """``score(text, store.take(rows))``, taking only the levels it reads (the same sums in the same order)."""
-    total = np.zeros((text.n, len(rows)), dtype=np.float32)
-    for i, w in enumerate(weights):
-        if w != 0.0:
-            total += np.float32(w) * score_level(text.levels[i], store.levels[i].take(rows),
-                                                 memory_limit_mb=memory_limit_mb)
-    return total
 
 
 def _choose_path(index: Index, store, weights: tuple, top_k: int, mode: str, candidates,

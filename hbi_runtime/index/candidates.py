@@ -436,7 +436,6 @@ def status(index, *, verify: bool = False) -> dict:
     retrieval is exhaustive)."""
     root = Path(index.dir)
     try:
-        pointer = _pointer(root)
         cand = load(index, verify_bytes=verify)
     except CandidateIndexUnavailable as exc:
         if not (root / FOLDER / POINTER).exists():
@@ -444,7 +443,7 @@ def status(index, *, verify: bool = False) -> dict:
                     "reason": f"none yet (built by hbi-run index from {BUILD_MIN_ROWS} videos on, with faiss-cpu)"}
         return {"state": "unusable", "reason": f"{exc}; the next hbi-run index rebuilds it"}
     return {"state": "ready", "rows": cand.n, "nlist": int(cand.centroids.shape[0]),
-            "bytes": int(sum(cand.nbytes().values())), "created": pointer.get("created"), "scorer": kernel_path()}
+            "bytes": int(sum(cand.nbytes().values())), "created": cand.meta.get("created"), "scorer": kernel_path()}
 
 
 # ------------------------------------------------------------------------------------------ building

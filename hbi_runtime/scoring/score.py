@@ -116,21 +116,25 @@ def query_groups(text: SideLevel) -> list[np.ndarray | None]:
 
 
 def score_levels(text_side: Side, store: VideoStore, *, levels: Sequence[str] = LEVELS, threads: int | None = None,
-                 memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB, backend: str = "auto") -> dict[str, np.ndarray]:
-    """Per level name in ``levels``, the ``(Bt, N)`` float32 level score."""
+                 memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB, backend: str = "auto",
+                 rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per level name in ``levels``, the ``(Bt, N)`` float32 level score (``rows``: only these videos, an index
+    array; ``N`` is then ``len(rows)`` and only the levels in ``levels`` are copied out of the store)."""
     _check_text(text_side, store)
     unknown = set(levels) - set(LEVELS)
     if unknown:
         raise UsageError(f"unknown levels {sorted(unknown)}; expected names from {LEVELS}")
-    return {name: score_level(text_side.levels[i], store.levels[i], threads=threads,
-                              memory_limit_mb=memory_limit_mb, backend=backend)
+    return {name: score_level(text_side.levels[i], store.levels[i] if rows is None else store.levels[i].take(rows),
+                              threads=threads, memory_limit_mb=memory_limit_mb, backend=backend)
             for i, name in enumerate(LEVELS) if name in levels}
 
 
 def score(text_side: Side, store: VideoStore, *, level_weights: Sequence[float] = (1.0, 0.0, 0.0),
           threads: int | None = None, memory_limit_mb: float = DEFAULT_MEMORY_LIMIT_MB,
-          backend: str = "auto") -> np.ndarray:
-    """``sum_l w_l * level score``: ``(Bt, N)`` float32; levels of weight 0 are not computed.
+          backend: str = "auto", rows: np.ndarray | None = None) -> np.ndarray:
+    """``sum_l w_l * level score``: ``(Bt, N)`` float32; levels of weight 0 are not computed. ``rows``: score
+    only these videos (an index array; ``N = len(rows)``), the same values as ``score(text, store.take(rows))``
+    without copying the levels that are not computed.
 
     Raises:
         UsageError: wrong argument types, bad ``level_weights`` / ``memory_limit_mb`` / ``backend``.
@@ -140,8 +144,8 @@ def score(text_side: Side, store: VideoStore, *, level_weights: Sequence[float] 
     weights = check_level_weights(level_weights)
     names = [name for name, w in zip(LEVELS, weights) if w != 0.0]
     per_level = score_levels(text_side, store, levels=names, threads=threads, memory_limit_mb=memory_limit_mb,
-                             backend=backend)
-    total = np.zeros((text_side.n, store.n), dtype=np.float32)
+                             backend=backend, rows=rows)
+    total = np.zeros((text_side.n, store.n if rows is None else len(rows)), dtype=np.float32)
     for name, w in zip(LEVELS, weights):
         if w != 0.0:
             total += np.float32(w) * per_level[name]

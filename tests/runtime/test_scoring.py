@@ -99,6 +99,16 @@ def test_chunking_does_not_change_scores(rng, backend):
     np.testing.assert_allclose(large, reference_level(text, video), atol=1e-5)
 
 
+@pytest.mark.parametrize("weights", [(1.0, 0.0, 0.0), (0.5, 0.3, 0.2)])
+def test_scoring_rows_equals_scoring_the_taken_store(sides, weights):
+    """``rows=`` (what the two-stage rerank uses) gives exactly the scores of the store cut to those rows."""
+    text, video = sides
+    store = VideoStore.from_sides(video, "int8")
+    rows = np.array([0, 3, 4, 8])
+    np.testing.assert_array_equal(score(text, store, level_weights=weights, rows=rows),
+                                  score(text, store.take(rows), level_weights=weights))
+
+
 @pytest.mark.skipif(not ort_available(), reason="onnxruntime not installed")
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_backends_agree(sides, dtype):
