@@ -251,14 +251,14 @@ def _choose_path(index: Index, store, weights: tuple, top_k: int, mode: str, can
          else max(int(candidate_k), TOPK_FACTOR * top_k))
     if 2 * k >= n:
         ranking["reason"] = (f"{k} candidates (the larger of {cand_stage.DEFAULT_MIN_K}, "
-                             f"{cand_stage.DEFAULT_FRACTION:.0%} of the gallery and {TOPK_FACTOR} x --top-k {top_k}) "
+                             f"{cand_stage.DEFAULT_FRACTION:.1%} of the gallery and {TOPK_FACTOR} x --top-k {top_k}) "
                              f"would be at least half of the {n} videos")
         return ranking, None
     if candidates is None:
         try:
             candidates = cand_stage.load(index, verify_bytes=index.verified)
         except cand_stage.CandidateIndexUnavailable as exc:
-            ranking["reason"] = f"{exc}; {cand_stage.HINT}"
+            ranking["reason"] = f"{exc}; {cand_stage.REBUILD_HINT}"
             return ranking, None
     elif candidates.n != n or not np.array_equal(candidates.origin, cand_stage.index_origin(index)):
         ranking["reason"] = "the candidate index given is stale (the index changed after it was built)"

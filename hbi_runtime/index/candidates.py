@@ -74,6 +74,8 @@ ASSIGN_NPROBE = 8  # coarse cells searched when assigning a token to its centroi
 DEFAULT_FRACTION = 0.025  # videos scored exactly: this share of the gallery ...
 DEFAULT_MIN_K = 200  # ... and at least this many (and at least 10 x top-k)
 HINT = "install the candidate stage (pip install 'hbi-toolkit[candidates]', i.e. faiss-cpu) and run hbi-run index again"
+REBUILD_HINT = ("the next hbi-run index rebuilds it (building needs faiss-cpu: pip install "
+                "'hbi-toolkit[candidates]')")
 _NEG = np.float32(-1e30)  # table lanes past the query's tokens: never the max
 _LANES = 16
 
@@ -441,7 +443,7 @@ def status(index, *, verify: bool = False) -> dict:
         if not (root / FOLDER / POINTER).exists():
             return {"state": "none",
                     "reason": f"none yet (built by hbi-run index from {BUILD_MIN_ROWS} videos on, with faiss-cpu)"}
-        return {"state": "unusable", "reason": f"{exc}; the next hbi-run index rebuilds it"}
+        return {"state": "unusable", "reason": f"{exc}; {REBUILD_HINT}"}
     return {"state": "ready", "rows": cand.n, "nlist": int(cand.centroids.shape[0]),
             "bytes": int(sum(cand.nbytes().values())), "created": cand.meta.get("created"), "scorer": kernel_path()}
 
